@@ -1,0 +1,42 @@
+//! # ldc-core: what the LDC parts truly share
+//!
+//! Every part of LDC (cells, routers, the local controller and the Kubernetes operator)
+//! must agree on three things, so they live here and nowhere else:
+//!
+//! * [`shard`]: the frozen function from a user id to its shard. Changing it would move
+//!   every user's money to the wrong owner, so it is pinned by test vectors.
+//! * [`routing`]: the versioned routing table (shard → cell, cell → endpoints per colour,
+//!   green weight) and the sticky, monotone blue/green split.
+//! * [`planner`]: the pure decision of who owns which shard after a failover, switchover or
+//!   disaster-recovery cutover. Both drivers (`ldc up`'s controller and the operator) call
+//!   it, so a plan printed by `--dry-run` is exactly the plan executed.
+//! * [`proto`]: the gRPC wire protocol (`proto/ldc/v1/payments.proto`).
+//!
+//! Nothing here does I/O.
+#![forbid(unsafe_code)]
+
+pub mod planner;
+pub mod routing;
+pub mod shard;
+
+/// The gRPC wire protocol, generated from `proto/ldc/v1/payments.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("ldc.v1");
+
+    /// Encoded file descriptor set, for the gRPC reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ldc_descriptor");
+}
+
+/// Request header carrying the user id the router routes on.
+pub const USER_HEADER: &str = "x-ldc-user";
+/// Request header carrying a shard number (cell-to-cell relay traffic).
+pub const SHARD_HEADER: &str = "x-ldc-shard";
+/// Request header carrying a request id, propagated end to end for tracing.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Request header forcing a colour (`blue` or `green`) for testing, when the table allows it.
+pub const COLOUR_HEADER: &str = "x-ldc-colour";
+/// Response metadata on a "moved" answer: the shard's current owner.
+pub const MOVED_OWNER: &str = "ldc-moved-owner";
+/// Response metadata on a "moved" answer: the shard's current ownership epoch.
+pub const MOVED_EPOCH: &str = "ldc-moved-epoch";

@@ -1,0 +1,480 @@
+//! The one planner: (topology, observed ownership and health, command) → plan.
+//!
+//! Pure: no I/O, no clock. The local controller (`ldc up`), `ldc cell failover`, the
+//! Kubernetes operator and `kubectl cell` all call [`plan`], print the [`Plan`], and hand
+//! it to their executor, which writes the new ownership records (with bumped epochs) to the
+//! store *before* publishing a routing table (fence first, then route).
+//!
+//! Rules every plan keeps (checked by the property tests below):
+//! * every shard has exactly one owner before and after;
+//! * a moved shard's epoch goes up by exactly one, an unmoved shard's stays;
+//! * shards only move to healthy cells, and never past a cell's capacity;
+//! * a plan with no moves is refused (nothing to do is an error the operator sees).
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use thiserror::Error;
+
+/// A cell as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellInfo {
+    pub id: String,
+    pub region: String,
+    /// Most shards this cell may own (`None`: no limit).
+    pub capacity: Option<u32>,
+}
+
+/// The fixed shape of the platform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    pub shard_count: u32,
+    pub cells: Vec<CellInfo>,
+}
+
+impl Topology {
+    pub fn cell(&self, id: &str) -> Option<&CellInfo> {
+        self.cells.iter().find(|c| c.id == id)
+    }
+
+    pub fn regions(&self) -> BTreeSet<&str> {
+        self.cells.iter().map(|c| c.region.as_str()).collect()
+    }
+}
+
+/// Owner of one shard, with its fencing epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub cell: String,
+    pub epoch: u64,
+}
+
+/// Ownership of every shard (index = shard number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    pub owners: Vec<Owner>,
+}
+
+impl ShardMap {
+    /// Shards owned by `cell`, ascending.
+    pub fn owned_by(&self, cell: &str) -> Vec<u32> {
+        self.owners
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.cell == cell)
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    pub fn count_owned(&self, cell: &str) -> u32 {
+        self.owners.iter().filter(|o| o.cell == cell).count() as u32
+    }
+
+    /// The initial map: serving cells (those not named standby) own contiguous equal runs of
+    /// shards, in the order given, at epoch 1.
+    pub fn initial(shard_count: u32, serving: &[&str]) -> ShardMap {
+        assert!(!serving.is_empty(), "need at least one serving cell");
+        let n = serving.len() as u32;
+        let owners = (0..shard_count)
+            .map(|s| Owner { cell: serving[(s * n / shard_count) as usize].to_string(), epoch: 1 })
+            .collect();
+        ShardMap { owners }
+    }
+}
+
+/// What the health checks say about a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+}
+
+/// An ownership change someone asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Command {
+    /// Move every shard of `cell` to its region's standby (a healthy cell that owns no
+    /// shard), or spread them over the region's healthy cells when there is none.
+    Failover { cell: String },
+    /// Planned move of every shard of `cell` to `to` (the executor drains first).
+    Switchover { cell: String, to: String },
+    /// Move every shard owned in region `from` to the healthy cells of `to` (or of every
+    /// other region).
+    DrCutover { from: String, to: Option<String> },
+}
+
+/// One shard changing owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub shard: u32,
+    pub from: String,
+    pub to: String,
+    pub epoch_before: u64,
+    pub epoch_after: u64,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub command: Command,
+    pub moves: Vec<Move>,
+}
+
+impl Plan {
+    /// The map after the plan. `map` must be the map the plan was made from.
+    pub fn apply(&self, map: &ShardMap) -> ShardMap {
+        let mut next = map.clone();
+        for m in &self.moves {
+            let o = &mut next.owners[m.shard as usize];
+            debug_assert_eq!((o.cell.as_str(), o.epoch), (m.from.as_str(), m.epoch_before));
+            *o = Owner { cell: m.to.clone(), epoch: m.epoch_after };
+        }
+        next
+    }
+
+    /// Cells that receive shards, with how many.
+    pub fn targets(&self) -> BTreeMap<&str, u32> {
+        let mut t = BTreeMap::new();
+        for m in &self.moves {
+            *t.entry(m.to.as_str()).or_insert(0) += 1;
+        }
+        t
+    }
+}
+
+/// Why no plan could be made. Every message says what to do instead.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("unknown cell {0:?}; `ldc cell status` lists the cells")]
+    UnknownCell(String),
+    #[error("unknown region {0:?}; `ldc cell status` lists the regions")]
+    UnknownRegion(String),
+    #[error("cell {0} owns no shard, so there is nothing to move")]
+    NothingToMove(String),
+    #[error("cannot move cell {cell}'s shards to itself; name another cell")]
+    SameCell { cell: String },
+    #[error("target cell {0} is not healthy; pick a healthy cell or fix it first")]
+    TargetUnhealthy(String),
+    #[error(
+        "no healthy cell in region {region} can take cell {cell}'s {shards} shards; \
+         bring a standby up, or move the region with `dr cutover --from {region}`"
+    )]
+    NoTargetInRegion { cell: String, region: String, shards: u32 },
+    #[error("no healthy cell outside region {0} can take its shards; the platform lacks N+1 capacity")]
+    NoTargetOutsideRegion(String),
+    #[error("moving {shards} shards would put cell {cell} over its capacity of {capacity}")]
+    OverCapacity { cell: String, capacity: u32, shards: u32 },
+    #[error("ownership map has {map} shards but the topology has {topology}; the state is corrupt")]
+    ShardCountMismatch { map: usize, topology: u32 },
+    #[error("shard {shard} is owned by {cell:?}, which is not in the topology")]
+    OwnerNotInTopology { shard: u32, cell: String },
+}
+
+fn is_healthy(health: &BTreeMap<String, Health>, cell: &str) -> bool {
+    health.get(cell) == Some(&Health::Healthy)
+}
+
+/// Makes a plan. `health` lists what the health checks say; a cell absent from it is
+/// treated as unhealthy (never move shards to a cell nobody has seen).
+pub fn plan(
+    topo: &Topology,
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+    command: &Command,
+) -> Result<Plan, PlanError> {
+    if map.owners.len() != topo.shard_count as usize {
+        return Err(PlanError::ShardCountMismatch { map: map.owners.len(), topology: topo.shard_count });
+    }
+    for (i, o) in map.owners.iter().enumerate() {
+        if topo.cell(&o.cell).is_none() {
+            return Err(PlanError::OwnerNotInTopology { shard: i as u32, cell: o.cell.clone() });
+        }
+    }
+    let mut load: BTreeMap<&str, u32> = topo.cells.iter().map(|c| (c.id.as_str(), 0)).collect();
+    for o in &map.owners {
+        *load.get_mut(o.cell.as_str()).expect("checked above") += 1;
+    }
+
+    let (shards, targets): (Vec<u32>, Vec<&CellInfo>) = match command {
+        Command::Failover { cell } => {
+            let info = topo.cell(cell).ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
+            let shards = map.owned_by(cell);
+            if shards.is_empty() {
+                return Err(PlanError::NothingToMove(cell.clone()));
+            }
+            let healthy_in_region: Vec<&CellInfo> = topo
+                .cells
+                .iter()
+                .filter(|c| c.region == info.region && c.id != *cell && is_healthy(health, &c.id))
+                .collect();
+            // N+1: the standby is a healthy cell of the region that owns nothing and has
+            // room for all the shards. Prefer it; otherwise spread over the region.
+            let standby = healthy_in_region.iter().copied().find(|c| {
+                load[c.id.as_str()] == 0 && c.capacity.is_none_or(|cap| cap >= shards.len() as u32)
+            });
+            let targets = match standby {
+                Some(s) => vec![s],
+                None if healthy_in_region.is_empty() => {
+                    return Err(PlanError::NoTargetInRegion {
+                        cell: cell.clone(),
+                        region: info.region.clone(),
+                        shards: shards.len() as u32,
+                    });
+                }
+                None => healthy_in_region,
+            };
+            (shards, targets)
+        }
+        Command::Switchover { cell, to } => {
+            topo.cell(cell).ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
+            let target = topo.cell(to).ok_or_else(|| PlanError::UnknownCell(to.clone()))?;
+            if cell == to {
+                return Err(PlanError::SameCell { cell: cell.clone() });
+            }
+            if !is_healthy(health, to) {
+                return Err(PlanError::TargetUnhealthy(to.clone()));
+            }
+            let shards = map.owned_by(cell);
+            if shards.is_empty() {
+                return Err(PlanError::NothingToMove(cell.clone()));
+            }
+            (shards, vec![target])
+        }
+        Command::DrCutover { from, to } => {
+            if !topo.regions().contains(from.as_str()) {
+                return Err(PlanError::UnknownRegion(from.clone()));
+            }
+            if let Some(t) = to {
+                if !topo.regions().contains(t.as_str()) {
+                    return Err(PlanError::UnknownRegion(t.clone()));
+                }
+                if t == from {
+                    return Err(PlanError::SameCell { cell: format!("region {from}") });
+                }
+            }
+            let in_from: BTreeSet<&str> =
+                topo.cells.iter().filter(|c| c.region == *from).map(|c| c.id.as_str()).collect();
+            let shards: Vec<u32> = map
+                .owners
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| in_from.contains(o.cell.as_str()))
+                .map(|(i, _)| i as u32)
+                .collect();
+            if shards.is_empty() {
+                return Err(PlanError::NothingToMove(format!("region {from}")));
+            }
+            let targets: Vec<&CellInfo> = topo
+                .cells
+                .iter()
+                .filter(|c| {
+                    c.region != *from
+                        && to.as_ref().is_none_or(|t| c.region == *t)
+                        && is_healthy(health, &c.id)
+                })
+                .collect();
+            if targets.is_empty() {
+                return Err(PlanError::NoTargetOutsideRegion(from.clone()));
+            }
+            (shards, targets)
+        }
+    };
+
+    // Spread: each shard goes to the least-loaded target (ties by cell id), so a single
+    // standby takes everything and several targets end up balanced.
+    let mut moves = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let target = targets
+            .iter()
+            .filter(|c| c.capacity.is_none_or(|cap| load[c.id.as_str()] < cap))
+            .min_by_key(|c| (load[c.id.as_str()], c.id.as_str()))
+            .ok_or_else(|| {
+                let c = targets[0];
+                PlanError::OverCapacity {
+                    cell: c.id.clone(),
+                    capacity: c.capacity.unwrap_or(0),
+                    shards: load[c.id.as_str()] + 1,
+                }
+            })?;
+        let owner = &map.owners[shard as usize];
+        *load.get_mut(owner.cell.as_str()).expect("owner in topology") -= 1;
+        *load.get_mut(target.id.as_str()).expect("target in topology") += 1;
+        moves.push(Move {
+            shard,
+            from: owner.cell.clone(),
+            to: target.id.clone(),
+            epoch_before: owner.epoch,
+            epoch_after: owner.epoch + 1,
+        });
+    }
+    Ok(Plan { command: command.clone(), moves })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn topo() -> Topology {
+        let cell = |id: &str, region: &str| CellInfo { id: id.into(), region: region.into(), capacity: None };
+        Topology {
+            shard_count: 12,
+            cells: vec![
+                cell("r1-a", "r1"),
+                cell("r1-b", "r1"),
+                cell("r1-s", "r1"),
+                cell("r2-a", "r2"),
+                cell("r2-b", "r2"),
+                cell("r2-s", "r2"),
+            ],
+        }
+    }
+
+    fn all_healthy(t: &Topology) -> BTreeMap<String, Health> {
+        t.cells.iter().map(|c| (c.id.clone(), Health::Healthy)).collect()
+    }
+
+    fn initial() -> ShardMap {
+        ShardMap::initial(12, &["r1-a", "r1-b", "r2-a", "r2-b"])
+    }
+
+    #[test]
+    fn initial_map_is_even() {
+        let m = initial();
+        assert_eq!(m.owned_by("r1-a"), vec![0, 1, 2]);
+        assert_eq!(m.owned_by("r2-b"), vec![9, 10, 11]);
+        assert!(m.owners.iter().all(|o| o.epoch == 1));
+    }
+
+    #[test]
+    fn failover_goes_to_standby() {
+        let t = topo();
+        let mut h = all_healthy(&t);
+        h.insert("r1-a".into(), Health::Unhealthy);
+        let p = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        assert_eq!(p.moves.len(), 3);
+        assert!(p.moves.iter().all(|m| m.to == "r1-s" && m.epoch_after == 2 && m.from == "r1-a"));
+        let next = p.apply(&initial());
+        assert_eq!(next.owned_by("r1-s"), vec![0, 1, 2]);
+        assert!(next.owned_by("r1-a").is_empty());
+    }
+
+    #[test]
+    fn failover_spreads_without_standby() {
+        let t = topo();
+        let mut h = all_healthy(&t);
+        h.insert("r1-s".into(), Health::Unhealthy);
+        let p = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        assert_eq!(p.targets(), BTreeMap::from([("r1-b", 3)]));
+        // Both r1 cells gone: refuse and point at dr cutover.
+        h.insert("r1-b".into(), Health::Unhealthy);
+        let e = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap_err();
+        assert!(matches!(e, PlanError::NoTargetInRegion { .. }));
+        assert!(e.to_string().contains("dr cutover --from r1"));
+    }
+
+    #[test]
+    fn second_failover_after_standby_used_spreads() {
+        let t = topo();
+        let mut h = all_healthy(&t);
+        h.insert("r1-a".into(), Health::Unhealthy);
+        let m1 = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap().apply(&initial());
+        h.insert("r1-b".into(), Health::Unhealthy);
+        let p = plan(&t, &m1, &h, &Command::Failover { cell: "r1-b".into() }).unwrap();
+        assert_eq!(p.targets(), BTreeMap::from([("r1-s", 3)]));
+    }
+
+    #[test]
+    fn refusals() {
+        let t = topo();
+        let h = all_healthy(&t);
+        let m = initial();
+        let f = |c: Command| plan(&t, &m, &h, &c).unwrap_err();
+        assert_eq!(f(Command::Failover { cell: "zz".into() }), PlanError::UnknownCell("zz".into()));
+        assert_eq!(f(Command::Failover { cell: "r1-s".into() }), PlanError::NothingToMove("r1-s".into()));
+        assert_eq!(
+            f(Command::Switchover { cell: "r1-a".into(), to: "r1-a".into() }),
+            PlanError::SameCell { cell: "r1-a".into() }
+        );
+        assert_eq!(f(Command::DrCutover { from: "r9".into(), to: None }), PlanError::UnknownRegion("r9".into()));
+        let mut h2 = h.clone();
+        h2.remove("r1-s");
+        assert_eq!(
+            plan(&t, &m, &h2, &Command::Switchover { cell: "r1-a".into(), to: "r1-s".into() }).unwrap_err(),
+            PlanError::TargetUnhealthy("r1-s".into())
+        );
+        let mut bad = m.clone();
+        bad.owners.pop();
+        assert!(matches!(
+            plan(&t, &bad, &h, &Command::Failover { cell: "r1-a".into() }),
+            Err(PlanError::ShardCountMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn capacity_is_respected() {
+        let mut t = topo();
+        for c in &mut t.cells {
+            c.capacity = Some(4);
+        }
+        let h = all_healthy(&t);
+        // r1-s has room for 3; fine.
+        plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        // Whole region r1 (6 shards) into r2 (cells with 3,3,0 shards, cap 4): 1+1+4 = 6 fits.
+        let p = plan(&t, &initial(), &h, &Command::DrCutover { from: "r1".into(), to: None }).unwrap();
+        assert_eq!(p.targets(), BTreeMap::from([("r2-a", 1), ("r2-b", 1), ("r2-s", 4)]));
+        for c in &mut t.cells {
+            c.capacity = Some(3);
+        }
+        let e = plan(&t, &initial(), &h, &Command::DrCutover { from: "r1".into(), to: None }).unwrap_err();
+        assert!(matches!(e, PlanError::OverCapacity { .. }));
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let cells = prop::sample::select(vec!["r1-a", "r1-b", "r1-s", "r2-a", "r2-b", "r2-s", "zz"]);
+        let regions = prop::sample::select(vec!["r1", "r2", "r3"]);
+        prop_oneof![
+            cells.clone().prop_map(|c| Command::Failover { cell: c.into() }),
+            (cells.clone(), cells).prop_map(|(c, t)| Command::Switchover { cell: c.into(), to: t.into() }),
+            (regions.clone(), prop::option::of(regions))
+                .prop_map(|(f, t)| Command::DrCutover { from: f.into(), to: t.map(Into::into) }),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of commands under any health keeps the ownership invariants.
+        #[test]
+        fn invariants_hold(steps in prop::collection::vec((arb_command(), prop::collection::vec(any::<bool>(), 6)), 1..30)) {
+            let t = topo();
+            let mut map = initial();
+            for (cmd, healthy) in steps {
+                let h: BTreeMap<String, Health> = t.cells.iter().zip(healthy)
+                    .map(|(c, ok)| (c.id.clone(), if ok { Health::Healthy } else { Health::Unhealthy }))
+                    .collect();
+                match plan(&t, &map, &h, &cmd) {
+                    Ok(p) => {
+                        prop_assert!(!p.moves.is_empty());
+                        // Dry run equals execution: planning twice gives the same plan.
+                        prop_assert_eq!(&plan(&t, &map, &h, &cmd).unwrap(), &p);
+                        let next = p.apply(&map);
+                        prop_assert_eq!(next.owners.len(), map.owners.len());
+                        let moved: BTreeSet<u32> = p.moves.iter().map(|m| m.shard).collect();
+                        prop_assert_eq!(moved.len(), p.moves.len(), "a shard moved twice in one plan");
+                        for (i, (a, b)) in map.owners.iter().zip(&next.owners).enumerate() {
+                            if moved.contains(&(i as u32)) {
+                                prop_assert_eq!(b.epoch, a.epoch + 1);
+                                prop_assert_ne!(&a.cell, &b.cell);
+                                prop_assert_eq!(h.get(&b.cell), Some(&Health::Healthy));
+                            } else {
+                                prop_assert_eq!(a, b);
+                            }
+                            prop_assert!(t.cell(&b.cell).is_some());
+                        }
+                        map = next;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
