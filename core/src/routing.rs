@@ -16,6 +16,11 @@ use thiserror::Error;
 
 use crate::shard::{fnv1a64, shard_of};
 
+/// Store key under which the local platform publishes the current routing table (JSON).
+/// Routers of `ldc up` poll it; on Kubernetes the operator publishes the same value to a
+/// resource the routers watch.
+pub const STORE_KEY: &[u8] = b"sys/routing";
+
 /// Basis points in 100%.
 pub const BP_MAX: u16 = 10_000;
 
