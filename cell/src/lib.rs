@@ -1,1 +1,147 @@
-//! placeholder
+//! # ldc-cell: a stateless payment cell
+//!
+//! A cell serves every request of the users in the shards it owns, and keeps no state of
+//! its own: balances, ledgers, idempotency records and outboxes live in the store.
+//!
+//! Layout (request path first):
+//! * [`service`]: gRPC handlers; parse and validate, then hand over.
+//! * [`writer`]: group commit; many commands, one store transaction, one sync.
+//! * [`ledger`]: the payment logic and fencing, written against `ldc_store::Kv`.
+//! * [`relay`]: delivers cross-cell credits from the outbox, exactly once.
+//! * [`reconcile`]: recomputes balances and proves money is conserved.
+//! * [`control`]: ownership, topology and routing records; applies planner plans.
+//! * [`keys`], [`model`], [`error`], [`metrics`]: key layout, records, errors, metrics.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod error;
+pub mod keys;
+pub mod ledger;
+pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod relay;
+pub mod service;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ldc_core::proto::{cell_relay_server::CellRelayServer, payments_server::PaymentsServer};
+use ldc_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub use error::PaymentError;
+
+/// How to run one cell process.
+pub struct CellConfig {
+    pub cell: String,
+    /// `blue` or `green`: which deployment of the cell this process is (labels only).
+    pub colour: String,
+    pub store: Arc<dyn Store>,
+    /// Router address for outbox delivery; `None` disables the relay (tests of one cell).
+    pub router: Option<String>,
+    pub queue_max: usize,
+    pub batch_max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot read the platform config: {0}")]
+    Control(#[from] control::ControlError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("store: {0}")]
+    Store(#[from] ldc_store::StoreError),
+}
+
+/// Serves the payment API (plus gRPC health and reflection) on `listener` until `shutdown`
+/// resolves, then drains in-flight requests and stops the writer.
+pub async fn serve(
+    cfg: CellConfig,
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let shard_count = {
+        let store = cfg.store.clone();
+        tokio::task::spawn_blocking(move || -> Result<u32, ServeError> {
+            let mut t = store.begin_read()?;
+            let c = control::load_config(&mut *t)?;
+            let _ = t.rollback();
+            Ok(c.shard_count)
+        })
+        .await
+        .expect("config task")?
+    };
+    let metrics = metrics::CellMetrics::new(&registry, &cfg.cell, &cfg.colour);
+    let wake = Arc::new(Notify::new());
+    let (writer, writer_thread) = writer::Writer::start(
+        cfg.store.clone(),
+        writer::WriterConfig {
+            cell: cfg.cell.clone(),
+            shard_count,
+            queue_max: cfg.queue_max,
+            batch_max: cfg.batch_max,
+        },
+        metrics.clone(),
+        wake.clone(),
+    );
+    let svc = service::CellService {
+        cell: cfg.cell.clone().into(),
+        colour: cfg.colour.clone().into(),
+        shard_count,
+        writer: writer.clone(),
+        store: cfg.store.clone(),
+        metrics: metrics.clone(),
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let relay = cfg.router.clone().map(|router| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(relay::run(
+            cfg.store.clone(),
+            writer.clone(),
+            relay::RelayConfig {
+                cell: cfg.cell.clone(),
+                shard_count,
+                router,
+            },
+            wake.clone(),
+            metrics.clone(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    drop(writer);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PaymentsServer<service::CellService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ldc_core::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor set is valid");
+
+    tracing::info!(cell = %cfg.cell, colour = %cfg.colour, addr = ?listener.local_addr().ok(), engine = cfg.store.engine(), "cell serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(PaymentsServer::new(svc.clone()))
+        .add_service(CellRelayServer::new(svc.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    if let Some(r) = relay {
+        let _ = r.await;
+    }
+    drop(svc);
+    // The writer stops once its last handle is gone; wait so every commit is answered.
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    result?;
+    Ok(())
+}

@@ -75,7 +75,10 @@ impl ShardMap {
         assert!(!serving.is_empty(), "need at least one serving cell");
         let n = serving.len() as u32;
         let owners = (0..shard_count)
-            .map(|s| Owner { cell: serving[(s * n / shard_count) as usize].to_string(), epoch: 1 })
+            .map(|s| Owner {
+                cell: serving[(s * n / shard_count) as usize].to_string(),
+                epoch: 1,
+            })
             .collect();
         ShardMap { owners }
     }
@@ -126,8 +129,14 @@ impl Plan {
         let mut next = map.clone();
         for m in &self.moves {
             let o = &mut next.owners[m.shard as usize];
-            debug_assert_eq!((o.cell.as_str(), o.epoch), (m.from.as_str(), m.epoch_before));
-            *o = Owner { cell: m.to.clone(), epoch: m.epoch_after };
+            debug_assert_eq!(
+                (o.cell.as_str(), o.epoch),
+                (m.from.as_str(), m.epoch_before)
+            );
+            *o = Owner {
+                cell: m.to.clone(),
+                epoch: m.epoch_after,
+            };
         }
         next
     }
@@ -159,11 +168,21 @@ pub enum PlanError {
         "no healthy cell in region {region} can take cell {cell}'s {shards} shards; \
          bring a standby up, or move the region with `dr cutover --from {region}`"
     )]
-    NoTargetInRegion { cell: String, region: String, shards: u32 },
-    #[error("no healthy cell outside region {0} can take its shards; the platform lacks N+1 capacity")]
+    NoTargetInRegion {
+        cell: String,
+        region: String,
+        shards: u32,
+    },
+    #[error(
+        "no healthy cell outside region {0} can take its shards; the platform lacks N+1 capacity"
+    )]
     NoTargetOutsideRegion(String),
     #[error("moving {shards} shards would put cell {cell} over its capacity of {capacity}")]
-    OverCapacity { cell: String, capacity: u32, shards: u32 },
+    OverCapacity {
+        cell: String,
+        capacity: u32,
+        shards: u32,
+    },
     #[error("ownership map has {map} shards but the topology has {topology}; the state is corrupt")]
     ShardCountMismatch { map: usize, topology: u32 },
     #[error("shard {shard} is owned by {cell:?}, which is not in the topology")]
@@ -183,11 +202,17 @@ pub fn plan(
     command: &Command,
 ) -> Result<Plan, PlanError> {
     if map.owners.len() != topo.shard_count as usize {
-        return Err(PlanError::ShardCountMismatch { map: map.owners.len(), topology: topo.shard_count });
+        return Err(PlanError::ShardCountMismatch {
+            map: map.owners.len(),
+            topology: topo.shard_count,
+        });
     }
     for (i, o) in map.owners.iter().enumerate() {
         if topo.cell(&o.cell).is_none() {
-            return Err(PlanError::OwnerNotInTopology { shard: i as u32, cell: o.cell.clone() });
+            return Err(PlanError::OwnerNotInTopology {
+                shard: i as u32,
+                cell: o.cell.clone(),
+            });
         }
     }
     let mut load: BTreeMap<&str, u32> = topo.cells.iter().map(|c| (c.id.as_str(), 0)).collect();
@@ -197,7 +222,9 @@ pub fn plan(
 
     let (shards, targets): (Vec<u32>, Vec<&CellInfo>) = match command {
         Command::Failover { cell } => {
-            let info = topo.cell(cell).ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
+            let info = topo
+                .cell(cell)
+                .ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
             let shards = map.owned_by(cell);
             if shards.is_empty() {
                 return Err(PlanError::NothingToMove(cell.clone()));
@@ -226,8 +253,11 @@ pub fn plan(
             (shards, targets)
         }
         Command::Switchover { cell, to } => {
-            topo.cell(cell).ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
-            let target = topo.cell(to).ok_or_else(|| PlanError::UnknownCell(to.clone()))?;
+            topo.cell(cell)
+                .ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
+            let target = topo
+                .cell(to)
+                .ok_or_else(|| PlanError::UnknownCell(to.clone()))?;
             if cell == to {
                 return Err(PlanError::SameCell { cell: cell.clone() });
             }
@@ -249,11 +279,17 @@ pub fn plan(
                     return Err(PlanError::UnknownRegion(t.clone()));
                 }
                 if t == from {
-                    return Err(PlanError::SameCell { cell: format!("region {from}") });
+                    return Err(PlanError::SameCell {
+                        cell: format!("region {from}"),
+                    });
                 }
             }
-            let in_from: BTreeSet<&str> =
-                topo.cells.iter().filter(|c| c.region == *from).map(|c| c.id.as_str()).collect();
+            let in_from: BTreeSet<&str> = topo
+                .cells
+                .iter()
+                .filter(|c| c.region == *from)
+                .map(|c| c.id.as_str())
+                .collect();
             let shards: Vec<u32> = map
                 .owners
                 .iter()
@@ -297,8 +333,12 @@ pub fn plan(
                 }
             })?;
         let owner = &map.owners[shard as usize];
-        *load.get_mut(owner.cell.as_str()).expect("owner in topology") -= 1;
-        *load.get_mut(target.id.as_str()).expect("target in topology") += 1;
+        *load
+            .get_mut(owner.cell.as_str())
+            .expect("owner in topology") -= 1;
+        *load
+            .get_mut(target.id.as_str())
+            .expect("target in topology") += 1;
         moves.push(Move {
             shard,
             from: owner.cell.clone(),
@@ -307,7 +347,10 @@ pub fn plan(
             epoch_after: owner.epoch + 1,
         });
     }
-    Ok(Plan { command: command.clone(), moves })
+    Ok(Plan {
+        command: command.clone(),
+        moves,
+    })
 }
 
 #[cfg(test)]
@@ -316,7 +359,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn topo() -> Topology {
-        let cell = |id: &str, region: &str| CellInfo { id: id.into(), region: region.into(), capacity: None };
+        let cell = |id: &str, region: &str| CellInfo {
+            id: id.into(),
+            region: region.into(),
+            capacity: None,
+        };
         Topology {
             shard_count: 12,
             cells: vec![
@@ -331,7 +378,10 @@ mod tests {
     }
 
     fn all_healthy(t: &Topology) -> BTreeMap<String, Health> {
-        t.cells.iter().map(|c| (c.id.clone(), Health::Healthy)).collect()
+        t.cells
+            .iter()
+            .map(|c| (c.id.clone(), Health::Healthy))
+            .collect()
     }
 
     fn initial() -> ShardMap {
@@ -351,9 +401,21 @@ mod tests {
         let t = topo();
         let mut h = all_healthy(&t);
         h.insert("r1-a".into(), Health::Unhealthy);
-        let p = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        let p = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(p.moves.len(), 3);
-        assert!(p.moves.iter().all(|m| m.to == "r1-s" && m.epoch_after == 2 && m.from == "r1-a"));
+        assert!(
+            p.moves
+                .iter()
+                .all(|m| m.to == "r1-s" && m.epoch_after == 2 && m.from == "r1-a")
+        );
         let next = p.apply(&initial());
         assert_eq!(next.owned_by("r1-s"), vec![0, 1, 2]);
         assert!(next.owned_by("r1-a").is_empty());
@@ -364,11 +426,27 @@ mod tests {
         let t = topo();
         let mut h = all_healthy(&t);
         h.insert("r1-s".into(), Health::Unhealthy);
-        let p = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        let p = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(p.targets(), BTreeMap::from([("r1-b", 3)]));
         // Both r1 cells gone: refuse and point at dr cutover.
         h.insert("r1-b".into(), Health::Unhealthy);
-        let e = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap_err();
+        let e = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, PlanError::NoTargetInRegion { .. }));
         assert!(e.to_string().contains("dr cutover --from r1"));
     }
@@ -378,9 +456,26 @@ mod tests {
         let t = topo();
         let mut h = all_healthy(&t);
         h.insert("r1-a".into(), Health::Unhealthy);
-        let m1 = plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap().apply(&initial());
+        let m1 = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap()
+        .apply(&initial());
         h.insert("r1-b".into(), Health::Unhealthy);
-        let p = plan(&t, &m1, &h, &Command::Failover { cell: "r1-b".into() }).unwrap();
+        let p = plan(
+            &t,
+            &m1,
+            &h,
+            &Command::Failover {
+                cell: "r1-b".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(p.targets(), BTreeMap::from([("r1-s", 3)]));
     }
 
@@ -390,23 +485,58 @@ mod tests {
         let h = all_healthy(&t);
         let m = initial();
         let f = |c: Command| plan(&t, &m, &h, &c).unwrap_err();
-        assert_eq!(f(Command::Failover { cell: "zz".into() }), PlanError::UnknownCell("zz".into()));
-        assert_eq!(f(Command::Failover { cell: "r1-s".into() }), PlanError::NothingToMove("r1-s".into()));
         assert_eq!(
-            f(Command::Switchover { cell: "r1-a".into(), to: "r1-a".into() }),
-            PlanError::SameCell { cell: "r1-a".into() }
+            f(Command::Failover { cell: "zz".into() }),
+            PlanError::UnknownCell("zz".into())
         );
-        assert_eq!(f(Command::DrCutover { from: "r9".into(), to: None }), PlanError::UnknownRegion("r9".into()));
+        assert_eq!(
+            f(Command::Failover {
+                cell: "r1-s".into()
+            }),
+            PlanError::NothingToMove("r1-s".into())
+        );
+        assert_eq!(
+            f(Command::Switchover {
+                cell: "r1-a".into(),
+                to: "r1-a".into()
+            }),
+            PlanError::SameCell {
+                cell: "r1-a".into()
+            }
+        );
+        assert_eq!(
+            f(Command::DrCutover {
+                from: "r9".into(),
+                to: None
+            }),
+            PlanError::UnknownRegion("r9".into())
+        );
         let mut h2 = h.clone();
         h2.remove("r1-s");
         assert_eq!(
-            plan(&t, &m, &h2, &Command::Switchover { cell: "r1-a".into(), to: "r1-s".into() }).unwrap_err(),
+            plan(
+                &t,
+                &m,
+                &h2,
+                &Command::Switchover {
+                    cell: "r1-a".into(),
+                    to: "r1-s".into()
+                }
+            )
+            .unwrap_err(),
             PlanError::TargetUnhealthy("r1-s".into())
         );
         let mut bad = m.clone();
         bad.owners.pop();
         assert!(matches!(
-            plan(&t, &bad, &h, &Command::Failover { cell: "r1-a".into() }),
+            plan(
+                &t,
+                &bad,
+                &h,
+                &Command::Failover {
+                    cell: "r1-a".into()
+                }
+            ),
             Err(PlanError::ShardCountMismatch { .. })
         ));
     }
@@ -419,25 +549,62 @@ mod tests {
         }
         let h = all_healthy(&t);
         // r1-s has room for 3; fine.
-        plan(&t, &initial(), &h, &Command::Failover { cell: "r1-a".into() }).unwrap();
+        plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap();
         // Whole region r1 (6 shards) into r2 (cells with 3,3,0 shards, cap 4): 1+1+4 = 6 fits.
-        let p = plan(&t, &initial(), &h, &Command::DrCutover { from: "r1".into(), to: None }).unwrap();
-        assert_eq!(p.targets(), BTreeMap::from([("r2-a", 1), ("r2-b", 1), ("r2-s", 4)]));
+        let p = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::DrCutover {
+                from: "r1".into(),
+                to: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            p.targets(),
+            BTreeMap::from([("r2-a", 1), ("r2-b", 1), ("r2-s", 4)])
+        );
         for c in &mut t.cells {
             c.capacity = Some(3);
         }
-        let e = plan(&t, &initial(), &h, &Command::DrCutover { from: "r1".into(), to: None }).unwrap_err();
+        let e = plan(
+            &t,
+            &initial(),
+            &h,
+            &Command::DrCutover {
+                from: "r1".into(),
+                to: None,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, PlanError::OverCapacity { .. }));
     }
 
     fn arb_command() -> impl Strategy<Value = Command> {
-        let cells = prop::sample::select(vec!["r1-a", "r1-b", "r1-s", "r2-a", "r2-b", "r2-s", "zz"]);
+        let cells =
+            prop::sample::select(vec!["r1-a", "r1-b", "r1-s", "r2-a", "r2-b", "r2-s", "zz"]);
         let regions = prop::sample::select(vec!["r1", "r2", "r3"]);
         prop_oneof![
-            cells.clone().prop_map(|c| Command::Failover { cell: c.into() }),
-            (cells.clone(), cells).prop_map(|(c, t)| Command::Switchover { cell: c.into(), to: t.into() }),
-            (regions.clone(), prop::option::of(regions))
-                .prop_map(|(f, t)| Command::DrCutover { from: f.into(), to: t.map(Into::into) }),
+            cells
+                .clone()
+                .prop_map(|c| Command::Failover { cell: c.into() }),
+            (cells.clone(), cells).prop_map(|(c, t)| Command::Switchover {
+                cell: c.into(),
+                to: t.into()
+            }),
+            (regions.clone(), prop::option::of(regions)).prop_map(|(f, t)| Command::DrCutover {
+                from: f.into(),
+                to: t.map(Into::into)
+            }),
         ]
     }
 

@@ -167,12 +167,18 @@ impl RoutingTable {
         }
         for (i, s) in self.shards.iter().enumerate() {
             if !self.cells.contains_key(&s.cell) {
-                return Err(TableError::UnknownCell { shard: i as u32, cell: s.cell.clone() });
+                return Err(TableError::UnknownCell {
+                    shard: i as u32,
+                    cell: s.cell.clone(),
+                });
             }
         }
         for (name, c) in &self.cells {
             if c.green_weight_bp > BP_MAX {
-                return Err(TableError::WeightTooHigh { cell: name.clone(), weight: c.green_weight_bp });
+                return Err(TableError::WeightTooHigh {
+                    cell: name.clone(),
+                    weight: c.green_weight_bp,
+                });
             }
         }
         Ok(())
@@ -193,11 +199,17 @@ impl RoutingTable {
         let cell = self
             .cells
             .get(&s.cell)
-            .ok_or_else(|| RouteError::UnknownCell { shard, cell: s.cell.clone() })?;
+            .ok_or_else(|| RouteError::UnknownCell {
+                shard,
+                cell: s.cell.clone(),
+            })?;
         let colour = match (forced, user) {
             (Some(c), _) if cell.allow_forced_colour => c,
             (Some(c), _) => {
-                return Err(RouteError::ForcedColourRefused { cell: s.cell.clone(), colour: c });
+                return Err(RouteError::ForcedColourRefused {
+                    cell: s.cell.clone(),
+                    colour: c,
+                });
             }
             (None, Some(u)) => colour_for(u, cell.green_weight_bp),
             (None, None) if cell.green_weight_bp >= BP_MAX => Colour::Green,
@@ -235,7 +247,17 @@ mod tests {
                 allow_forced_colour: false,
             },
         );
-        RoutingTable { epoch: 1, shards: vec![ShardRoute { cell: "c1".into(), epoch: 3 }; 10], cells }
+        RoutingTable {
+            epoch: 1,
+            shards: vec![
+                ShardRoute {
+                    cell: "c1".into(),
+                    epoch: 3
+                };
+                10
+            ],
+            cells,
+        }
     }
 
     #[test]
@@ -244,7 +266,10 @@ mod tests {
         t.validate().unwrap();
         let r = t.route_user("alice", None).unwrap();
         assert_eq!((r.cell, r.colour, r.shard_epoch), ("c1", Colour::Blue, 3));
-        assert_eq!(t.route_shard(10, None, None), Err(RouteError::UnknownShard(10, 10)));
+        assert_eq!(
+            t.route_shard(10, None, None),
+            Err(RouteError::UnknownShard(10, 10))
+        );
         assert!(matches!(
             t.route_user("alice", Some(Colour::Green)),
             Err(RouteError::ForcedColourRefused { .. })
@@ -252,7 +277,10 @@ mod tests {
         let mut t2 = t.clone();
         t2.shards[0].cell = "ghost".into();
         assert!(matches!(t2.validate(), Err(TableError::UnknownCell { .. })));
-        assert_eq!(table(10_000).route_shard(0, None, None).unwrap().colour, Colour::Green);
+        assert_eq!(
+            table(10_000).route_shard(0, None, None).unwrap().colour,
+            Colour::Green
+        );
     }
 
     #[test]

@@ -80,9 +80,18 @@ mod tests {
     fn user_ids() {
         assert!(validate_user_id("alice_1.b-2").is_ok());
         assert_eq!(validate_user_id(""), Err(UserIdError::Empty));
-        assert!(matches!(validate_user_id("a/b"), Err(UserIdError::BadChar(_))));
-        assert!(matches!(validate_user_id("é"), Err(UserIdError::BadChar(_))));
-        assert_eq!(validate_user_id(&"x".repeat(65)), Err(UserIdError::TooLong(65)));
+        assert!(matches!(
+            validate_user_id("a/b"),
+            Err(UserIdError::BadChar(_))
+        ));
+        assert!(matches!(
+            validate_user_id("é"),
+            Err(UserIdError::BadChar(_))
+        ));
+        assert_eq!(
+            validate_user_id(&"x".repeat(65)),
+            Err(UserIdError::TooLong(65))
+        );
         assert!(validate_user_id(&"x".repeat(64)).is_ok());
     }
 

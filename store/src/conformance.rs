@@ -31,8 +31,16 @@ pub fn put_get_delete(store: &dyn Store, p: &str) {
     t.put(&k(p, "b"), b"").unwrap();
     t.commit().unwrap();
     let mut t = store.begin_read().unwrap();
-    assert_eq!(t.get(&k(p, "a")).unwrap().as_deref(), Some(&b"1"[..]), "committed put not visible");
-    assert_eq!(t.get(&k(p, "b")).unwrap().as_deref(), Some(&b""[..]), "empty value must differ from absent");
+    assert_eq!(
+        t.get(&k(p, "a")).unwrap().as_deref(),
+        Some(&b"1"[..]),
+        "committed put not visible"
+    );
+    assert_eq!(
+        t.get(&k(p, "b")).unwrap().as_deref(),
+        Some(&b""[..]),
+        "empty value must differ from absent"
+    );
     assert_eq!(t.get(&k(p, "zz")).unwrap(), None);
     t.rollback().unwrap();
     let mut t = store.begin().unwrap();
@@ -40,7 +48,11 @@ pub fn put_get_delete(store: &dyn Store, p: &str) {
     t.delete(&k(p, "b")).unwrap();
     t.commit().unwrap();
     let mut t = store.begin_read().unwrap();
-    assert_eq!(t.get(&k(p, "a")).unwrap().as_deref(), Some(&b"2"[..]), "overwrite lost");
+    assert_eq!(
+        t.get(&k(p, "a")).unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "overwrite lost"
+    );
     assert_eq!(t.get(&k(p, "b")).unwrap(), None, "delete not applied");
     t.rollback().unwrap();
 }
@@ -53,9 +65,17 @@ pub fn scan_order_range_limit(store: &dyn Store, p: &str) {
     }
     t.commit().unwrap();
     let mut t = store.begin_read().unwrap();
-    let all = t.scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 100).unwrap();
-    let keys: Vec<String> = all.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect();
-    let want: Vec<String> = ["a", "b", "b0", "c", "d", "\u{7f}"].iter().map(|s| format!("{p}/{s}")).collect();
+    let all = t
+        .scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 100)
+        .unwrap();
+    let keys: Vec<String> = all
+        .iter()
+        .map(|(k, _)| String::from_utf8(k.clone()).unwrap())
+        .collect();
+    let want: Vec<String> = ["a", "b", "b0", "c", "d", "\u{7f}"]
+        .iter()
+        .map(|s| format!("{p}/{s}"))
+        .collect();
     assert_eq!(keys, want, "scan order or range wrong");
     let two = t.scan(&k(p, "b"), &k(p, "d"), 2).unwrap();
     assert_eq!(two.len(), 2, "scan limit ignored");
@@ -77,7 +97,11 @@ pub fn rollback_and_drop_discard(store: &dyn Store, p: &str) {
     }
     let mut t = store.begin_read().unwrap();
     assert_eq!(t.get(&k(p, "x")).unwrap(), None, "rollback leaked a write");
-    assert_eq!(t.get(&k(p, "y")).unwrap(), None, "dropped transaction leaked a write");
+    assert_eq!(
+        t.get(&k(p, "y")).unwrap(),
+        None,
+        "dropped transaction leaked a write"
+    );
     t.rollback().unwrap();
 }
 
@@ -86,7 +110,9 @@ pub fn read_your_writes_and_snapshot(store: &dyn Store, p: &str) {
     let mut t = store.begin().unwrap();
     t.put(&k(p, "m"), b"1").unwrap();
     assert_eq!(t.get(&k(p, "m")).unwrap().as_deref(), Some(&b"1"[..]));
-    let s = t.scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 10).unwrap();
+    let s = t
+        .scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 10)
+        .unwrap();
     assert_eq!(s.len(), 1, "scan misses the transaction's own write");
     t.commit().unwrap();
 }
@@ -101,26 +127,45 @@ pub fn overlay_isolation(store: &dyn Store, p: &str) {
         o.put(&k(p, "1"), b"changed").unwrap();
         o.delete(&k(p, "2")).unwrap();
         o.put(&k(p, "3"), b"new").unwrap();
-        let s = o.scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 10).unwrap();
+        let s = o
+            .scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 10)
+            .unwrap();
         let keys: Vec<Vec<u8>> = s.into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, vec![k(p, "1"), k(p, "3")], "overlay scan does not merge");
+        assert_eq!(
+            keys,
+            vec![k(p, "1"), k(p, "3")],
+            "overlay scan does not merge"
+        );
         // Limit with a horizon: parent has 1,2; local adds 3 and deletes 2.
-        let one = o.scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 1).unwrap();
+        let one = o
+            .scan(&k(p, ""), &prefix_end(format!("{p}/").as_bytes()), 1)
+            .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].0, k(p, "1"));
         // dropped: discarded
     }
-    assert_eq!(t.get(&k(p, "1")).unwrap().as_deref(), Some(&b"base"[..]), "dropped overlay leaked");
+    assert_eq!(
+        t.get(&k(p, "1")).unwrap().as_deref(),
+        Some(&b"base"[..]),
+        "dropped overlay leaked"
+    );
     {
         let mut o = Overlay::new(&mut *t);
         o.put(&k(p, "1"), b"changed").unwrap();
         o.delete(&k(p, "2")).unwrap();
-        assert_eq!(o.get_for_update(&k(p, "1")).unwrap().as_deref(), Some(&b"changed"[..]));
+        assert_eq!(
+            o.get_for_update(&k(p, "1")).unwrap().as_deref(),
+            Some(&b"changed"[..])
+        );
         o.merge().unwrap();
     }
     t.commit().unwrap();
     let mut r = store.begin_read().unwrap();
-    assert_eq!(r.get(&k(p, "1")).unwrap().as_deref(), Some(&b"changed"[..]), "merged overlay lost");
+    assert_eq!(
+        r.get(&k(p, "1")).unwrap().as_deref(),
+        Some(&b"changed"[..]),
+        "merged overlay lost"
+    );
     assert_eq!(r.get(&k(p, "2")).unwrap(), None, "merged delete lost");
     r.rollback().unwrap();
 }
@@ -165,5 +210,9 @@ pub fn concurrent_increments_are_serialisable(store: Arc<dyn Store>, p: &str) {
     let mut t = store.begin_read().unwrap();
     let v = u64::from_be_bytes(t.get(&key).unwrap().unwrap().try_into().unwrap());
     t.rollback().unwrap();
-    assert_eq!(v, 2 * PER_THREAD, "lost update: the store is not serialisable for get_for_update keys");
+    assert_eq!(
+        v,
+        2 * PER_THREAD,
+        "lost update: the store is not serialisable for get_for_update keys"
+    );
 }

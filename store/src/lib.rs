@@ -129,7 +129,9 @@ pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>> {
             )));
         }
     }
-    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(std::path::Path::new(spec))?))
+    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
+        std::path::Path::new(spec),
+    )?))
 }
 
 #[cfg(test)]

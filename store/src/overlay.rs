@@ -17,7 +17,10 @@ pub struct Overlay<'a, P: Kv + ?Sized> {
 
 impl<'a, P: Kv + ?Sized> Overlay<'a, P> {
     pub fn new(parent: &'a mut P) -> Self {
-        Overlay { parent, writes: BTreeMap::new() }
+        Overlay {
+            parent,
+            writes: BTreeMap::new(),
+        }
     }
 
     /// Applies the buffered writes to the parent.
@@ -79,7 +82,9 @@ impl<P: Kv + ?Sized> Kv for Overlay<'_, P> {
         let base = self.parent.scan(start, end, want)?;
         // If the parent stopped at `want`, keys past its last one are unknown: local inserts
         // beyond it must wait for the next page or the order would have holes.
-        let horizon = (base.len() == want).then(|| base.last().map(|(k, _)| k.clone())).flatten();
+        let horizon = (base.len() == want)
+            .then(|| base.last().map(|(k, _)| k.clone()))
+            .flatten();
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = base.into_iter().collect();
         for (k, v) in local {
             match v {

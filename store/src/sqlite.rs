@@ -47,10 +47,15 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Config(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let store = SqliteStore { path: path.to_path_buf(), pool: Arc::new(Mutex::new(Vec::new())) };
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            pool: Arc::new(Mutex::new(Vec::new())),
+        };
         let conn = store.connect()?;
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;")
-            .map_err(map_err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .map_err(map_err)?;
         store.pool.lock().expect("pool lock").push(conn);
         Ok(store)
     }
@@ -63,12 +68,18 @@ impl SqliteStore {
     fn connect(&self) -> Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| StoreError::Config(format!("cannot open store {}: {e}", self.path.display())))?;
+        .map_err(|e| {
+            StoreError::Config(format!("cannot open store {}: {e}", self.path.display()))
+        })?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
         // journal_mode returns a row, so query it rather than execute it.
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(map_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(map_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Config(format!(
                 "store {} refused WAL mode (got {mode}); is it on a network filesystem?",
@@ -77,8 +88,10 @@ impl SqliteStore {
         }
         // FULL: the WAL is fsynced at every commit. NORMAL would lose the last commits on
         // power loss, which would break "no acknowledged payment is ever lost".
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;")
-            .map_err(map_err)?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
+        )
+        .map_err(map_err)?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
@@ -96,7 +109,11 @@ impl SqliteStore {
             give_back(&self.pool, conn);
             return Err(map_err(e));
         }
-        Ok(Box::new(SqliteTxn { conn: Some(conn), pool: self.pool.clone(), write }))
+        Ok(Box::new(SqliteTxn {
+            conn: Some(conn),
+            pool: self.pool.clone(),
+            write,
+        }))
     }
 }
 
@@ -136,7 +153,9 @@ impl SqliteTxn {
         if self.write {
             Ok(())
         } else {
-            Err(StoreError::Backend("write in a read-only transaction".into()))
+            Err(StoreError::Backend(
+                "write in a read-only transaction".into(),
+            ))
         }
     }
 
@@ -155,8 +174,13 @@ impl SqliteTxn {
 
 impl Kv for SqliteTxn {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let mut st = self.conn().prepare_cached("SELECT v FROM kv WHERE k = ?1").map_err(map_err)?;
-        st.query_row(params![key], |r| r.get(0)).optional().map_err(map_err)
+        let mut st = self
+            .conn()
+            .prepare_cached("SELECT v FROM kv WHERE k = ?1")
+            .map_err(map_err)?;
+        st.query_row(params![key], |r| r.get(0))
+            .optional()
+            .map_err(map_err)
     }
 
     fn get_for_update(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -169,7 +193,9 @@ impl Kv for SqliteTxn {
         self.writable()?;
         let mut st = self
             .conn()
-            .prepare_cached("INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v")
+            .prepare_cached(
+                "INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            )
             .map_err(map_err)?;
         st.execute(params![key, value]).map_err(map_err)?;
         Ok(())
@@ -177,7 +203,10 @@ impl Kv for SqliteTxn {
 
     fn delete(&mut self, key: &[u8]) -> Result<()> {
         self.writable()?;
-        let mut st = self.conn().prepare_cached("DELETE FROM kv WHERE k = ?1").map_err(map_err)?;
+        let mut st = self
+            .conn()
+            .prepare_cached("DELETE FROM kv WHERE k = ?1")
+            .map_err(map_err)?;
         st.execute(params![key]).map_err(map_err)?;
         Ok(())
     }
@@ -188,8 +217,11 @@ impl Kv for SqliteTxn {
             .conn()
             .prepare_cached("SELECT k, v FROM kv WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3")
             .map_err(map_err)?;
-        let rows = st.query_map(params![start, end, limit], |r| Ok((r.get(0)?, r.get(1)?))).map_err(map_err)?;
-        rows.collect::<std::result::Result<Vec<Pair>, _>>().map_err(map_err)
+        let rows = st
+            .query_map(params![start, end, limit], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(map_err)?;
+        rows.collect::<std::result::Result<Vec<Pair>, _>>()
+            .map_err(map_err)
     }
 }
 

@@ -43,16 +43,30 @@ impl TikvStore {
             .thread_name("tikv-client")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Config(format!("cannot start the TiKV client runtime: {e}")))?;
+            .map_err(|e| {
+                StoreError::Config(format!("cannot start the TiKV client runtime: {e}"))
+            })?;
         let client = rt
             .block_on(TransactionClient::new(pd_endpoints.clone()))
-            .map_err(|e| StoreError::Config(format!("cannot reach TiKV PD at {pd_endpoints:?}: {e}")))?;
-        Ok(TikvStore { rt: Arc::new(rt), client })
+            .map_err(|e| {
+                StoreError::Config(format!("cannot reach TiKV PD at {pd_endpoints:?}: {e}"))
+            })?;
+        Ok(TikvStore {
+            rt: Arc::new(rt),
+            client,
+        })
     }
 
     fn start(&self, read_only: bool) -> Result<Box<dyn Txn>> {
-        let txn = self.rt.block_on(self.client.begin_optimistic()).map_err(map_err)?;
-        Ok(Box::new(TikvTxn { rt: self.rt.clone(), txn: Some(txn), read_only }))
+        let txn = self
+            .rt
+            .block_on(self.client.begin_optimistic())
+            .map_err(map_err)?;
+        Ok(Box::new(TikvTxn {
+            rt: self.rt.clone(),
+            txn: Some(txn),
+            read_only,
+        }))
     }
 }
 
@@ -83,7 +97,9 @@ impl TikvTxn {
 
     fn writable(&self) -> Result<()> {
         if self.read_only {
-            Err(StoreError::Backend("write in a read-only transaction".into()))
+            Err(StoreError::Backend(
+                "write in a read-only transaction".into(),
+            ))
         } else {
             Ok(())
         }
@@ -100,14 +116,16 @@ impl Kv for TikvTxn {
         self.writable()?;
         let rt = self.rt.clone();
         let v = rt.block_on(self.t().get(key.to_vec())).map_err(map_err)?;
-        rt.block_on(self.t().lock_keys(vec![key.to_vec()])).map_err(map_err)?;
+        rt.block_on(self.t().lock_keys(vec![key.to_vec()]))
+            .map_err(map_err)?;
         Ok(v)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.writable()?;
         let rt = self.rt.clone();
-        rt.block_on(self.t().put(key.to_vec(), value.to_vec())).map_err(map_err)
+        rt.block_on(self.t().put(key.to_vec(), value.to_vec()))
+            .map_err(map_err)
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<()> {

@@ -31,7 +31,11 @@ fn sqlite_two_handles_share_one_file() {
     let mut t = a.begin().unwrap();
     t.put(b"k", b"again").unwrap();
     t.commit().unwrap();
-    assert_eq!(snap.get(b"k").unwrap().as_deref(), Some(&b"from-a"[..]), "snapshot not stable");
+    assert_eq!(
+        snap.get(b"k").unwrap().as_deref(),
+        Some(&b"from-a"[..]),
+        "snapshot not stable"
+    );
     snap.rollback().unwrap();
 }
 

@@ -1,0 +1,266 @@
+//! Control records in the store: platform config, topology, shard ownership, cell runtime
+//! facts and the published routing table, plus the executor that applies a planner
+//! [`Plan`] to the store.
+//!
+//! The order is the fencing rule of the design: ownership records (with bumped epochs) are
+//! written first, then the routing table is rebuilt from them. The local platform does both
+//! in one store transaction; the operator commits ownership, then publishes the table.
+
+use std::collections::BTreeMap;
+
+use ldc_core::planner::{Owner, Plan, ShardMap, Topology};
+use ldc_core::routing::{self, CellRoute, RoutingTable, ShardRoute};
+use ldc_store::{Kv, prefix_end};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::keys;
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("store: {0}")]
+    Store(#[from] ldc_store::StoreError),
+    #[error("control record {what} is corrupt: {why}")]
+    Corrupt { what: String, why: String },
+    #[error("the platform is not initialised in this store; run `ldc up` once to create it")]
+    NotInitialised,
+    #[error(
+        "the store was created with {stored} shards but {asked} were asked; the shard count never changes after creation"
+    )]
+    ShardCountChanged { stored: u32, asked: u32 },
+    #[error(
+        "shard {shard} changed since the plan was made (planned {planned_cell}@{planned_epoch}, now {cell}@{epoch}); \
+         nothing was applied, plan again"
+    )]
+    StalePlan {
+        shard: u32,
+        planned_cell: String,
+        planned_epoch: u64,
+        cell: String,
+        epoch: u64,
+    },
+}
+
+/// Fixed facts about a platform, written once at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformConfig {
+    pub shard_count: u32,
+    pub created_unix_ms: u64,
+}
+
+/// What the local runner knows about a running cell (one process per colour).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellRuntime {
+    pub region: String,
+    pub blue: Vec<String>,
+    pub green: Vec<String>,
+    pub pids: Vec<u32>,
+    pub metrics: Vec<String>,
+    pub healthy: bool,
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    kv: &mut dyn Kv,
+    key: &[u8],
+) -> Result<Option<T>, ControlError> {
+    match kv.get(key)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| ControlError::Corrupt {
+                what: String::from_utf8_lossy(key).into_owned(),
+                why: e.to_string(),
+            }),
+    }
+}
+
+fn put_json<T: Serialize>(kv: &mut dyn Kv, key: &[u8], v: &T) -> Result<(), ControlError> {
+    kv.put(key, &serde_json::to_vec(v).expect("control records encode"))?;
+    Ok(())
+}
+
+pub fn load_config(kv: &mut dyn Kv) -> Result<PlatformConfig, ControlError> {
+    get_json(kv, keys::CONFIG)?.ok_or(ControlError::NotInitialised)
+}
+
+pub fn load_topology(kv: &mut dyn Kv) -> Result<Topology, ControlError> {
+    get_json(kv, keys::TOPOLOGY)?.ok_or(ControlError::NotInitialised)
+}
+
+pub fn load_routing(kv: &mut dyn Kv) -> Result<Option<RoutingTable>, ControlError> {
+    get_json(kv, routing::STORE_KEY)
+}
+
+/// Creates the platform if the store is empty: config, topology and the initial ownership
+/// map (epoch 1). Returns false (and checks the shard count) when it already exists.
+pub fn init(
+    kv: &mut dyn Kv,
+    topology: &Topology,
+    serving: &[&str],
+    now_ms: u64,
+) -> Result<bool, ControlError> {
+    if let Some(cfg) = get_json::<PlatformConfig>(kv, keys::CONFIG)? {
+        if cfg.shard_count != topology.shard_count {
+            return Err(ControlError::ShardCountChanged {
+                stored: cfg.shard_count,
+                asked: topology.shard_count,
+            });
+        }
+        return Ok(false);
+    }
+    put_json(
+        kv,
+        keys::CONFIG,
+        &PlatformConfig {
+            shard_count: topology.shard_count,
+            created_unix_ms: now_ms,
+        },
+    )?;
+    put_json(kv, keys::TOPOLOGY, topology)?;
+    let map = ShardMap::initial(topology.shard_count, serving);
+    for (shard, owner) in map.owners.iter().enumerate() {
+        put_json(kv, &keys::owner(shard as u32), owner)?;
+    }
+    Ok(true)
+}
+
+/// Reads every ownership record.
+pub fn load_map(kv: &mut dyn Kv, shard_count: u32) -> Result<ShardMap, ControlError> {
+    let rows = kv.scan(
+        keys::OWNER_PREFIX,
+        &prefix_end(keys::OWNER_PREFIX),
+        shard_count as usize + 1,
+    )?;
+    if rows.len() != shard_count as usize {
+        return Err(ControlError::Corrupt {
+            what: "ownership records".into(),
+            why: format!("found {} for {shard_count} shards", rows.len()),
+        });
+    }
+    let owners = rows
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_slice::<Owner>(&v).map_err(|e| ControlError::Corrupt {
+                what: String::from_utf8_lossy(&k).into_owned(),
+                why: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ShardMap { owners })
+}
+
+/// Applies a plan's moves, each conditional on the shard still being where the plan saw it
+/// (a compare-and-set per ownership record, read for update so TiKV fences concurrent
+/// writers). Any difference aborts with `StalePlan` and the caller rolls back.
+pub fn apply_plan(kv: &mut dyn Kv, plan: &Plan) -> Result<(), ControlError> {
+    for m in &plan.moves {
+        let key = keys::owner(m.shard);
+        let cur: Owner = match kv.get_for_update(&key)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| ControlError::Corrupt {
+                what: format!("own/{}", m.shard),
+                why: e.to_string(),
+            })?,
+            None => {
+                return Err(ControlError::Corrupt {
+                    what: format!("own/{}", m.shard),
+                    why: "missing".into(),
+                });
+            }
+        };
+        if cur.cell != m.from || cur.epoch != m.epoch_before {
+            return Err(ControlError::StalePlan {
+                shard: m.shard,
+                planned_cell: m.from.clone(),
+                planned_epoch: m.epoch_before,
+                cell: cur.cell,
+                epoch: cur.epoch,
+            });
+        }
+        assert!(
+            m.epoch_after > cur.epoch,
+            "fencing invariant: epochs only go up"
+        );
+        put_json(
+            kv,
+            &key,
+            &Owner {
+                cell: m.to.clone(),
+                epoch: m.epoch_after,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+pub fn put_cell_runtime(kv: &mut dyn Kv, cell: &str, rt: &CellRuntime) -> Result<(), ControlError> {
+    put_json(kv, &keys::cell_runtime(cell), rt)
+}
+
+pub fn load_cell_runtimes(kv: &mut dyn Kv) -> Result<BTreeMap<String, CellRuntime>, ControlError> {
+    let p = keys::CELLS_PREFIX.as_bytes();
+    let rows = kv.scan(p, &prefix_end(p), 10_000)?;
+    rows.into_iter()
+        .map(|(k, v)| {
+            let name = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let rt = serde_json::from_slice(&v).map_err(|e| ControlError::Corrupt {
+                what: format!("sys/cells/{name}"),
+                why: e.to_string(),
+            })?;
+            Ok((name, rt))
+        })
+        .collect()
+}
+
+/// Rebuilds the routing table from ownership and cell runtimes, keeps each cell's green
+/// weight from the previous table unless `weights` overrides it, bumps the epoch, and
+/// stores it. Returns the new table.
+pub fn publish_routing(
+    kv: &mut dyn Kv,
+    weights: &BTreeMap<String, u16>,
+) -> Result<RoutingTable, ControlError> {
+    let cfg = load_config(kv)?;
+    let topo = load_topology(kv)?;
+    let map = load_map(kv, cfg.shard_count)?;
+    let runtimes = load_cell_runtimes(kv)?;
+    let prev = load_routing(kv)?.unwrap_or_default();
+    let cells = topo
+        .cells
+        .iter()
+        .map(|c| {
+            let rt = runtimes.get(&c.id).cloned().unwrap_or_default();
+            let prev_cell = prev.cells.get(&c.id);
+            let weight = weights
+                .get(&c.id)
+                .copied()
+                .or_else(|| prev_cell.map(|p| p.green_weight_bp))
+                .unwrap_or(0);
+            let route = CellRoute {
+                region: c.region.clone(),
+                blue: rt.blue,
+                green: rt.green,
+                green_weight_bp: weight,
+                allow_forced_colour: prev_cell.is_none_or(|p| p.allow_forced_colour),
+            };
+            (c.id.clone(), route)
+        })
+        .collect();
+    let shards = map
+        .owners
+        .iter()
+        .map(|o| ShardRoute {
+            cell: o.cell.clone(),
+            epoch: o.epoch,
+        })
+        .collect();
+    let table = RoutingTable {
+        epoch: prev.epoch + 1,
+        shards,
+        cells,
+    };
+    table.validate().map_err(|e| ControlError::Corrupt {
+        what: "routing table".into(),
+        why: e.to_string(),
+    })?;
+    put_json(kv, routing::STORE_KEY, &table)?;
+    Ok(table)
+}

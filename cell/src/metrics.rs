@@ -1,0 +1,175 @@
+//! Prometheus metrics of a cell process, and the tiny HTTP server that exposes them.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tokio::net::TcpListener;
+
+/// Every metric a cell exports. Cheap to clone (handles).
+#[derive(Clone)]
+pub struct CellMetrics {
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub batch_size: Histogram,
+    pub commit_seconds: Histogram,
+    pub batch_retries: IntCounter,
+    pub moved: IntCounter,
+    pub outbox_pending: IntGauge,
+    pub outbox_lag_seconds: prometheus::Gauge,
+    pub relay_deliveries: IntCounterVec,
+    pub owned_shards: IntGauge,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ]
+}
+
+impl CellMetrics {
+    /// Creates the metrics with constant labels `cell` and `colour` and registers them.
+    pub fn new(registry: &Registry, cell: &str, colour: &str) -> CellMetrics {
+        let c = |o: Opts| o.const_label("cell", cell).const_label("colour", colour);
+        let h = |o: HistogramOpts| o.const_label("cell", cell).const_label("colour", colour);
+        let m = CellMetrics {
+            requests: IntCounterVec::new(
+                c(Opts::new(
+                    "ldc_cell_requests_total",
+                    "Payment API requests by method and gRPC code",
+                )),
+                &["method", "code"],
+            )
+            .unwrap(),
+            latency: HistogramVec::new(
+                h(
+                    HistogramOpts::new("ldc_cell_request_seconds", "Payment API latency by method")
+                        .buckets(latency_buckets()),
+                ),
+                &["method"],
+            )
+            .unwrap(),
+            batch_size: Histogram::with_opts(h(HistogramOpts::new(
+                "ldc_cell_batch_commands",
+                "Commands per group-commit batch",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ])))
+            .unwrap(),
+            commit_seconds: Histogram::with_opts(h(HistogramOpts::new(
+                "ldc_cell_batch_seconds",
+                "Time to execute and durably commit one batch",
+            )
+            .buckets(latency_buckets())))
+            .unwrap(),
+            batch_retries: IntCounter::with_opts(c(Opts::new(
+                "ldc_cell_batch_retries_total",
+                "Batches retried because the store asked to",
+            )))
+            .unwrap(),
+            moved: IntCounter::with_opts(c(Opts::new(
+                "ldc_cell_moved_total",
+                "Requests answered 'moved' (shard not owned)",
+            )))
+            .unwrap(),
+            outbox_pending: IntGauge::with_opts(c(Opts::new(
+                "ldc_cell_outbox_pending",
+                "Outbox messages of owned shards waiting for delivery",
+            )))
+            .unwrap(),
+            outbox_lag_seconds: prometheus::Gauge::with_opts(c(Opts::new(
+                "ldc_cell_outbox_lag_seconds",
+                "Age of the oldest undelivered outbox message",
+            )))
+            .unwrap(),
+            relay_deliveries: IntCounterVec::new(
+                c(Opts::new(
+                    "ldc_cell_relay_deliveries_total",
+                    "Outbox deliveries by outcome",
+                )),
+                &["outcome"],
+            )
+            .unwrap(),
+            owned_shards: IntGauge::with_opts(c(Opts::new(
+                "ldc_cell_owned_shards",
+                "Shards this cell owns",
+            )))
+            .unwrap(),
+        };
+        registry.register(Box::new(m.requests.clone())).unwrap();
+        registry.register(Box::new(m.latency.clone())).unwrap();
+        registry.register(Box::new(m.batch_size.clone())).unwrap();
+        registry
+            .register(Box::new(m.commit_seconds.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.batch_retries.clone()))
+            .unwrap();
+        registry.register(Box::new(m.moved.clone())).unwrap();
+        registry
+            .register(Box::new(m.outbox_pending.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.outbox_lag_seconds.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.relay_deliveries.clone()))
+            .unwrap();
+        registry.register(Box::new(m.owned_shards.clone())).unwrap();
+        m
+    }
+}
+
+/// Renders a registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = String::new();
+    prometheus::TextEncoder::new()
+        .encode_utf8(&registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    buf
+}
+
+/// Serves `GET /metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let registry = registry.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (200, render(&registry)),
+                        "/healthz" => (200, "ok\n".to_string()),
+                        _ => (404, "not found; try /metrics\n".to_string()),
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("valid response"),
+                    )
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

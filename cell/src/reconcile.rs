@@ -1,0 +1,244 @@
+//! Reconciliation: recompute every balance from the ledger and prove money is conserved.
+//!
+//! A feature, not a test helper: `ldc reconcile` runs it against a live store. It reads one
+//! consistent snapshot and checks, per currency:
+//!
+//! 1. every account's balance equals the sum of its entries, and no user balance is negative;
+//! 2. double entry: Σ user balances + Σ transit + Σ clearing = 0, i.e.
+//!    Σ user balances + money in flight = Σ top-ups − Σ withdrawals;
+//! 3. money in flight (Σ transit balances) equals the amount of outbox messages whose
+//!    credit has not been applied yet (a credit applied twice, or lost, breaks this);
+//! 4. no transfer has been refunded beyond its amount.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ldc_core::proto;
+use ldc_store::{Kv, Pair, Store, prefix_end};
+use prost::Message;
+use serde::Serialize;
+
+use crate::control;
+use crate::error::PaymentError;
+use crate::model::*;
+
+/// Totals of one currency, in minor units.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CurrencyTotals {
+    pub accounts: u64,
+    pub user_balances: i128,
+    /// Σ top-ups − Σ withdrawals (= −Σ clearing balances).
+    pub net_external: i128,
+    /// Σ transit balances.
+    pub in_flight: i128,
+    /// Amount of outbox messages not yet applied by the payee's cell.
+    pub outbox_unapplied: i128,
+    pub outbox_messages: u64,
+    /// user_balances + in_flight − net_external; must be 0.
+    pub difference: i128,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub currencies: BTreeMap<String, CurrencyTotals>,
+    pub entries_checked: u64,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty() && self.currencies.values().all(|c| c.difference == 0)
+    }
+}
+
+const PAGE: usize = 5_000;
+
+/// Calls `f` for every pair under `prefix`, page by page.
+fn scan_all(
+    kv: &mut dyn Kv,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), PaymentError>,
+) -> Result<(), PaymentError> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.to_vec();
+    loop {
+        let page: Vec<Pair> = kv.scan(&start, &end, PAGE)?;
+        for (k, v) in &page {
+            f(k, v)?;
+        }
+        if page.len() < PAGE {
+            return Ok(());
+        }
+        start = page.last().expect("non-empty").0.clone();
+        start.push(0);
+    }
+}
+
+#[derive(Default)]
+struct AccountCheck {
+    currency: String,
+    balance: Option<i64>,
+    entries_sum: i128,
+    entries: u64,
+    next_entry: u64,
+    user: bool,
+}
+
+/// Runs every check on one snapshot of `store`.
+pub fn run(store: &dyn Store) -> Result<Report, PaymentError> {
+    let mut t = store.begin_read()?;
+    let r = run_on(&mut *t);
+    let _ = t.rollback();
+    r
+}
+
+pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
+    // Refuse to "prove" anything about a store that holds no platform.
+    control::load_config(kv).map_err(|e| PaymentError::Corrupt(e.to_string()))?;
+    let mut report = Report::default();
+    let mut accounts: HashMap<String, AccountCheck> = HashMap::new();
+    let mut applied: HashMap<String, bool> = HashMap::new(); // message id → applied (payee side)
+    let mut problems = Vec::new();
+
+    // Users: accounts, entries, payments, dedup records.
+    scan_all(kv, b"u/", |k, v| {
+        let key =
+            std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
+        let parts: Vec<&str> = key.splitn(5, '/').collect();
+        let (user, kind) = (
+            parts.get(2).copied().unwrap_or(""),
+            parts.get(3).copied().unwrap_or(""),
+        );
+        let id = format!("user {user}");
+        match kind {
+            "a" => {
+                let a: AccountRec = dec("account", v)?;
+                let c = accounts.entry(id).or_default();
+                c.currency = a.currency;
+                c.balance = Some(a.balance);
+                c.next_entry = a.next_entry;
+                c.user = true;
+                if a.balance < 0 {
+                    problems.push(format!("user {user} has a negative balance {}", a.balance));
+                }
+            }
+            "e" => {
+                let e: EntryRec = dec("entry", v)?;
+                let c = accounts.entry(id).or_default();
+                c.entries_sum += i128::from(e.amount);
+                c.entries += 1;
+                if i128::from(e.balance_after) != c.entries_sum {
+                    problems.push(format!(
+                        "{key}: balance_after {} but entries sum to {}",
+                        e.balance_after, c.entries_sum
+                    ));
+                }
+            }
+            "p" => {
+                let p: PaymentRec = dec("payment", v)?;
+                if p.refunded < 0 || p.refunded > p.amount {
+                    problems.push(format!(
+                        "payment {} refunded {} of {}",
+                        p.id, p.refunded, p.amount
+                    ));
+                }
+            }
+            "d" => {
+                let d: DedupRec = dec("dedup", v)?;
+                let message = parts.get(4).copied().unwrap_or("").to_string();
+                applied.insert(message, d.applied);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+
+    // System accounts.
+    let mut sys: BTreeMap<(String, String), i64> = BTreeMap::new(); // (ccy, which) → Σ balances
+    scan_all(kv, b"x/", |k, v| {
+        let key =
+            std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
+        let parts: Vec<&str> = key.split('/').collect();
+        // x/{shard}/{ccy}/{which}  or  x/{shard}/{ccy}/{which}/e/{seq}
+        let acct_id = parts[..4.min(parts.len())].join("/");
+        if parts.len() == 4 {
+            let a: SysAccountRec = dec("system account", v)?;
+            *sys.entry((parts[2].to_string(), parts[3].to_string()))
+                .or_default() += a.balance;
+            let c = accounts.entry(acct_id).or_default();
+            c.currency = parts[2].to_string();
+            c.balance = Some(a.balance);
+            c.next_entry = a.next_entry;
+        } else {
+            let e: EntryRec = dec("entry", v)?;
+            let c = accounts.entry(acct_id).or_default();
+            c.entries_sum += i128::from(e.amount);
+            c.entries += 1;
+        }
+        Ok(())
+    })?;
+
+    // Outbox: what is still in flight according to the messages.
+    let mut outbox: Vec<proto::Credit> = Vec::new();
+    scan_all(kv, b"ob/", |_, v| {
+        let rec: OutboxRec = dec("outbox", v)?;
+        outbox.push(
+            proto::Credit::decode(&rec.credit[..])
+                .map_err(|e| PaymentError::Corrupt(format!("outbox: {e}")))?,
+        );
+        Ok(())
+    })?;
+
+    for (id, c) in &accounts {
+        report.entries_checked += c.entries;
+        let Some(balance) = c.balance else {
+            problems.push(format!("{id} has entries but no account record"));
+            continue;
+        };
+        if i128::from(balance) != c.entries_sum {
+            problems.push(format!(
+                "{id}: balance {balance} but its entries sum to {}",
+                c.entries_sum
+            ));
+        }
+        // User accounts number entries from 1, system accounts from 0.
+        let expected_next = if c.user { c.entries + 1 } else { c.entries };
+        if c.next_entry != expected_next {
+            problems.push(format!(
+                "{id}: {} entries but next entry number {}",
+                c.entries, c.next_entry
+            ));
+        }
+        let t = report.currencies.entry(c.currency.clone()).or_default();
+        if c.user {
+            t.accounts += 1;
+            t.user_balances += i128::from(balance);
+        }
+    }
+    for ((ccy, which), sum) in sys {
+        let t = report.currencies.entry(ccy).or_default();
+        match which.as_str() {
+            "clearing" => t.net_external -= i128::from(sum),
+            "transit" => t.in_flight += i128::from(sum),
+            other => problems.push(format!("unknown system account kind {other}")),
+        }
+    }
+    for c in &outbox {
+        let t = report.currencies.entry(c.currency.clone()).or_default();
+        t.outbox_messages += 1;
+        let was_applied = applied.get(&c.message_id).copied().unwrap_or(false);
+        if !was_applied {
+            t.outbox_unapplied += i128::from(c.amount);
+        }
+    }
+    for (ccy, t) in report.currencies.iter_mut() {
+        t.difference = t.user_balances + t.in_flight - t.net_external;
+        if t.in_flight != t.outbox_unapplied {
+            problems.push(format!(
+                "{ccy}: money in flight by transit accounts is {} but unapplied outbox messages hold {}",
+                t.in_flight, t.outbox_unapplied
+            ));
+        }
+    }
+    report.problems = problems;
+    Ok(report)
+}

@@ -1,0 +1,228 @@
+//! The outbox relay: delivers queued credits of the shards this cell owns to the payee's
+//! cell, through the router, and settles each one on the payer side.
+//!
+//! Exactly once, end to end: the debit and the outbox message commit together; the payee's
+//! cell applies a credit and its dedup record together; the payer settles (deletes the
+//! message, completes or compensates the payment) in a fenced transaction. Every step can
+//! be repeated after a crash of either side: a redelivery gets the first answer, a second
+//! settle finds no message. The relay runs on whichever cell owns the payer's shard now, so
+//! a failover hands the outbox to the new owner with the shard.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ldc_core::planner::Owner;
+use ldc_core::proto::{self, DeliverOutcome, cell_relay_client::CellRelayClient};
+use ldc_store::{Store, prefix_end};
+use prost::Message;
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::PaymentError;
+use crate::keys;
+use crate::ledger::Command;
+use crate::metrics::CellMetrics;
+use crate::model::{OutboxRec, dec};
+use crate::writer::Writer;
+
+/// Most messages taken per shard per round.
+const ROUND_PER_SHARD_MAX: usize = 256;
+/// Deliveries in flight at once.
+const IN_FLIGHT_MAX: usize = 64;
+/// Timeout of one delivery call.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Poll period when nothing wakes the relay.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+pub struct RelayConfig {
+    pub cell: String,
+    pub shard_count: u32,
+    /// Router address (`host:port`) that routes by the payee's user header.
+    pub router: String,
+}
+
+/// One pending message, as read from the store.
+struct Pending {
+    shard: u32,
+    credit: proto::Credit,
+    created_ms: u64,
+}
+
+/// Reads the outbox of every shard this cell owns (one consistent snapshot).
+fn scan_outbox(store: &dyn Store, cell: &str) -> Result<(u32, Vec<Pending>), PaymentError> {
+    let mut t = store.begin_read()?;
+    let owners = t.scan(
+        keys::OWNER_PREFIX,
+        &prefix_end(keys::OWNER_PREFIX),
+        ldc_core::shard::MAX_SHARDS as usize,
+    )?;
+    let mut owned = 0;
+    let mut out = Vec::new();
+    for (k, v) in owners {
+        let o: Owner = serde_json::from_slice(&v)
+            .map_err(|e| PaymentError::Corrupt(format!("ownership: {e}")))?;
+        if o.cell != cell {
+            continue;
+        }
+        owned += 1;
+        let shard: u32 = std::str::from_utf8(&k[keys::OWNER_PREFIX.len()..])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| PaymentError::Corrupt("ownership key".into()))?;
+        let p = keys::outbox_prefix(shard);
+        for (_, raw) in t.scan(p.as_bytes(), &prefix_end(p.as_bytes()), ROUND_PER_SHARD_MAX)? {
+            let rec: OutboxRec = dec("outbox", &raw)?;
+            let credit = proto::Credit::decode(&rec.credit[..])
+                .map_err(|e| PaymentError::Corrupt(format!("outbox credit: {e}")))?;
+            out.push(Pending {
+                shard,
+                credit,
+                created_ms: rec.created_ms,
+            });
+        }
+    }
+    t.rollback()?;
+    Ok((owned, out))
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    store: Arc<dyn Store>,
+    writer: Writer,
+    cfg: RelayConfig,
+    wake: Arc<Notify>,
+    metrics: CellMetrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let channel: Channel = match Endpoint::from_shared(format!("http://{}", cfg.router)) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(DELIVER_TIMEOUT)
+            .connect_lazy(),
+        Err(e) => {
+            tracing::error!(router = %cfg.router, error = %e, "bad router address; relay disabled");
+            return;
+        }
+    };
+    let client = CellRelayClient::new(channel);
+    tokio::pin!(shutdown);
+    let mut backoff = IDLE_POLL;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        let s = store.clone();
+        let cell = cfg.cell.clone();
+        let scanned = tokio::task::spawn_blocking(move || scan_outbox(&*s, &cell)).await;
+        let (owned, pending) = match scanned {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "outbox scan failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        metrics.owned_shards.set(i64::from(owned));
+        metrics.outbox_pending.set(pending.len() as i64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = pending.iter().map(|p| p.created_ms).min();
+        metrics
+            .outbox_lag_seconds
+            .set(oldest.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1000.0));
+        if pending.is_empty() {
+            backoff = IDLE_POLL;
+            continue;
+        }
+        let failures = deliver_all(&client, &writer, pending, &metrics).await;
+        // Nothing failed: look again at once (more may be queued). Failures back off.
+        backoff = if failures == 0 {
+            Duration::ZERO
+        } else {
+            (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2))
+        };
+    }
+}
+
+async fn deliver_all(
+    client: &CellRelayClient<Channel>,
+    writer: &Writer,
+    pending: Vec<Pending>,
+    metrics: &CellMetrics,
+) -> usize {
+    let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in pending {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+        let mut client = client.clone();
+        let writer = writer.clone();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            deliver_one(&mut client, &writer, p, &metrics).await
+        });
+    }
+    let mut failures = 0;
+    while let Some(r) = tasks.join_next().await {
+        if !matches!(r, Ok(true)) {
+            failures += 1;
+        }
+    }
+    failures
+}
+
+/// Delivers one message and settles it. Returns whether it is settled.
+async fn deliver_one(
+    client: &mut CellRelayClient<Channel>,
+    writer: &Writer,
+    p: Pending,
+    metrics: &CellMetrics,
+) -> bool {
+    let message_id = p.credit.message_id.clone();
+    let mut req = tonic::Request::new(p.credit.clone());
+    if let Ok(v) = p.credit.to_user_id.parse() {
+        req.metadata_mut().insert(ldc_core::USER_HEADER, v);
+    }
+    req.set_timeout(DELIVER_TIMEOUT);
+    let resp = match client.deliver(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            metrics.relay_deliveries.with_label_values(&["error"]).inc();
+            tracing::debug!(message_id, code = ?status.code(), message = status.message(), "delivery failed; will retry");
+            return false;
+        }
+    };
+    let applied = match DeliverOutcome::try_from(resp.outcome) {
+        Ok(DeliverOutcome::Applied) => true,
+        Ok(DeliverOutcome::Rejected) => false,
+        _ => {
+            // Never compensate on an answer we do not understand: that could pay twice.
+            tracing::error!(
+                message_id,
+                outcome = resp.outcome,
+                "unknown delivery outcome; not settling"
+            );
+            return false;
+        }
+    };
+    metrics
+        .relay_deliveries
+        .with_label_values(&[if applied { "applied" } else { "rejected" }])
+        .inc();
+    let cmd = Command::Settle {
+        shard: p.shard,
+        message_id: message_id.clone(),
+        applied,
+        reason: resp.reason,
+    };
+    match writer.submit(cmd).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(message_id, error = %e, "settle failed; will retry");
+            false
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The gRPC face of a cell: request → validated [`Command`] → writer → response.
+//!
+//! Each handler parses (pure, so bad input is refused before anything is queued), submits to
+//! the group-commit writer (writes) or reads a snapshot (reads), and maps errors to precise
+//! statuses. Spans carry the request id, user, shard, cell and epoch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ldc_core::proto::{self, cell_relay_server::CellRelay, payments_server::Payments};
+use ldc_core::shard::shard_of;
+use ldc_store::Store;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::error::PaymentError;
+use crate::ledger::{self, Command, Ctx, Outcome};
+use crate::metrics::CellMetrics;
+use crate::model::validate_user;
+use crate::writer::Writer;
+
+/// Shared state of the cell's services.
+#[derive(Clone)]
+pub struct CellService {
+    pub cell: Arc<str>,
+    pub colour: Arc<str>,
+    pub shard_count: u32,
+    pub writer: Writer,
+    pub store: Arc<dyn Store>,
+    pub metrics: CellMetrics,
+}
+
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(ldc_core::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
+/// The router routes on the header; a body naming another user means a confused client.
+fn check_header<T>(req: &Request<T>, user: &str) -> Result<(), PaymentError> {
+    if let Some(h) = req.metadata().get(ldc_core::USER_HEADER) {
+        let h = h.to_str().unwrap_or("");
+        if h != user {
+            return Err(PaymentError::InvalidArgument(format!(
+                "header {} is {h:?} but the request is for user {user:?}; they must match (the router routes on the header)",
+                ldc_core::USER_HEADER
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl CellService {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            cell: &self.cell,
+            shard_count: self.shard_count,
+            now_ms: 0,
+        }
+    }
+
+    fn finish<T>(
+        &self,
+        method: &str,
+        started: Instant,
+        r: Result<T, PaymentError>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        if matches!(r, Err(PaymentError::Moved { .. })) {
+            self.metrics.moved.inc();
+        }
+        self.metrics
+            .requests
+            .with_label_values(&[method, &format!("{code:?}")])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                if matches!(e.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+                    tracing::error!(error = %e, "request failed");
+                } else {
+                    tracing::debug!(error = %e, "request refused");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn write<T>(
+        &self,
+        method: &'static str,
+        rid: String,
+        cmd: Result<Command, PaymentError>,
+        pick: impl FnOnce(Outcome) -> Option<T>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let user = cmd
+            .as_ref()
+            .map(|c| c.user().to_string())
+            .unwrap_or_default();
+        let shard = cmd.as_ref().map(|c| c.shard(self.shard_count)).unwrap_or(0);
+        let span = tracing::info_span!("write", method, request_id = %rid, user = %user, shard, cell = %self.cell, colour = %self.colour, epoch = tracing::field::Empty);
+        let r = async {
+            let cmd = cmd?;
+            cmd.validate()?;
+            let (outcome, epoch) = self.writer.submit(cmd).await?;
+            tracing::Span::current().record("epoch", epoch);
+            pick(outcome).ok_or_else(|| PaymentError::Corrupt("unexpected outcome kind".into()))
+        }
+        .instrument(span)
+        .await;
+        self.finish(method, started, r)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        rid: String,
+        user: String,
+        f: impl FnOnce(&mut dyn ldc_store::Kv, &Ctx, u64) -> Result<T, PaymentError> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let span = tracing::info_span!("read", method, request_id = %rid, user = %user, cell = %self.cell, colour = %self.colour);
+        let this = self.clone();
+        let r = async move {
+            validate_user("user_id", &user)?;
+            let shard = shard_of(&user, this.shard_count);
+            tokio::task::spawn_blocking(move || {
+                let mut t = this.store.begin_read()?;
+                let epoch = ledger::fence_read(&mut *t, &this.cell, shard)?;
+                let r = f(&mut *t, &this.ctx(), epoch);
+                let _ = t.rollback();
+                r
+            })
+            .await
+            .map_err(|e| PaymentError::Corrupt(format!("read task failed: {e}")))?
+        }
+        .instrument(span)
+        .await;
+        self.finish(method, started, r)
+    }
+}
+
+fn payment(o: Outcome) -> Option<proto::Payment> {
+    match o {
+        Outcome::Payment(p) => Some(p),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl Payments for CellService {
+    async fn open_account(
+        &self,
+        req: Request<proto::OpenAccountRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().user_id).map(|_| {
+            let r = req.into_inner();
+            Command::OpenAccount {
+                user: r.user_id,
+                currency: r.currency,
+                key: r.idempotency_key,
+            }
+        });
+        self.write("OpenAccount", rid, cmd, |o| match o {
+            Outcome::Account(a) => Some(a),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn top_up(
+        &self,
+        req: Request<proto::TopUpRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().user_id).map(|_| {
+            let r = req.into_inner();
+            Command::TopUp {
+                user: r.user_id,
+                amount: r.amount,
+                currency: r.currency,
+                key: r.idempotency_key,
+            }
+        });
+        self.write("TopUp", rid, cmd, payment).await
+    }
+
+    async fn withdraw(
+        &self,
+        req: Request<proto::WithdrawRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().user_id).map(|_| {
+            let r = req.into_inner();
+            Command::Withdraw {
+                user: r.user_id,
+                amount: r.amount,
+                currency: r.currency,
+                key: r.idempotency_key,
+            }
+        });
+        self.write("Withdraw", rid, cmd, payment).await
+    }
+
+    async fn transfer(
+        &self,
+        req: Request<proto::TransferRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().user_id).map(|_| {
+            let r = req.into_inner();
+            Command::Transfer {
+                user: r.user_id,
+                to: r.to_user_id,
+                amount: r.amount,
+                currency: r.currency,
+                key: r.idempotency_key,
+            }
+        });
+        self.write("Transfer", rid, cmd, payment).await
+    }
+
+    async fn refund(
+        &self,
+        req: Request<proto::RefundRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().user_id).map(|_| {
+            let r = req.into_inner();
+            Command::Refund {
+                user: r.user_id,
+                payment_id: r.payment_id,
+                amount: r.amount,
+                key: r.idempotency_key,
+            }
+        });
+        self.write("Refund", rid, cmd, payment).await
+    }
+
+    async fn get_balance(
+        &self,
+        req: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        let rid = request_id(&req);
+        if let Err(e) = check_header(&req, &req.get_ref().user_id) {
+            return self.finish("GetBalance", Instant::now(), Err(e));
+        }
+        let user = req.into_inner().user_id;
+        let u = user.clone();
+        self.read("GetBalance", rid, user, move |kv, ctx, epoch| {
+            ledger::get_balance(kv, ctx, epoch, &u)
+        })
+        .await
+    }
+
+    async fn get_payment(
+        &self,
+        req: Request<proto::GetPaymentRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        let rid = request_id(&req);
+        if let Err(e) = check_header(&req, &req.get_ref().user_id) {
+            return self.finish("GetPayment", Instant::now(), Err(e));
+        }
+        let r = req.into_inner();
+        let u = r.user_id.clone();
+        self.read("GetPayment", rid, r.user_id, move |kv, ctx, _| {
+            ledger::get_payment(kv, ctx, &u, &r.payment_id)
+        })
+        .await
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<proto::ListEntriesRequest>,
+    ) -> Result<Response<proto::ListEntriesResponse>, Status> {
+        let rid = request_id(&req);
+        if let Err(e) = check_header(&req, &req.get_ref().user_id) {
+            return self.finish("ListEntries", Instant::now(), Err(e));
+        }
+        let r = req.into_inner();
+        let u = r.user_id.clone();
+        self.read("ListEntries", rid, r.user_id, move |kv, ctx, _| {
+            ledger::list_entries(kv, ctx, &u, r.after_seq, r.limit)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl CellRelay for CellService {
+    async fn deliver(
+        &self,
+        req: Request<proto::Credit>,
+    ) -> Result<Response<proto::DeliverResponse>, Status> {
+        let rid = request_id(&req);
+        let cmd = check_header(&req, &req.get_ref().to_user_id)
+            .map(|_| Command::Deliver(req.into_inner()));
+        self.write("Deliver", rid, cmd, |o| match o {
+            Outcome::Delivered(d) => Some(d),
+            _ => None,
+        })
+        .await
+    }
+}
