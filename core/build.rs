@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .codec_path("crate::codec::LdcCodec")
         .file_descriptor_set_path(out.join("ldc_descriptor.bin"))
         .compile_protos(&["proto/ldc/v1/payments.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

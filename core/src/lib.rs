@@ -15,6 +15,7 @@
 //! Nothing here does I/O.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod planner;
 pub mod routing;
 pub mod shard;

@@ -1,0 +1,443 @@
+//! The payment API of one real cell (gRPC over loopback, SQLite store in a temp dir): every
+//! bad input gets its precise status and a message that says what to do, and writes
+//! nothing; idempotency replays and key reuse behave as documented.
+
+use std::sync::Arc;
+
+use ldc_cell::{CellConfig, control};
+use ldc_core::planner::{CellInfo, Topology};
+use ldc_core::proto::{self, payments_client::PaymentsClient};
+use ldc_store::{Store, prefix_end, sqlite::SqliteStore};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Cell {
+    client: PaymentsClient<Channel>,
+    client_channel: Channel,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts cell `c1` owning shards 0..8 of 10; shards 8 and 9 belong to `c2` (not running).
+async fn start() -> Cell {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let topo = Topology {
+        shard_count: 10,
+        cells: vec![
+            CellInfo {
+                id: "c1".into(),
+                region: "r1".into(),
+                capacity: None,
+            },
+            CellInfo {
+                id: "c2".into(),
+                region: "r1".into(),
+                capacity: None,
+            },
+        ],
+    };
+    let mut t = store.begin().unwrap();
+    control::init(&mut *t, &topo, &["c1", "c1", "c1", "c1", "c2"], 0).unwrap();
+    t.commit().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = CellConfig {
+        cell: "c1".into(),
+        colour: "blue".into(),
+        store: store.clone(),
+        router: None,
+        queue_max: 1024,
+        batch_max: 64,
+    };
+    let task = tokio::spawn(async move {
+        ldc_cell::serve(cfg, listener, prometheus::Registry::new(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let client_channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = PaymentsClient::new(client_channel.clone());
+    Cell {
+        client,
+        client_channel,
+        store,
+        _dir: dir,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Cell {
+    /// Number of user records in the store (accounts, payments, entries, keys...).
+    fn user_keys(&self) -> usize {
+        let mut t = self.store.begin_read().unwrap();
+        let n = t.scan(b"u/", &prefix_end(b"u/"), 100_000).unwrap().len()
+            + t.scan(b"x/", &prefix_end(b"x/"), 100_000).unwrap().len()
+            + t.scan(b"ob/", &prefix_end(b"ob/"), 100_000).unwrap().len();
+        t.rollback().unwrap();
+        n
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn req<T>(user: &str, m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert(ldc_core::USER_HEADER, user.parse().unwrap());
+    r
+}
+
+fn topup(user: &str, amount: i64, ccy: &str, key: &str) -> proto::TopUpRequest {
+    proto::TopUpRequest {
+        user_id: user.into(),
+        amount,
+        currency: ccy.into(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// A user whose shard (of 10) is owned by c1, and one owned by c2.
+fn users() -> (String, String, String) {
+    let mut mine = (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|u| ldc_core::shard::shard_of(u, 10) < 8);
+    let theirs = (0..)
+        .map(|i| format!("v{i}"))
+        .find(|u| ldc_core::shard::shard_of(u, 10) >= 8)
+        .unwrap();
+    (mine.next().unwrap(), mine.next().unwrap(), theirs)
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_precisely_and_writes_nothing() {
+    let cell = start().await;
+    let mut c = cell.client.clone();
+    let (alice, bob, remote) = users();
+    let open = |u: &str, ccy: &str, k: &str| proto::OpenAccountRequest {
+        user_id: u.into(),
+        currency: ccy.into(),
+        idempotency_key: k.into(),
+    };
+    c.open_account(req(&alice, open(&alice, "EUR", "o1")))
+        .await
+        .unwrap();
+    c.open_account(req(&bob, open(&bob, "USD", "o2")))
+        .await
+        .unwrap();
+    c.top_up(req(&alice, topup(&alice, 500, "EUR", "t1")))
+        .await
+        .unwrap();
+    let before = cell.user_keys();
+
+    // (status code, substring of the message) for each bad request.
+    let cases: Vec<(
+        Result<tonic::Response<proto::Payment>, tonic::Status>,
+        Code,
+        &str,
+    )> = vec![
+        (
+            c.top_up(req(&alice, topup(&alice, 0, "EUR", "b1"))).await,
+            Code::InvalidArgument,
+            "must be positive",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, -5, "EUR", "b2"))).await,
+            Code::InvalidArgument,
+            "must be positive",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, i64::MAX, "EUR", "b3")))
+                .await,
+            Code::InvalidArgument,
+            "maximum",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, 10, "eur", "b4"))).await,
+            Code::InvalidArgument,
+            "upper case: EUR",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, 10, "XYZ", "b5"))).await,
+            Code::InvalidArgument,
+            "ISO 4217",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, 10, "USD", "b6"))).await,
+            Code::FailedPrecondition,
+            "currency mismatch",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, 10, "EUR", ""))).await,
+            Code::InvalidArgument,
+            "idempotency_key",
+        ),
+        (
+            c.top_up(req("nobody", topup("nobody", 10, "EUR", "b7")))
+                .await,
+            Code::NotFound,
+            "ldc account open",
+        ),
+        (
+            c.top_up(req("bad/user", topup("bad/user", 10, "EUR", "b8")))
+                .await,
+            Code::InvalidArgument,
+            "user_id",
+        ),
+        (
+            c.top_up(req(&bob, topup(&alice, 10, "EUR", "b9"))).await,
+            Code::InvalidArgument,
+            "must match",
+        ),
+        (
+            c.withdraw(req(
+                &alice,
+                proto::WithdrawRequest {
+                    user_id: alice.clone(),
+                    amount: 501,
+                    currency: "EUR".into(),
+                    idempotency_key: "b10".into(),
+                },
+            ))
+            .await,
+            Code::FailedPrecondition,
+            "insufficient funds",
+        ),
+        (
+            c.transfer(req(
+                &alice,
+                proto::TransferRequest {
+                    user_id: alice.clone(),
+                    to_user_id: alice.clone(),
+                    amount: 1,
+                    currency: "EUR".into(),
+                    idempotency_key: "b11".into(),
+                },
+            ))
+            .await,
+            Code::InvalidArgument,
+            "to itself",
+        ),
+        (
+            c.transfer(req(
+                &alice,
+                proto::TransferRequest {
+                    user_id: alice.clone(),
+                    to_user_id: bob.clone(),
+                    amount: 9999,
+                    currency: "EUR".into(),
+                    idempotency_key: "b12".into(),
+                },
+            ))
+            .await,
+            Code::FailedPrecondition,
+            "insufficient funds",
+        ),
+        (
+            c.refund(req(
+                &alice,
+                proto::RefundRequest {
+                    user_id: alice.clone(),
+                    payment_id: "garbage".into(),
+                    amount: 1,
+                    idempotency_key: "b13".into(),
+                },
+            ))
+            .await,
+            Code::InvalidArgument,
+            "malformed",
+        ),
+        (
+            c.refund(req(
+                &alice,
+                proto::RefundRequest {
+                    user_id: alice.clone(),
+                    payment_id: format!("{alice}:1"),
+                    amount: 1,
+                    idempotency_key: "b14".into(),
+                },
+            ))
+            .await,
+            Code::FailedPrecondition,
+            "only a received transfer",
+        ),
+        (
+            c.refund(req(
+                &alice,
+                proto::RefundRequest {
+                    user_id: alice.clone(),
+                    payment_id: format!("{alice}:99"),
+                    amount: 1,
+                    idempotency_key: "b15".into(),
+                },
+            ))
+            .await,
+            Code::NotFound,
+            "no payment",
+        ),
+        (
+            c.top_up(req(&alice, topup(&alice, 7, "EUR", "t1"))).await,
+            Code::InvalidArgument,
+            "already used for a different request",
+        ),
+    ];
+    for (i, (r, code, text)) in cases.into_iter().enumerate() {
+        let s = r.expect_err(&format!("case {i} should fail"));
+        assert_eq!(s.code(), code, "case {i}: {}", s.message());
+        assert!(
+            s.message().contains(text),
+            "case {i}: message {:?} lacks {text:?}",
+            s.message()
+        );
+    }
+    // Opening twice with a new key: ALREADY_EXISTS.
+    let s = c
+        .open_account(req(&alice, open(&alice, "EUR", "o9")))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists);
+    let s = c
+        .open_account(req(&alice, open(&alice, "EURO", "o8")))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(
+        cell.user_keys(),
+        before,
+        "a refused request wrote to the store"
+    );
+
+    // Wrong cell: "moved" with owner and epoch, before anything is done.
+    let s = c
+        .top_up(req(&remote, topup(&remote, 10, "EUR", "m1")))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert_eq!(s.metadata().get(ldc_core::MOVED_OWNER).unwrap(), "c2");
+    assert_eq!(s.metadata().get(ldc_core::MOVED_EPOCH).unwrap(), "1");
+    let s = c
+        .get_balance(req(
+            &remote,
+            proto::GetBalanceRequest {
+                user_id: remote.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert_eq!(
+        cell.user_keys(),
+        before,
+        "a moved request wrote to the store"
+    );
+
+    // Malformed body: field 2 (amount, an int64) sent as a string.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Garbage {
+        #[prost(string, tag = "2")]
+        amount: String,
+    }
+    let mut raw = tonic::client::Grpc::new(cell.client_channel.clone());
+    raw.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/ldc.v1.Payments/TopUp");
+    let codec = tonic_prost::ProstCodec::<Garbage, proto::Payment>::default();
+    let s = raw
+        .unary(
+            req(
+                &alice,
+                Garbage {
+                    amount: "ten".into(),
+                },
+            ),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    assert!(s.message().contains("malformed message"), "{}", s.message());
+    assert_eq!(
+        cell.user_keys(),
+        before,
+        "a malformed request wrote to the store"
+    );
+    cell.stop().await;
+}
+
+#[tokio::test]
+async fn replay_returns_the_first_result() {
+    let cell = start().await;
+    let mut c = cell.client.clone();
+    let (alice, _, _) = users();
+    c.open_account(req(
+        &alice,
+        proto::OpenAccountRequest {
+            user_id: alice.clone(),
+            currency: "EUR".into(),
+            idempotency_key: "o".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let first = c
+        .top_up(req(&alice, topup(&alice, 250, "EUR", "k")))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = c
+        .top_up(req(&alice, topup(&alice, 250, "EUR", "k")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    let bal = c
+        .get_balance(req(
+            &alice,
+            proto::GetBalanceRequest {
+                user_id: alice.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bal.balance, 250, "a replay applied the payment twice");
+    let entries = c
+        .list_entries(req(
+            &alice,
+            proto::ListEntriesRequest {
+                user_id: alice.clone(),
+                after_seq: 0,
+                limit: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(entries.entries.len(), 1);
+    let got = c
+        .get_payment(req(
+            &alice,
+            proto::GetPaymentRequest {
+                user_id: alice.clone(),
+                payment_id: first.payment_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.amount, 250);
+    assert!(ldc_cell::reconcile::run(&*cell.store).unwrap().is_clean());
+    cell.stop().await;
+}
