@@ -1,1 +1,35 @@
-fn main() {}
+//! `ldc`: runs the LDC platform on one machine and is its command-line client.
+//!
+//! * `ldc up` starts regions of cell processes, a router and the local controller.
+//! * `ldc cell serve` / `ldc router serve` are the processes `up` starts (also usable alone).
+//! * `ldc cell status|failover|switchover|dr` inspect and move shard ownership.
+//! * `ldc account|topup|withdraw|transfer|refund|balance|payment|entries` talk to the router.
+//! * `ldc reconcile` proves money is conserved; `ldc load` is the benchmark load generator.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod client;
+mod load;
+mod ops;
+mod up;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ldc=info,ldc_cell=info,ldc_router=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads())
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Command-line surface. Parsing only; each command's action lives in its own module.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "ldc", version, about = "LDC: cell-based multi-region payments", propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+impl Cli {
+    /// Cells and routers get two worker threads (the machine's cores); clients need one.
+    pub fn worker_threads(&self) -> usize {
+        match &self.cmd {
+            Cmd::Cell { cmd: CellCmd::Serve(_) } | Cmd::Router { .. } | Cmd::Load(_) | Cmd::Up(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Directory of the local platform (store, router address).
+    #[arg(long, global = true, env = "LDC_DATA_DIR", default_value = ".ldc")]
+    pub data_dir: PathBuf,
+    /// Store: a SQLite file path, or tikv://PD1,PD2. Default: DATA_DIR/store.db.
+    #[arg(long, global = true, env = "LDC_STORE")]
+    pub store: Option<String>,
+    /// Router address. Default: the one `ldc up` recorded in DATA_DIR/router.addr.
+    #[arg(long, global = true, env = "LDC_ROUTER")]
+    pub router: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+impl Global {
+    pub fn store_spec(&self) -> String {
+        self.store.clone().unwrap_or_else(|| self.data_dir.join("store.db").display().to_string())
+    }
+
+    pub fn router_addr(&self) -> String {
+        if let Some(r) = &self.router {
+            return r.clone();
+        }
+        std::fs::read_to_string(self.data_dir.join("router.addr"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| crate::up::DEFAULT_ROUTER.to_string())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the whole platform on this machine until Ctrl-C.
+    Up(UpArgs),
+    /// Cell processes and shard ownership.
+    Cell {
+        #[command(subcommand)]
+        cmd: CellCmd,
+    },
+    /// The routing gateway process.
+    Router {
+        #[command(subcommand)]
+        cmd: RouterCmd,
+    },
+    /// Accounts.
+    Account {
+        #[command(subcommand)]
+        cmd: AccountCmd,
+    },
+    /// Add money to an account from outside.
+    Topup(MoneyArgs),
+    /// Take money out of an account.
+    Withdraw(MoneyArgs),
+    /// Pay another user (any cell).
+    Transfer(TransferArgs),
+    /// Give back (part of) a received transfer to its payer.
+    Refund(RefundArgs),
+    /// Show an account's balance.
+    Balance {
+        user: String,
+    },
+    /// Payments.
+    Payment {
+        #[command(subcommand)]
+        cmd: PaymentCmd,
+    },
+    /// List an account's ledger entries.
+    Entries {
+        user: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Recompute every balance and prove money is conserved (exit 1 on any difference).
+    Reconcile,
+    /// Closed-loop load generator (the benchmark).
+    Load(crate::load::LoadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Router listen address.
+    #[arg(long, default_value = crate::up::DEFAULT_ROUTER)]
+    pub listen: String,
+    /// Regions to create (first start only).
+    #[arg(long, default_value_t = 2)]
+    pub regions: u32,
+    /// Serving cells per region, plus one standby (first start only).
+    #[arg(long, default_value_t = 2)]
+    pub cells_per_region: u32,
+    /// Shard count (first start only; never changes afterwards).
+    #[arg(long, default_value_t = ldc_core::shard::DEFAULT_SHARDS)]
+    pub shards: u32,
+    /// Health-check failures in a row before a cell is failed over.
+    #[arg(long, default_value_t = 3)]
+    pub failure_threshold: u32,
+    /// Health-check period in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub check_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CellCmd {
+    /// Run one cell process.
+    Serve(CellServeArgs),
+    /// Regions, cells, health, owned shards, epochs and processes.
+    Status,
+    /// Move a cell's shards to its region's standby (epoch bump fences the old cell).
+    Failover {
+        cell: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Planned move of a cell's shards to another cell.
+    Switchover {
+        cell: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Disaster recovery: move a whole region's shards to the surviving regions.
+    Dr {
+        #[command(subcommand)]
+        cmd: DrCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DrCmd {
+    Cutover {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CellServeArgs {
+    #[arg(long)]
+    pub cell: String,
+    #[arg(long, default_value = "blue")]
+    pub colour: String,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_listen: String,
+    /// Die with the parent process (set by `ldc up`).
+    #[arg(long, hide = true)]
+    pub die_with_parent: bool,
+    #[arg(long, default_value_t = ldc_cell::writer::QUEUE_MAX)]
+    pub queue_max: usize,
+    #[arg(long, default_value_t = ldc_cell::writer::BATCH_MAX)]
+    pub batch_max: usize,
+    /// Disable the outbox relay (benchmarks of one cell without a router).
+    #[arg(long)]
+    pub no_relay: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RouterCmd {
+    /// Run a router that polls the local store for the routing table.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        #[arg(long, hide = true)]
+        die_with_parent: bool,
+        /// Table poll period in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        poll_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountCmd {
+    /// Open an account for a user in one currency.
+    Open {
+        user: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct MoneyArgs {
+    pub user: String,
+    /// Amount in minor units (1050 = 10.50).
+    #[arg(allow_negative_numbers = true)]
+    pub amount: i64,
+    #[arg(long)]
+    pub currency: String,
+    /// Idempotency key (default: a new random key, printed so you can retry with it).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TransferArgs {
+    pub from: String,
+    pub to: String,
+    #[arg(allow_negative_numbers = true)]
+    pub amount: i64,
+    #[arg(long)]
+    pub currency: String,
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RefundArgs {
+    /// The payee of the original transfer, who gives the money back.
+    pub user: String,
+    /// The TRANSFER_IN payment id (as shown in the payee's entries).
+    pub payment_id: String,
+    #[arg(allow_negative_numbers = true)]
+    pub amount: i64,
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PaymentCmd {
+    /// Show one payment (ids look like alice:17).
+    Get { payment_id: String },
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let g = cli.global;
+    match cli.cmd {
+        Cmd::Up(a) => crate::up::run(&g, a).await,
+        Cmd::Cell { cmd: CellCmd::Serve(a) } => crate::up::serve_cell(&g, a).await,
+        Cmd::Router { cmd: RouterCmd::Serve { listen, die_with_parent, poll_ms } } => {
+            crate::up::serve_router(&g, &listen, die_with_parent, poll_ms).await
+        }
+        Cmd::Cell { cmd } => crate::ops::run(&g, cmd).await,
+        Cmd::Reconcile => crate::ops::reconcile(&g).await,
+        Cmd::Load(a) => crate::load::run(&g, a).await,
+        other => crate::client::run(&g, other).await,
+    }
+}

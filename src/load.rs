@@ -1,0 +1,187 @@
+//! `ldc load`: a closed-loop load generator (the benchmark, never a test).
+//!
+//! `--concurrency` workers each send one payment, wait for the durable answer, and send the
+//! next, for `--seconds`. Every payment has a unique idempotency key, so each counted success
+//! is one durable, distinct payment. Prints payments/s and latency percentiles.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use ldc_core::proto;
+use serde_json::json;
+
+use crate::cli::{Global, Output};
+use crate::client::{connect, request};
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Address to load (a router, or a cell directly). Default: the router.
+    #[arg(long)]
+    pub target: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    #[arg(long, default_value = "EUR")]
+    pub currency: String,
+    #[arg(long, value_enum, default_value_t = Mix::Topup)]
+    pub mix: Mix,
+    /// gRPC connections to spread the workers over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Only use users whose shard is in this list (comma separated), e.g. one cell's shards.
+    #[arg(long, value_delimiter = ',')]
+    pub shards: Vec<u32>,
+    #[arg(long, default_value_t = 100)]
+    pub shard_count: u32,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum Mix {
+    /// Top-ups: one user, one shard per payment.
+    Topup,
+    /// Transfers between random users (cross-cell where shards differ).
+    Transfer,
+}
+
+pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
+    if a.concurrency == 0 || a.users < 2 || a.connections == 0 {
+        bail!("--concurrency and --connections must be at least 1 and --users at least 2");
+    }
+    let target = a.target.clone().unwrap_or_else(|| g.router_addr());
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let users: Vec<String> = (0..)
+        .map(|i| format!("load-{i}"))
+        .filter(|u| a.shards.is_empty() || a.shards.contains(&ldc_core::shard::shard_of(u, a.shard_count)))
+        .take(a.users)
+        .collect();
+    let mut clients = Vec::new();
+    for _ in 0..a.connections {
+        // Separate channels are separate HTTP/2 connections.
+        clients.push(connect(&target).await?);
+    }
+    // Setup: open and fund every user (idempotent keys: a rerun reuses the accounts).
+    let setup = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, u) in users.iter().enumerate() {
+        let mut c = clients[i % clients.len()].clone();
+        let (u, ccy) = (u.clone(), a.currency.clone());
+        set.spawn(async move {
+            let open = proto::OpenAccountRequest { user_id: u.clone(), currency: ccy.clone(), idempotency_key: format!("open-{u}") };
+            match c.open_account(request(&u, open)).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+                Err(s) => return Err(s),
+            }
+            let fund = proto::TopUpRequest { user_id: u.clone(), amount: 1_000_000_000, currency: ccy, idempotency_key: format!("fund-{u}") };
+            c.top_up(request(&u, fund)).await.map(|_| ())
+        });
+        if set.len() >= 64 {
+            if let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    eprintln!("setup: {} accounts ready in {:?}", users.len(), setup.elapsed());
+
+    let users = Arc::new(users);
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(a.seconds);
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..a.concurrency {
+        let mut c = clients[w % clients.len()].clone();
+        let (users, ok, errors, run_id, ccy, mix) =
+            (users.clone(), ok.clone(), errors.clone(), run_id.clone(), a.currency.clone(), a.mix);
+        workers.spawn(async move {
+            let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut n: u64 = 0;
+            let mut last_err = None;
+            while Instant::now() < deadline {
+                n += 1;
+                let key = format!("{run_id}-{w}-{n}");
+                let i = rand::random_range(0..users.len());
+                let t0 = Instant::now();
+                let r = match mix {
+                    Mix::Topup => {
+                        let u = &users[i];
+                        let m = proto::TopUpRequest { user_id: u.clone(), amount: 1, currency: ccy.clone(), idempotency_key: key };
+                        c.top_up(request(u, m)).await.map(|_| ())
+                    }
+                    Mix::Transfer => {
+                        let j = (i + 1 + rand::random_range(0..users.len() - 1)) % users.len();
+                        let (u, v) = (&users[i], &users[j]);
+                        let m = proto::TransferRequest {
+                            user_id: u.clone(),
+                            to_user_id: v.clone(),
+                            amount: 1,
+                            currency: ccy.clone(),
+                            idempotency_key: key,
+                        };
+                        c.transfer(request(u, m)).await.map(|_| ())
+                    }
+                };
+                match r {
+                    Ok(()) => {
+                        lat_us.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        last_err = Some(format!("{:?}: {}", s.code(), s.message()));
+                    }
+                }
+            }
+            (lat_us, last_err)
+        });
+    }
+    let mut lat: Vec<u32> = Vec::new();
+    let mut last_err = None;
+    while let Some(r) = workers.join_next().await {
+        let (l, e) = r?;
+        lat.extend(l);
+        last_err = last_err.or(e);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[idx]) / 1000.0
+    };
+    let ok_n = ok.load(Ordering::Relaxed);
+    let err_n = errors.load(Ordering::Relaxed);
+    let rate = ok_n as f64 / elapsed;
+    match g.output {
+        Output::Json => println!(
+            "{}",
+            json!({"target": target, "mix": format!("{:?}", a.mix).to_lowercase(), "concurrency": a.concurrency,
+                   "seconds": elapsed, "payments": ok_n, "errors": err_n, "payments_per_sec": rate,
+                   "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "last_error": last_err})
+        ),
+        Output::Text => {
+            println!(
+                "{ok_n} durable payments in {elapsed:.1}s = {rate:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {err_n} errors",
+                pct(0.50),
+                pct(0.99),
+                pct(0.999)
+            );
+            if let Some(e) = last_err {
+                println!("last error: {e}");
+            }
+        }
+    }
+    Ok(if err_n == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}

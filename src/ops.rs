@@ -1,0 +1,202 @@
+//! `ldc cell status|failover|switchover|dr cutover` and `ldc reconcile` on the local store.
+//!
+//! Moves use the same planner as the controller and the operator: print the plan, then
+//! (unless `--dry-run`) apply it in one transaction that re-checks every moved shard is still
+//! where the plan saw it, bumps epochs, and republishes the routing table.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use ldc_cell::control::{self, CellRuntime};
+use ldc_core::planner::{self, Health, Plan, ShardMap, Topology};
+use serde_json::json;
+
+use crate::cli::{CellCmd, DrCmd, Global, Output};
+use crate::up::blocking;
+
+struct State {
+    topo: Topology,
+    map: ShardMap,
+    runtimes: BTreeMap<String, CellRuntime>,
+    routing_epoch: u64,
+}
+
+async fn load(g: &Global) -> Result<State> {
+    let spec = g.store_spec();
+    blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        let mut t = store.begin_read()?;
+        let cfg = control::load_config(&mut *t)?;
+        let s = State {
+            topo: control::load_topology(&mut *t)?,
+            map: control::load_map(&mut *t, cfg.shard_count)?,
+            runtimes: control::load_cell_runtimes(&mut *t)?,
+            routing_epoch: control::load_routing(&mut *t)?.map_or(0, |r| r.epoch),
+        };
+        t.rollback()?;
+        Ok(s)
+    })
+    .await
+}
+
+/// "0-24,30" for a sorted shard list.
+pub fn ranges(shards: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < shards.len() {
+        let mut j = i;
+        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { shards[i].to_string() } else { format!("{}-{}", shards[i], shards[j]) });
+        i = j + 1;
+    }
+    if out.is_empty() { "-".into() } else { out.join(",") }
+}
+
+fn print_plan(out: Output, plan: &Plan, dry_run: bool) {
+    match out {
+        Output::Json => println!("{}", json!({"dry_run": dry_run, "plan": plan})),
+        Output::Text => {
+            println!("{}plan for {:?}:", if dry_run { "dry run: " } else { "" }, plan.command);
+            let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
+            for m in &plan.moves {
+                by_pair.entry((m.from.as_str(), m.to.as_str())).or_default().push(m.shard);
+            }
+            for ((from, to), shards) in by_pair {
+                println!("  {from} -> {to}: {} shards [{}], each epoch +1", shards.len(), ranges(&shards));
+            }
+        }
+    }
+}
+
+pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
+    let (command, dry_run) = match cmd {
+        CellCmd::Status => return status(g).await,
+        CellCmd::Failover { cell, dry_run } => (planner::Command::Failover { cell }, dry_run),
+        CellCmd::Switchover { cell, to, dry_run } => (planner::Command::Switchover { cell, to }, dry_run),
+        CellCmd::Dr { cmd: DrCmd::Cutover { from, to, dry_run } } => (planner::Command::DrCutover { from, to }, dry_run),
+        CellCmd::Serve(_) => unreachable!("dispatched in cli"),
+    };
+    let s = load(g).await?;
+    let health: BTreeMap<String, Health> = s
+        .runtimes
+        .iter()
+        .map(|(c, rt)| (c.clone(), if rt.healthy { Health::Healthy } else { Health::Unhealthy }))
+        .collect();
+    let plan = match planner::plan(&s.topo, &s.map, &health, &command) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    print_plan(g.output, &plan, dry_run);
+    if dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = g.store_spec();
+    let p = plan.clone();
+    let epoch = blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        let mut t = store.begin()?;
+        control::apply_plan(&mut *t, &p)?;
+        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        t.commit()?;
+        Ok(table.epoch)
+    })
+    .await?;
+    if g.output == Output::Text {
+        println!("applied: {} shards moved; routing epoch {} -> {epoch}", plan.moves.len(), s.routing_epoch);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(g: &Global) -> Result<ExitCode> {
+    let s = load(g).await?;
+    let cells: Vec<serde_json::Value> = s
+        .topo
+        .cells
+        .iter()
+        .map(|c| {
+            let shards = s.map.owned_by(&c.id);
+            let epochs: BTreeMap<String, u64> =
+                shards.iter().map(|sh| (sh.to_string(), s.map.owners[*sh as usize].epoch)).collect();
+            let rt = s.runtimes.get(&c.id).cloned().unwrap_or_default();
+            json!({
+                "cell": c.id, "region": c.region,
+                "role": if shards.is_empty() { "standby" } else { "serving" },
+                "healthy": rt.healthy, "shards": shards, "epochs": epochs,
+                "pids": rt.pids, "endpoints": {"blue": rt.blue, "green": rt.green}, "metrics": rt.metrics,
+            })
+        })
+        .collect();
+    if g.output == Output::Json {
+        println!(
+            "{}",
+            json!({"shard_count": s.topo.shard_count, "routing_epoch": s.routing_epoch, "regions": s.topo.regions(), "cells": cells})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("routing epoch {}, {} shards", s.routing_epoch, s.topo.shard_count);
+    println!("{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {}", "CELL", "REGION", "ROLE", "HEALTH", "SHARDS", "RANGES", "EPOCHS", "PIDS");
+    for c in &s.topo.cells {
+        let shards = s.map.owned_by(&c.id);
+        let rt = s.runtimes.get(&c.id).cloned().unwrap_or_default();
+        let epochs: Vec<u64> = shards.iter().map(|sh| s.map.owners[*sh as usize].epoch).collect();
+        let epoch_range = match (epochs.iter().min(), epochs.iter().max()) {
+            (Some(a), Some(b)) if a == b => a.to_string(),
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {}",
+            c.id,
+            c.region,
+            if shards.is_empty() { "standby" } else { "serving" },
+            if rt.healthy { "healthy" } else { "down" },
+            shards.len(),
+            ranges(&shards),
+            epoch_range,
+            rt.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn reconcile(g: &Global) -> Result<ExitCode> {
+    let spec = g.store_spec();
+    let report = blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        Ok(ldc_cell::reconcile::run(&*store)?)
+    })
+    .await?;
+    let clean = report.is_clean();
+    match g.output {
+        Output::Json => println!("{}", json!({"clean": clean, "report": report})),
+        Output::Text => {
+            for (ccy, t) in &report.currencies {
+                println!(
+                    "{ccy}: {} accounts, balances {} + in flight {} = top-ups - withdrawals {}  (difference {}); outbox {} messages, {} unapplied",
+                    t.accounts, t.user_balances, t.in_flight, t.net_external, t.difference, t.outbox_messages, t.outbox_unapplied
+                );
+            }
+            println!("{} ledger entries checked", report.entries_checked);
+            for p in &report.problems {
+                println!("PROBLEM: {p}");
+            }
+            println!("{}", if clean { "reconcile: clean, money is conserved" } else { "reconcile: DIFFERENCES FOUND" });
+        }
+    }
+    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shard_ranges() {
+        assert_eq!(super::ranges(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(super::ranges(&[]), "-");
+    }
+}

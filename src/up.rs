@@ -1,0 +1,467 @@
+//! `ldc up`: the whole platform on one machine, and the process entry points it starts.
+//!
+//! The supervisor creates the platform in the store on first start (regions, two serving
+//! cells and one standby per region, 100 shards), starts a router and one OS process per
+//! cell, publishes the routing table, and then acts as the *local controller*: it health
+//! checks every cell, and when one stops answering it runs the shared planner
+//! (`ldc_core::planner`) and applies the plan to the store — ownership with bumped epochs
+//! first, then the routing table, in one transaction. A dead process is restarted; it comes
+//! back owning nothing, as the region's new standby (N+1).
+//!
+//! Child processes print one line `READY listen=ADDR metrics=ADDR` on stdout; logs go to
+//! stderr. They die with the supervisor (PR_SET_PDEATHSIG), so nothing is left behind.
+
+use std::collections::BTreeMap;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ldc_cell::control::{self, CellRuntime};
+use ldc_core::planner::{self, CellInfo, Health, Topology};
+use ldc_store::Store;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::cli::{CellServeArgs, Global, UpArgs};
+
+/// Where `ldc up` listens, and where clients look when nothing else is said.
+pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs a blocking store closure off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The default layout: regions r1..rN, each with cells rN-a, rN-b, … and standby rN-s.
+pub fn default_topology(regions: u32, per_region: u32, shards: u32) -> (Topology, Vec<String>) {
+    let mut cells = Vec::new();
+    let mut serving = Vec::new();
+    for r in 1..=regions {
+        let region = format!("r{r}");
+        for c in 0..per_region {
+            let id = format!("{region}-{}", (b'a' + c as u8) as char);
+            serving.push(id.clone());
+            cells.push(CellInfo { id, region: region.clone(), capacity: None });
+        }
+        cells.push(CellInfo { id: format!("{region}-s"), region, capacity: None });
+    }
+    (Topology { shard_count: shards, cells }, serving)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn die_with_parent() {
+    // If the supervisor is killed (even with -9), its children get SIGTERM.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// `ldc cell serve`.
+pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
+    if a.die_with_parent {
+        die_with_parent();
+    }
+    let spec = g.store_spec();
+    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    let listener = TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    let metrics_listener =
+        TcpListener::bind(&a.metrics_listen).await.with_context(|| format!("cannot listen on {}", a.metrics_listen))?;
+    println!("READY listen={} metrics={}", listener.local_addr()?, metrics_listener.local_addr()?);
+    let registry = prometheus::Registry::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut m_rx = stop_rx.clone();
+    tokio::spawn(ldc_cell::metrics::serve_metrics(metrics_listener, registry.clone(), async move {
+        let _ = m_rx.wait_for(|s| *s).await;
+    }));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let cfg = ldc_cell::CellConfig {
+        cell: a.cell,
+        colour: a.colour,
+        store,
+        router: if a.no_relay { None } else { Some(g.router_addr()) },
+        queue_max: a.queue_max,
+        batch_max: a.batch_max,
+    };
+    let mut rx = stop_rx;
+    ldc_cell::serve(cfg, listener, registry, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ldc router serve`: a router whose table source is the local store.
+pub async fn serve_router(g: &Global, listen: &str, die: bool, poll_ms: u64) -> Result<ExitCode> {
+    if die {
+        die_with_parent();
+    }
+    let spec = g.store_spec();
+    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    let listener = TcpListener::bind(listen).await.with_context(|| {
+        format!("cannot listen on {listen}; is another `ldc up` running? pick another address with --listen")
+    })?;
+    let addr = listener.local_addr()?;
+    println!("READY listen={addr} metrics={addr}");
+    let registry = prometheus::Registry::new();
+    let table = ldc_router::TableHandle::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut poll_rx = stop_rx.clone();
+    tokio::spawn(ldc_router::poll_store(store, table.clone(), Duration::from_millis(poll_ms), async move {
+        let _ = poll_rx.wait_for(|s| *s).await;
+    }));
+    let mut rx = stop_rx;
+    ldc_router::serve(listener, table, ldc_router::RouterConfig::default(), registry, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    })
+    .await
+    .map_err(|e| anyhow!("router failed: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A child process of the supervisor.
+struct Proc {
+    name: String,
+    region: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    pid: u32,
+    listen: String,
+    metrics: String,
+    failures: u32,
+    healthy: bool,
+    restart_at: Option<Instant>,
+    health: Option<HealthClient<tonic::transport::Channel>>,
+}
+
+async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
+    let exe = std::env::current_exe().context("cannot find the ldc binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--data-dir").arg(&g.data_dir).arg("--store").arg(g.store_spec());
+    if let Some(r) = &g.router {
+        cmd.arg("--router").arg(r);
+    }
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    let mut child = cmd.spawn().context("cannot start a child process")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line())
+        .await
+        .map_err(|_| anyhow!("{args:?} did not become ready within {READY_TIMEOUT:?}"))??
+        .ok_or_else(|| anyhow!("{args:?} exited before it was ready (see its log above)"))?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("bad ready line {line:?}"))
+    };
+    let (listen, metrics) = (field("listen=")?, field("metrics=")?);
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, listen, metrics))
+}
+
+impl Proc {
+    async fn start(&mut self, g: &Global) -> Result<()> {
+        let (child, listen, metrics) = spawn(g, &self.args).await?;
+        self.pid = child.id().unwrap_or(0);
+        self.child = Some(child);
+        self.listen = listen;
+        self.metrics = metrics;
+        self.failures = 0;
+        self.restart_at = None;
+        self.health = tonic::transport::Endpoint::from_shared(format!("http://{}", self.listen))
+            .ok()
+            .map(|e| HealthClient::new(e.connect_timeout(Duration::from_millis(300)).connect_lazy()));
+        Ok(())
+    }
+
+    /// One health probe: the process is alive and answers gRPC health in time.
+    async fn probe(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else { return false };
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        let Some(h) = self.health.as_mut() else { return false };
+        let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        req.set_timeout(timeout);
+        matches!(tokio::time::timeout(timeout, h.check(req)).await, Ok(Ok(r)) if r.get_ref().status == 1)
+    }
+
+    fn runtime(&self) -> CellRuntime {
+        CellRuntime {
+            region: self.region.clone(),
+            blue: vec![self.listen.clone()],
+            green: vec![],
+            pids: vec![self.pid],
+            metrics: vec![self.metrics.clone()],
+            healthy: self.healthy,
+        }
+    }
+}
+
+/// Writes every cell's runtime record and republishes the routing table, in one txn.
+async fn publish(store: &Arc<dyn Store>, procs: &[Proc]) -> Result<u64> {
+    let store = store.clone();
+    let rts: Vec<(String, CellRuntime)> = procs.iter().map(|p| (p.name.clone(), p.runtime())).collect();
+    blocking(move || {
+        let mut t = store.begin()?;
+        for (name, rt) in &rts {
+            control::put_cell_runtime(&mut *t, name, rt)?;
+        }
+        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        t.commit()?;
+        Ok(table.epoch)
+    })
+    .await
+}
+
+/// Plans and applies a failover of `cell`, and republishes routing, in one transaction.
+async fn failover(store: &Arc<dyn Store>, procs: &[Proc], cell: &str) -> Result<Option<planner::Plan>> {
+    let store = store.clone();
+    let health: BTreeMap<String, Health> = procs
+        .iter()
+        .map(|p| (p.name.clone(), if p.healthy { Health::Healthy } else { Health::Unhealthy }))
+        .collect();
+    let rts: Vec<(String, CellRuntime)> = procs.iter().map(|p| (p.name.clone(), p.runtime())).collect();
+    let cell = cell.to_string();
+    blocking(move || {
+        let mut t = store.begin()?;
+        let cfg = control::load_config(&mut *t)?;
+        let topo = control::load_topology(&mut *t)?;
+        let map = control::load_map(&mut *t, cfg.shard_count)?;
+        if map.count_owned(&cell) == 0 {
+            t.rollback()?;
+            return Ok(None);
+        }
+        let plan = planner::plan(&topo, &map, &health, &planner::Command::Failover { cell })?;
+        control::apply_plan(&mut *t, &plan)?;
+        for (name, rt) in &rts {
+            control::put_cell_runtime(&mut *t, name, rt)?;
+        }
+        control::publish_routing(&mut *t, &BTreeMap::new())?;
+        t.commit()?;
+        Ok(Some(plan))
+    })
+    .await
+}
+
+/// `ldc up`.
+pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
+    std::fs::create_dir_all(&g.data_dir).with_context(|| format!("cannot create {}", g.data_dir.display()))?;
+    let lock = std::fs::File::create(g.data_dir.join("up.lock"))?;
+    if lock.try_lock().is_err() {
+        bail!("another `ldc up` is running on {}; stop it first or use another --data-dir", g.data_dir.display());
+    }
+    if a.shards == 0 || a.shards > ldc_core::shard::MAX_SHARDS {
+        bail!("--shards must be between 1 and {}", ldc_core::shard::MAX_SHARDS);
+    }
+    if a.regions == 0 || a.cells_per_region == 0 || a.cells_per_region > 25 {
+        bail!("--regions must be at least 1 and --cells-per-region between 1 and 25");
+    }
+    let spec = g.store_spec();
+    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    let (topo, serving) = default_topology(a.regions, a.cells_per_region, a.shards);
+    let (created, topo) = {
+        let store = store.clone();
+        blocking(move || {
+            let mut t = store.begin()?;
+            let refs: Vec<&str> = serving.iter().map(String::as_str).collect();
+            let created = match control::init(&mut *t, &topo, &refs, now_ms()) {
+                Ok(c) => c,
+                Err(control::ControlError::ShardCountChanged { stored, .. }) => {
+                    eprintln!("note: this store has {stored} shards; --shards is ignored after creation");
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let topo = control::load_topology(&mut *t)?;
+            t.commit()?;
+            Ok((created, topo))
+        })
+        .await?
+    };
+    eprintln!(
+        "{} platform in {} ({} regions, {} cells, {} shards)",
+        if created { "created" } else { "resuming" },
+        g.data_dir.display(),
+        topo.regions().len(),
+        topo.cells.len(),
+        topo.shard_count
+    );
+
+    // Router first: cells deliver cross-cell credits through it.
+    let mut router = Proc {
+        name: "router".into(),
+        region: String::new(),
+        args: vec!["router".into(), "serve".into(), "--listen".into(), a.listen.clone(), "--die-with-parent".into()],
+        child: None,
+        pid: 0,
+        listen: String::new(),
+        metrics: String::new(),
+        failures: 0,
+        healthy: true,
+        restart_at: None,
+        health: None,
+    };
+    router.start(g).await.context("router did not start")?;
+    std::fs::write(g.data_dir.join("router.addr"), &router.listen)?;
+    // Children must use this router even if --listen asked for port 0.
+    router.args[3] = router.listen.clone();
+    let g = Global { router: Some(router.listen.clone()), ..g.clone() };
+
+    let mut procs: Vec<Proc> = Vec::new();
+    for c in &topo.cells {
+        let mut p = Proc {
+            name: c.id.clone(),
+            region: c.region.clone(),
+            args: vec![
+                "cell".into(),
+                "serve".into(),
+                "--cell".into(),
+                c.id.clone(),
+                "--die-with-parent".into(),
+            ],
+            child: None,
+            pid: 0,
+            listen: String::new(),
+            metrics: String::new(),
+            failures: 0,
+            healthy: true,
+            restart_at: None,
+            health: None,
+        };
+        p.start(&g).await.with_context(|| format!("cell {} did not start", c.id))?;
+        procs.push(p);
+    }
+    let epoch = publish(&store, &procs).await?;
+    println!("LDC is up: router {} (routing epoch {epoch})", router.listen);
+    for p in &procs {
+        println!("  cell {:<8} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics", p.name, p.region, p.pid, p.listen, p.metrics);
+    }
+    println!("try: ldc account open alice --currency EUR && ldc topup alice 1000 --currency EUR");
+    println!("     ldc cell status      (Ctrl-C stops everything; a later `ldc up` resumes)");
+
+    let period = Duration::from_millis(a.check_ms.max(20));
+    let probe_timeout = period.max(Duration::from_millis(300));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let mut changed = false;
+        let mut to_fail = Vec::new();
+        for p in procs.iter_mut() {
+            if let Some(at) = p.restart_at {
+                if Instant::now() >= at {
+                    match p.start(&g).await {
+                        Ok(()) => eprintln!("restarted cell {} (pid {}); it owns no shards until a move", p.name, p.pid),
+                        Err(e) => {
+                            eprintln!("restart of cell {} failed: {e:#}", p.name);
+                            p.restart_at = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    }
+                }
+                continue;
+            }
+            let ok = p.probe(probe_timeout).await;
+            if ok {
+                p.failures = 0;
+                if !p.healthy {
+                    p.healthy = true;
+                    changed = true;
+                    eprintln!("cell {} is healthy", p.name);
+                }
+                continue;
+            }
+            p.failures += 1;
+            let exited = p.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if p.healthy && (p.failures >= a.failure_threshold || exited) {
+                p.healthy = false;
+                changed = true;
+                to_fail.push(p.name.clone());
+                eprintln!("cell {} is unhealthy ({} failed checks{})", p.name, p.failures, if exited { ", process exited" } else { "" });
+            }
+            if exited {
+                p.child = None;
+                p.restart_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+        for cell in to_fail {
+            let started = Instant::now();
+            match failover(&store, &procs, &cell).await {
+                Ok(Some(plan)) => {
+                    let targets: Vec<String> = plan.targets().iter().map(|(c, n)| format!("{c} ({n})")).collect();
+                    eprintln!(
+                        "failover {cell}: {} shards -> {} in {:?}",
+                        plan.moves.len(),
+                        targets.join(", "),
+                        started.elapsed()
+                    );
+                    changed = false; // failover republished routing with the new health
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("failover of {cell} failed: {e:#}"),
+            }
+        }
+        if changed {
+            if let Err(e) = publish(&store, &procs).await {
+                eprintln!("publishing the routing table failed: {e:#}");
+            }
+        }
+        // Keep the router alive too.
+        if router.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+            eprintln!("router exited; restarting it on {}", router.listen);
+            if let Err(e) = router.start(&g).await {
+                eprintln!("router restart failed: {e:#}");
+            }
+        }
+    }
+
+    eprintln!("stopping...");
+    for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
+        if let Some(c) = &p.child {
+            if let Some(pid) = c.id() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    }
+    for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
+        if let Some(mut c) = p.child.take() {
+            if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+    // Mark everything down so `ldc cell status` does not show stale processes as healthy.
+    for p in procs.iter_mut() {
+        p.healthy = false;
+        p.pid = 0;
+    }
+    let _ = publish(&store, &procs).await;
+    eprintln!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,192 @@
+//! Helpers for the cross-crate integration tests: run the real `ldc` binary as separate
+//! processes (the platform, cells, CLI) and talk to them over loopback.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ldc_core::proto::{self, payments_client::PaymentsClient};
+use tonic::transport::Channel;
+
+pub fn ldc() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ldc"));
+    c.env("LDC_LOG", "warn,ldc=info");
+    c
+}
+
+/// Runs `ldc ARGS -o json` against a data dir and parses stdout.
+pub fn ldc_json(data: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ldc().arg("--data-dir").arg(data).args(args).args(["-o", "json"]).output().unwrap();
+    assert!(out.status.success(), "ldc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ldc {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A running `ldc up`, stopped (SIGTERM) on drop.
+pub struct Platform {
+    pub child: Child,
+    pub router: String,
+    pub data: PathBuf,
+}
+
+impl Platform {
+    pub fn start(data: &Path, extra: &[&str]) -> Platform {
+        let mut child = ldc()
+            .arg("--data-dir")
+            .arg(data)
+            .args(["up", "--listen", "127.0.0.1:0", "--check-ms", "100"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.strip_prefix("LDC is up: router ") {
+                        let addr = rest.split_whitespace().next().unwrap().to_string();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let router = rx.recv_timeout(Duration::from_secs(60)).expect("ldc up did not come up");
+        Platform { child, router, data: data.to_path_buf() }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        ldc_json(&self.data, &["cell", "status"])
+    }
+
+    pub fn cell(&self, name: &str) -> serde_json::Value {
+        self.status()["cells"].as_array().unwrap().iter().find(|c| c["cell"] == name).unwrap().clone()
+    }
+
+    /// Stops with SIGTERM and waits; returns the pids the platform had.
+    pub fn stop(mut self) -> Vec<u32> {
+        let pids: Vec<u32> = self.status()["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["pids"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u32).collect::<Vec<_>>())
+            .collect();
+        terminate(&mut self.child);
+        pids
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+pub fn terminate(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn alive(pid: u32) -> bool {
+    // Signal 0 checks existence; a zombie still counts, so also read its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Err(_) => false,
+    }
+}
+
+pub async fn client(addr: &str) -> PaymentsClient<Channel> {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    PaymentsClient::new(ch)
+}
+
+pub fn req<T>(user: &str, m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert(ldc_core::USER_HEADER, user.parse().unwrap());
+    r
+}
+
+/// Retries a call with the same request (same idempotency key) while the answer says
+/// nothing happened or the outcome is unknown, until `deadline`.
+pub async fn call_until<T, F, Fut>(deadline: Instant, mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    loop {
+        match f().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        | tonic::Code::ResourceExhausted | tonic::Code::Internal
+                ) && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+pub async fn open_and_fund(c: &PaymentsClient<Channel>, user: &str, amount: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let o = proto::OpenAccountRequest { user_id: user.into(), currency: "EUR".into(), idempotency_key: format!("open-{user}") };
+    call_until(deadline, || {
+        let mut c = c.clone();
+        let r = req(user, o.clone());
+        async move { c.open_account(r).await }
+    })
+    .await
+    .unwrap();
+    let t = proto::TopUpRequest { user_id: user.into(), amount, currency: "EUR".into(), idempotency_key: format!("fund-{user}") };
+    call_until(deadline, || {
+        let mut c = c.clone();
+        let r = req(user, t.clone());
+        async move { c.top_up(r).await }
+    })
+    .await
+    .unwrap();
+}
+
+pub fn reconcile(data: &Path) -> serde_json::Value {
+    let out = ldc().arg("--data-dir").arg(data).args(["reconcile", "-o", "json"]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until every outbox message is delivered and settled; returns the last report.
+pub fn wait_settled(data: &Path, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = reconcile(data);
+        let pending: u64 = r["report"]["currencies"]
+            .as_object()
+            .map(|m| m.values().map(|c| c["outbox_messages"].as_u64().unwrap()).sum())
+            .unwrap_or(0);
+        if pending == 0 || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
