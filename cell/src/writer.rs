@@ -31,7 +31,9 @@ pub const BATCH_MAX: usize = 1_024;
 /// Attempts per batch when the store says retry.
 const BATCH_ATTEMPTS: u32 = 4;
 
-type Reply = oneshot::Sender<Result<(Outcome, u64), PaymentError>>;
+/// What a caller gets: the outcome and the shard epoch it was served at.
+type Answer = Result<(Outcome, u64), PaymentError>;
+type Reply = oneshot::Sender<Answer>;
 
 struct Job {
     cmd: Command,
@@ -70,7 +72,7 @@ impl Writer {
 
     /// Submits a validated command; resolves once it is durably committed (or refused).
     /// Returns the outcome and the shard epoch it was served at.
-    pub async fn submit(&self, cmd: Command) -> Result<(Outcome, u64), PaymentError> {
+    pub async fn submit(&self, cmd: Command) -> Answer {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { cmd, reply }) {
             Ok(()) => {}
@@ -136,7 +138,7 @@ fn process(
     cfg: &WriterConfig,
     batch: &mut [Job],
     metrics: &CellMetrics,
-) -> Vec<Result<(Outcome, u64), PaymentError>> {
+) -> Vec<Answer> {
     let mut last = None;
     for attempt in 0..BATCH_ATTEMPTS {
         if attempt > 0 {
@@ -184,7 +186,7 @@ fn attempt_batch(
     store: &dyn Store,
     cfg: &WriterConfig,
     batch: &[Job],
-) -> Result<Vec<Result<(Outcome, u64), PaymentError>>, Abort> {
+) -> Result<Vec<Answer>, Abort> {
     let mut txn = store.begin().map_err(Abort::Store)?;
     let ctx = Ctx {
         cell: &cfg.cell,

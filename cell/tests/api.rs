@@ -93,6 +93,9 @@ impl Cell {
     }
 }
 
+/// A call's answer.
+type Reply = Result<tonic::Response<proto::Payment>, tonic::Status>;
+
 fn req<T>(user: &str, m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
     r.metadata_mut()
@@ -143,11 +146,7 @@ async fn bad_input_is_refused_precisely_and_writes_nothing() {
     let before = cell.user_keys();
 
     // (status code, substring of the message) for each bad request.
-    let cases: Vec<(
-        Result<tonic::Response<proto::Payment>, tonic::Status>,
-        Code,
-        &str,
-    )> = vec![
+    let cases: Vec<(Reply, Code, &str)> = vec![
         (
             c.top_up(req(&alice, topup(&alice, 0, "EUR", "b1"))).await,
             Code::InvalidArgument,
