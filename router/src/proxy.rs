@@ -1,0 +1,681 @@
+//! One proxied request: parse the routing headers, decide the endpoint, forward, and retry
+//! once after a "moved" answer.
+//!
+//! The order matters for safety: every check that can refuse a request runs before
+//! anything is sent, and the only retry is after a "moved" answer, which a cell gives
+//! before doing anything.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use ldc_core::routing::{Colour, RouteError, RoutingTable, colour_for};
+use ldc_core::{COLOUR_HEADER, REQUEST_ID_HEADER, SHARD_HEADER, USER_HEADER};
+use tracing::Instrument;
+
+use crate::RouterConfig;
+use crate::balance::{Balancer, Endpoint, InFlight};
+use crate::body::{Completion, ReplayBody, RespBody, UpstreamBody, buffer};
+use crate::grpc::{self, Code, Moved};
+use crate::metrics::RouterMetrics;
+use crate::table::TableHandle;
+
+/// What every request handler shares.
+pub(crate) struct Shared {
+    pub table: TableHandle,
+    pub config: RouterConfig,
+    pub metrics: RouterMetrics,
+    pub balancer: Balancer,
+    pub client: Client<HttpConnector, ReplayBody>,
+    pub registry: prometheus::Registry,
+}
+
+/// An answer the router makes itself.
+#[derive(Debug)]
+pub(crate) struct Fail {
+    code: Code,
+    /// Stable label for `ldc_router_errors_total{reason}`.
+    reason: &'static str,
+    message: String,
+    cell: Option<String>,
+    colour: Option<Colour>,
+}
+
+impl Fail {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Fail {
+        Fail {
+            code,
+            reason,
+            message: message.into(),
+            cell: None,
+            colour: None,
+        }
+    }
+
+    fn at(mut self, d: &Decision) -> Fail {
+        self.cell = Some(d.cell.clone());
+        self.colour = Some(d.colour);
+        self
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+struct Decision {
+    shard: u32,
+    cell: String,
+    colour: Colour,
+    endpoints: Vec<String>,
+    table_epoch: u64,
+}
+
+/// What the router routes on, from the request headers.
+#[derive(Debug, Clone)]
+struct RouteKey {
+    user: Option<String>,
+    shard: Option<u32>,
+    forced: Option<Colour>,
+}
+
+/// The request line and headers, kept to build each attempt.
+struct Head {
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+}
+
+/// Entry point for requests that are not admin requests.
+pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let request_id = match parts.headers.get(REQUEST_ID_HEADER) {
+        Some(v) => v.clone(),
+        None => {
+            let v = HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
+                .expect("hex is a valid header value");
+            parts.headers.insert(REQUEST_ID_HEADER, v.clone());
+            v
+        }
+    };
+    let span = tracing::info_span!(
+        "route",
+        request_id = %String::from_utf8_lossy(request_id.as_bytes()),
+        path = %parts.uri.path(),
+        user = tracing::field::Empty,
+        shard = tracing::field::Empty,
+        cell = tracing::field::Empty,
+        colour = tracing::field::Empty,
+        endpoint = tracing::field::Empty,
+    );
+    let result = route(&s, parts, body, started).instrument(span).await;
+    match result {
+        Ok(resp) => resp,
+        Err(fail) => {
+            tracing::debug!(code = fail.code.name(), reason = fail.reason, message = %fail.message, "router answered with an error");
+            s.metrics
+                .router_errors
+                .with_label_values(&[fail.reason])
+                .inc();
+            s.metrics
+                .requests
+                .with_label_values(&[
+                    fail.cell.as_deref().unwrap_or("-"),
+                    fail.colour.map_or("-", Colour::as_str),
+                    fail.code.name(),
+                ])
+                .inc();
+            grpc::error_response(fail.code, &fail.message, Some(&request_id))
+        }
+    }
+}
+
+async fn route(
+    s: &Shared,
+    parts: http::request::Parts,
+    body: Incoming,
+    started: Instant,
+) -> Result<Response<RespBody>, Fail> {
+    check_header_size(&parts.headers, s.config.header_bytes_max)?;
+    let table = s.table.current().ok_or_else(|| {
+        Fail::new(
+            Code::Unavailable,
+            "no_table",
+            "router has no routing table yet; it is waiting for its table source \
+             (the store key sys/routing, published by `ldc up` or the operator); retry shortly",
+        )
+    })?;
+    let key = route_key(&parts.headers)?;
+    let span = tracing::Span::current();
+    if let Some(u) = &key.user {
+        span.record("user", u.as_str());
+    }
+    let timeout = upstream_timeout(&parts.headers, s.config.request_timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+
+    let head = Head {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string()),
+        headers: forward_headers(parts.headers),
+    };
+
+    // Read the (small, unary) body first, so it can be sent again after "moved".
+    let mut body = match tokio::time::timeout_at(
+        deadline,
+        buffer(body, s.config.retry_body_bytes_max),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Fail::new(
+                Code::DeadlineExceeded,
+                "client_body_timeout",
+                format!(
+                    "the request body did not arrive within {timeout:?}; nothing was sent to a cell"
+                ),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(Fail::new(
+                Code::Cancelled,
+                "client_body",
+                format!("reading the request body failed: {e}; nothing was sent to a cell"),
+            ));
+        }
+        Ok(Ok(b)) => b,
+    };
+
+    let first = decide(&table, &key)?;
+    record(&span, &first);
+    let send_body = body.take_body().expect("a fresh body can be sent");
+    let (resp, guard) = send(s, &head, send_body, &first, deadline).await?;
+
+    let Some(moved) = grpc::moved(resp.headers()) else {
+        return Ok(respond(s, resp, guard, &first, started, deadline));
+    };
+    if !body.replayable() {
+        tracing::info!(owner = %moved.owner, "cell answered moved; body too large to replay, returning the answer");
+        return Ok(respond(s, resp, guard, &first, started, deadline));
+    }
+    drop(resp);
+    drop(guard);
+    s.metrics.moved_retries.inc();
+    tracing::info!(refused_by = %first.cell, owner = %moved.owner, owner_epoch = ?moved.epoch, "cell answered moved; refreshing the table and retrying once");
+
+    let table = refresh(s, &table, &first, &moved, deadline).await;
+    let second = decide_after_moved(&table, &key, &first, &moved)?;
+    record(&span, &second);
+    let send_body = body
+        .take_body()
+        .expect("a replayable body can be sent again");
+    let (resp, guard) = send(s, &head, send_body, &second, deadline).await?;
+    Ok(respond(s, resp, guard, &second, started, deadline))
+}
+
+fn record(span: &tracing::Span, d: &Decision) {
+    span.record("shard", d.shard);
+    span.record("cell", d.cell.as_str());
+    span.record("colour", d.colour.as_str());
+}
+
+/// Refuses requests whose headers exceed the limit (names plus values, in bytes).
+fn check_header_size(headers: &HeaderMap, max: usize) -> Result<(), Fail> {
+    let size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if size > max {
+        return Err(Fail::new(
+            Code::ResourceExhausted,
+            "headers_too_large",
+            format!("request headers are {size} bytes; the router accepts at most {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `x-ldc-user` (or `x-ldc-shard`) and `x-ldc-colour`.
+fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
+    let forced = match headers.get(COLOUR_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<Colour>().ok())
+                .ok_or_else(|| {
+                    Fail::new(
+                        Code::InvalidArgument,
+                        "bad_colour_header",
+                        format!(
+                            "header {COLOUR_HEADER} is {:?}; use blue or green",
+                            String::from_utf8_lossy(v.as_bytes())
+                        ),
+                    )
+                })?,
+        ),
+    };
+    if let Some(v) = headers.get(USER_HEADER) {
+        let user = v.to_str().map_err(|_| {
+            Fail::new(
+                Code::InvalidArgument,
+                "bad_user_header",
+                format!("header {USER_HEADER} is not plain ASCII; set it to the user id"),
+            )
+        })?;
+        ldc_core::shard::validate_user_id(user).map_err(|e| {
+            Fail::new(
+                Code::InvalidArgument,
+                "bad_user_header",
+                format!("header {USER_HEADER}: {e}"),
+            )
+        })?;
+        return Ok(RouteKey {
+            user: Some(user.to_string()),
+            shard: None,
+            forced,
+        });
+    }
+    if let Some(v) = headers.get(SHARD_HEADER) {
+        let shard = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| {
+                Fail::new(
+                    Code::InvalidArgument,
+                    "bad_shard_header",
+                    format!(
+                        "header {SHARD_HEADER} is {:?}; it must be a shard number",
+                        String::from_utf8_lossy(v.as_bytes())
+                    ),
+                )
+            })?;
+        return Ok(RouteKey {
+            user: None,
+            shard: Some(shard),
+            forced,
+        });
+    }
+    Err(Fail::new(
+        Code::InvalidArgument,
+        "missing_user_header",
+        format!(
+            "request has no {USER_HEADER} header; set it to the user id the call is for \
+             (cell relay traffic may set {SHARD_HEADER} to a shard number instead)"
+        ),
+    ))
+}
+
+/// The router's upstream deadline: the configured timeout, shortened by the client's
+/// `grpc-timeout` if that is smaller.
+fn upstream_timeout(headers: &HeaderMap, configured: Duration) -> Duration {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+        .map_or(configured, |t| t.min(configured))
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Removes headers that are specific to one hop (HTTP/2 forbids them anyway).
+fn forward_headers(mut h: HeaderMap) -> HeaderMap {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    ] {
+        h.remove(name);
+    }
+    h
+}
+
+/// Routes with `table`. A forced colour the cell does not allow is ignored (the split
+/// decides): a stray test header must never break production traffic.
+fn decide(table: &RoutingTable, key: &RouteKey) -> Result<Decision, Fail> {
+    let routed = match (&key.user, key.shard) {
+        (Some(u), _) => table.route_user(u, key.forced),
+        (None, Some(s)) => table.route_shard(s, None, key.forced),
+        (None, None) => unreachable!("route_key gives a user or a shard"),
+    };
+    let routed = match routed {
+        Err(RouteError::ForcedColourRefused { cell, colour }) => {
+            tracing::debug!(%cell, %colour, "forced colour not allowed for this cell; ignoring the header");
+            match (&key.user, key.shard) {
+                (Some(u), _) => table.route_user(u, None),
+                (None, Some(s)) => table.route_shard(s, None, None),
+                (None, None) => unreachable!(),
+            }
+        }
+        other => other,
+    };
+    match routed {
+        Ok(r) => Ok(Decision {
+            shard: r.shard,
+            cell: r.cell.to_string(),
+            colour: r.colour,
+            endpoints: r.endpoints.to_vec(),
+            table_epoch: table.epoch,
+        }),
+        // The shard count is fixed per platform, so a shard number beyond it names
+        // nothing: NOT_FOUND (the number itself parsed fine).
+        Err(e @ RouteError::UnknownShard(..)) => Err(Fail::new(
+            Code::NotFound,
+            "unknown_shard",
+            format!("{e}; check the {SHARD_HEADER} header"),
+        )),
+        Err(e) => Err(Fail::new(
+            Code::Internal,
+            "table_inconsistent",
+            format!("routing table epoch {} cannot route: {e}", table.epoch),
+        )),
+    }
+}
+
+/// Routes the retry after a "moved" answer. Normally the refreshed table names the new
+/// owner. If it still names the cell that refused, the cell's own answer is better
+/// information (it read the ownership record): route to the owner it named, if the table
+/// describes that cell. The owner fences every write, so a stale hint is still safe.
+fn decide_after_moved(
+    table: &RoutingTable,
+    key: &RouteKey,
+    refused: &Decision,
+    moved: &Moved,
+) -> Result<Decision, Fail> {
+    let d = decide(table, key)?;
+    if d.cell != refused.cell || moved.owner == refused.cell {
+        return Ok(d);
+    }
+    let Some(owner) = table.cells.get(&moved.owner) else {
+        return Ok(d);
+    };
+    let colour = match (key.forced, &key.user) {
+        (Some(c), _) if owner.allow_forced_colour => c,
+        (_, Some(u)) => colour_for(u, owner.green_weight_bp),
+        (_, None) if owner.green_weight_bp >= ldc_core::routing::BP_MAX => Colour::Green,
+        (_, None) => Colour::Blue,
+    };
+    tracing::info!(owner = %moved.owner, "table still names the refusing cell; following the cell's moved hint");
+    Ok(Decision {
+        shard: d.shard,
+        cell: moved.owner.clone(),
+        colour,
+        endpoints: owner.endpoints(colour).to_vec(),
+        table_epoch: table.epoch,
+    })
+}
+
+/// After "moved": ask the source for a fresh table and wait (bounded) for one that no
+/// longer sends this shard to the refusing cell at an old epoch.
+async fn refresh(
+    s: &Shared,
+    old: &Arc<RoutingTable>,
+    refused: &Decision,
+    moved: &Moved,
+    deadline: tokio::time::Instant,
+) -> Arc<RoutingTable> {
+    if !s.table.has_source() {
+        return s.table.current().unwrap_or_else(|| old.clone());
+    }
+    s.table.request_refresh();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let wait = s.config.moved_refresh_wait.min(left);
+    let shard = refused.shard as usize;
+    let t = s
+        .table
+        .wait_for(wait, |t| {
+            t.epoch > refused.table_epoch
+                && t.shards.get(shard).is_some_and(|r| {
+                    r.cell != refused.cell || moved.epoch.is_some_and(|e| r.epoch >= e)
+                })
+        })
+        .await
+        .unwrap_or_else(|| old.clone());
+    if t.epoch == refused.table_epoch {
+        tracing::info!(
+            epoch = t.epoch,
+            "no newer routing table arrived in time; retrying with the current one"
+        );
+    }
+    t
+}
+
+/// Sends one attempt to an endpoint chosen in `d`.
+async fn send(
+    s: &Shared,
+    head: &Head,
+    body: ReplayBody,
+    d: &Decision,
+    deadline: tokio::time::Instant,
+) -> Result<(Response<Incoming>, InFlight), Fail> {
+    let ep = pick(s, d)?;
+    tracing::Span::current().record("endpoint", ep.addr());
+    let uri: Uri = format!("http://{}{}", ep.addr(), head.path_and_query)
+        .parse()
+        .map_err(|e| {
+            Fail::new(
+                Code::Internal,
+                "bad_endpoint",
+                format!(
+                    "cell {} lists endpoint {:?}, which is not host:port: {e}",
+                    d.cell,
+                    ep.addr()
+                ),
+            )
+            .at(d)
+        })?;
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    *req.headers_mut() = head.headers.clone();
+
+    let guard = ep.start();
+    match tokio::time::timeout_at(deadline, s.client.request(req)).await {
+        Ok(Ok(resp)) => {
+            s.balancer.restore(&ep);
+            Ok((resp, guard))
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            s.balancer.eject(&ep, Instant::now());
+            Err(Fail::new(
+                Code::Unavailable,
+                "connect",
+                format!(
+                    "cannot connect to cell {} ({} endpoint {}): {}; nothing reached the cell, \
+                     it is safe to retry",
+                    d.cell,
+                    d.colour,
+                    ep.addr(),
+                    error_chain(&e)
+                ),
+            )
+            .at(d))
+        }
+        Ok(Err(e)) => Err(Fail::new(
+            Code::Unavailable,
+            "upstream",
+            format!(
+                "the connection to cell {} ({} endpoint {}) failed after the request was sent: {}; \
+                 it may have been applied, retry with the same idempotency key",
+                d.cell,
+                d.colour,
+                ep.addr(),
+                error_chain(&e)
+            ),
+        )
+        .at(d)),
+        Err(_) => Err(Fail::new(
+            Code::DeadlineExceeded,
+            "upstream_timeout",
+            format!(
+                "cell {} ({} endpoint {}) did not answer before the deadline; \
+                 the request may have been applied, retry with the same idempotency key",
+                d.cell,
+                d.colour,
+                ep.addr()
+            ),
+        )
+        .at(d)),
+    }
+}
+
+fn pick(s: &Shared, d: &Decision) -> Result<Arc<Endpoint>, Fail> {
+    if d.endpoints.is_empty() {
+        return Err(Fail::new(
+            Code::Unavailable,
+            "no_endpoint",
+            format!(
+                "cell {} has no {} endpoints in routing table epoch {}",
+                d.cell, d.colour, d.table_epoch
+            ),
+        )
+        .at(d));
+    }
+    s.balancer
+        .pick(&d.endpoints, Instant::now(), &mut rand::rng())
+        .ok_or_else(|| {
+            Fail::new(
+                Code::Unavailable,
+                "no_healthy_endpoint",
+                format!(
+                    "cell {} has no healthy {} endpoint: all {} are ejected after failed \
+                     connections; the health check brings them back when they accept \
+                     connections again",
+                    d.cell,
+                    d.colour,
+                    d.endpoints.len()
+                ),
+            )
+            .at(d)
+        })
+}
+
+/// Streams the cell's answer back, recording its outcome when it ends.
+fn respond(
+    s: &Shared,
+    resp: Response<Incoming>,
+    guard: InFlight,
+    d: &Decision,
+    started: Instant,
+    deadline: tokio::time::Instant,
+) -> Response<RespBody> {
+    let (parts, body) = resp.into_parts();
+    let mut completion = Completion::new(
+        s.metrics.clone(),
+        d.cell.clone(),
+        d.colour.as_str(),
+        started,
+        Some(guard),
+    );
+    if let Some(code) = grpc::status_label(&parts.headers) {
+        completion.set_code(code);
+    }
+    let body = UpstreamBody::new(
+        body,
+        Box::pin(tokio::time::sleep_until(deadline)),
+        completion,
+    );
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// An error and its sources, as one line (hyper-util's own message is only the kind).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", HeaderValue::from_static("50m"));
+        assert_eq!(
+            upstream_timeout(&h, Duration::from_secs(5)),
+            Duration::from_millis(50)
+        );
+        h.insert("grpc-timeout", HeaderValue::from_static("60S"));
+        assert_eq!(
+            upstream_timeout(&h, Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn route_keys() {
+        let mut h = HeaderMap::new();
+        let e = route_key(&h).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(e.message.contains(USER_HEADER), "{}", e.message);
+
+        h.insert(USER_HEADER, HeaderValue::from_static("a/b"));
+        assert_eq!(route_key(&h).unwrap_err().reason, "bad_user_header");
+
+        h.insert(USER_HEADER, HeaderValue::from_static("alice"));
+        h.insert(COLOUR_HEADER, HeaderValue::from_static("green"));
+        let k = route_key(&h).unwrap();
+        assert_eq!(k.user.as_deref(), Some("alice"));
+        assert_eq!(k.forced, Some(Colour::Green));
+
+        h.insert(COLOUR_HEADER, HeaderValue::from_static("purple"));
+        assert_eq!(route_key(&h).unwrap_err().reason, "bad_colour_header");
+
+        let mut h = HeaderMap::new();
+        h.insert(SHARD_HEADER, HeaderValue::from_static("42"));
+        assert_eq!(route_key(&h).unwrap().shard, Some(42));
+        h.insert(SHARD_HEADER, HeaderValue::from_static("x"));
+        assert_eq!(route_key(&h).unwrap_err().reason, "bad_shard_header");
+    }
+
+    #[test]
+    fn header_limit() {
+        let mut h = HeaderMap::new();
+        h.insert("x-big", HeaderValue::from_str(&"a".repeat(100)).unwrap());
+        assert!(check_header_size(&h, 200).is_ok());
+        assert_eq!(
+            check_header_size(&h, 50).unwrap_err().code,
+            Code::ResourceExhausted
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! The accept loop and the active health checker.
+//!
+//! One listener speaks HTTP/1.1 and HTTP/2 (hyper-util's auto builder reads the preface):
+//! gRPC clients use HTTP/2 prior knowledge, probes and Prometheus use HTTP/1.1 GETs.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::balance::Balancer;
+use crate::metrics::RouterMetrics;
+use crate::proxy::{self, Shared};
+use crate::{RouterConfig, RouterError, TableHandle, admin};
+
+/// Serves the proxy and the admin endpoints on `listener` until `shutdown` resolves, then
+/// stops accepting and waits (at most `config.drain_timeout`) for requests in flight.
+/// Metrics are registered in `registry`; the table comes from `table` (see
+/// [`crate::poll_store`]).
+pub async fn serve(
+    listener: TcpListener,
+    table: TableHandle,
+    config: RouterConfig,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let metrics = RouterMetrics::new();
+    metrics.register(&registry, table.metrics())?;
+    if let Some(t) = table.current() {
+        table.metrics().table_epoch.set(t.epoch as i64);
+    }
+
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .build(connector);
+
+    let shared = Arc::new(Shared {
+        balancer: Balancer::new(
+            config.ejection_base,
+            config.ejection_max,
+            metrics.ejections.clone(),
+        ),
+        table,
+        metrics,
+        client,
+        registry,
+        config: config.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health = tokio::spawn(health_check(shared.clone(), stop_rx));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        // hyper's minimum is 8 KiB; our own header check gives the precise error.
+        .max_buf_size((config.header_bytes_max * 2).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // Twice our limit: headers a little too big get a precise gRPC error from us,
+        // huge ones are refused by h2 before they cost memory.
+        .max_header_list_size(u32::try_from(config.header_bytes_max * 2).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1000)
+        .keep_alive_interval(Duration::from_secs(20));
+
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(config.connections_max));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "router listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = config.connections_max, "too many connections; closing this one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let s = shared.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let s = s.clone();
+            async move { Ok::<_, Infallible>(dispatch(s, req).await) }
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?config.drain_timeout,
+            "requests still in flight after the drain timeout; closing"
+        );
+    }
+    let _ = health.await;
+    Ok(())
+}
+
+async fn dispatch(s: Arc<Shared>, req: Request<Incoming>) -> http::Response<crate::body::RespBody> {
+    if admin::is_admin(&req) {
+        return admin::handle(&s, &req);
+    }
+    if req.version() != Version::HTTP_2 {
+        return admin::not_grpc();
+    }
+    proxy::proxy(s, req).await
+}
+
+/// Probes every endpoint of the table each interval with a TCP connect: a failure ejects
+/// the endpoint, a success brings an ejected one back. Also forgets endpoints that left
+/// the table.
+async fn health_check(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let every = s.config.health_check_interval;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(t) = s.table.current() else {
+            continue;
+        };
+        let addrs: HashSet<&str> = t
+            .cells
+            .values()
+            .flat_map(|c| c.blue.iter().chain(c.green.iter()))
+            .map(String::as_str)
+            .collect();
+        s.balancer.retain(&addrs);
+        let mut probes = tokio::task::JoinSet::new();
+        for addr in addrs {
+            let ep = s.balancer.endpoint(addr);
+            let timeout = s.config.health_check_timeout;
+            probes.spawn(async move {
+                let ok = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(ep.addr())).await,
+                    Ok(Ok(_))
+                );
+                (ep, ok)
+            });
+        }
+        while let Some(r) = probes.join_next().await {
+            let Ok((ep, ok)) = r else { continue };
+            if ok {
+                s.balancer.restore(&ep);
+            } else {
+                s.balancer.eject(&ep, Instant::now());
+            }
+        }
+    }
+}
