@@ -218,11 +218,11 @@ impl UpstreamBody {
 
     fn finish(&mut self, code: Option<&'static str>) {
         self.done = true;
-        if let Some(mut c) = self.completion.take() {
-            if let Some(code) = code {
-                c.set_code(code);
-            }
+        if let (Some(c), Some(code)) = (self.completion.as_mut(), code) {
+            c.set_code(code);
         }
+        // Dropping the completion records the request.
+        self.completion = None;
     }
 }
 

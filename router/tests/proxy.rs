@@ -1,0 +1,936 @@
+//! The router end to end: a real `serve` in front of small tonic backends.
+//!
+//! `EchoCell` is a test double for a payment cell: it implements only `GetBalance`, answers
+//! with its own name in `Account.cell` (so a test sees which backend served), and can be
+//! told to answer "moved", fail, or stall. Each backend runs on its own tokio runtime so a
+//! test can kill it outright (every socket closes, as when a pod dies).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ldc_core::proto::payments_client::PaymentsClient;
+use ldc_core::proto::payments_server::{Payments, PaymentsServer};
+use ldc_core::proto::{self, GetBalanceRequest};
+use ldc_core::routing::{BP_MAX, CellRoute, RoutingTable, STORE_KEY, ShardRoute, colour_for};
+use ldc_core::shard::shard_of;
+use ldc_router::{RouterConfig, TableHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+const SHARDS: u32 = 100;
+
+// ---------------------------------------------------------------------------------------
+// EchoCell: the test double for a cell.
+
+#[derive(Debug, Clone)]
+enum Behaviour {
+    Serve,
+    Moved { owner: String, epoch: u64 },
+    Fail(Code),
+    Stall(Duration),
+}
+
+struct EchoCell {
+    name: String,
+    calls: Arc<AtomicUsize>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    request_ids: Arc<Mutex<Vec<String>>>,
+}
+
+fn unimplemented<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("EchoCell only implements GetBalance"))
+}
+
+#[tonic::async_trait]
+impl Payments for EchoCell {
+    async fn open_account(
+        &self,
+        _: Request<proto::OpenAccountRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        unimplemented()
+    }
+    async fn top_up(
+        &self,
+        _: Request<proto::TopUpRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        unimplemented()
+    }
+    async fn withdraw(
+        &self,
+        _: Request<proto::WithdrawRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        unimplemented()
+    }
+    async fn transfer(
+        &self,
+        _: Request<proto::TransferRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        unimplemented()
+    }
+    async fn refund(
+        &self,
+        _: Request<proto::RefundRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        unimplemented()
+    }
+    async fn get_balance(
+        &self,
+        req: Request<GetBalanceRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(id) = req.metadata().get(ldc_core::REQUEST_ID_HEADER) {
+            self.request_ids
+                .lock()
+                .unwrap()
+                .push(id.to_str().unwrap().to_string());
+        }
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        match behaviour {
+            Behaviour::Serve => {}
+            Behaviour::Moved { owner, epoch } => {
+                let mut s = Status::unavailable(format!("shard moved to {owner}"));
+                s.metadata_mut()
+                    .insert(ldc_core::MOVED_OWNER, owner.parse().unwrap());
+                s.metadata_mut()
+                    .insert(ldc_core::MOVED_EPOCH, epoch.to_string().parse().unwrap());
+                return Err(s);
+            }
+            Behaviour::Fail(code) => return Err(Status::new(code, "EchoCell was told to fail")),
+            Behaviour::Stall(d) => tokio::time::sleep(d).await,
+        }
+        Ok(Response::new(proto::Account {
+            user_id: req.into_inner().user_id,
+            cell: self.name.clone(),
+            ..Default::default()
+        }))
+    }
+    async fn get_payment(
+        &self,
+        _: Request<proto::GetPaymentRequest>,
+    ) -> Result<Response<proto::Payment>, Status> {
+        unimplemented()
+    }
+    async fn list_entries(
+        &self,
+        _: Request<proto::ListEntriesRequest>,
+    ) -> Result<Response<proto::ListEntriesResponse>, Status> {
+        unimplemented()
+    }
+}
+
+/// One EchoCell process stand-in, on its own runtime.
+struct Backend {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    request_ids: Arc<Mutex<Vec<String>>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Backend {
+    fn start(name: &str) -> Backend {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Mutex::new(Behaviour::Serve));
+        let request_ids = Arc::new(Mutex::new(Vec::new()));
+        let cell = EchoCell {
+            name: name.to_string(),
+            calls: calls.clone(),
+            behaviour: behaviour.clone(),
+            request_ids: request_ids.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(PaymentsServer::new(cell))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        Backend {
+            addr,
+            calls,
+            behaviour,
+            request_ids,
+            rt: Some(rt),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, b: Behaviour) {
+        *self.behaviour.lock().unwrap() = b;
+    }
+
+    /// Kills the backend: its runtime, listener and connections go away at once.
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The router under test.
+
+struct Router {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ldc_router::RouterError>>>,
+}
+
+impl Router {
+    async fn start(table: TableHandle, config: RouterConfig) -> Router {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ldc_router::serve(
+            listener,
+            table,
+            config,
+            prometheus::Registry::new(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Router {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn client(&self) -> PaymentsClient<Channel> {
+        PaymentsClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// A plain HTTP/1.1 GET on the router's port: (status, body).
+    async fn get(&self, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+fn config() -> RouterConfig {
+    RouterConfig {
+        request_timeout: Duration::from_secs(5),
+        health_check_interval: Duration::from_millis(100),
+        ..RouterConfig::default()
+    }
+}
+
+fn cell(blue: &[&Backend], green: &[&Backend], green_bp: u16, allow_forced: bool) -> CellRoute {
+    CellRoute {
+        region: "r1".into(),
+        blue: blue.iter().map(|b| b.endpoint()).collect(),
+        green: green.iter().map(|b| b.endpoint()).collect(),
+        green_weight_bp: green_bp,
+        allow_forced_colour: allow_forced,
+    }
+}
+
+/// A table of `SHARDS` shards; `owner(shard)` names the owning cell.
+fn table(
+    epoch: u64,
+    cells: BTreeMap<String, CellRoute>,
+    owner: impl Fn(u32) -> &'static str,
+) -> RoutingTable {
+    RoutingTable {
+        epoch,
+        shards: (0..SHARDS)
+            .map(|s| ShardRoute {
+                cell: owner(s).to_string(),
+                epoch: 1,
+            })
+            .collect(),
+        cells,
+    }
+}
+
+fn one_cell_table(epoch: u64, c: CellRoute) -> RoutingTable {
+    table(epoch, BTreeMap::from([("A".to_string(), c)]), |_| "A")
+}
+
+async fn balance(
+    client: &mut PaymentsClient<Channel>,
+    headers: &[(&'static str, &str)],
+) -> Result<proto::Account, Status> {
+    let mut req = Request::new(GetBalanceRequest {
+        user_id: "whoever".into(),
+    });
+    for (k, v) in headers {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    client.get_balance(req).await.map(Response::into_inner)
+}
+
+async fn served_by(client: &mut PaymentsClient<Channel>, user: &str) -> String {
+    balance(client, &[(ldc_core::USER_HEADER, user)])
+        .await
+        .unwrap_or_else(|s| panic!("request for {user} failed: {s:?}"))
+        .cell
+}
+
+/// Waits (polling) until `cond` holds, at most 10 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The value of an unlabelled metric in Prometheus text, or of the sum of a labelled one.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// A store double for the table source.
+
+#[derive(Default)]
+struct MemStore {
+    data: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+    broken: std::sync::atomic::AtomicBool,
+    reads: AtomicUsize,
+}
+
+impl MemStore {
+    fn publish(&self, t: &RoutingTable) {
+        self.data
+            .lock()
+            .unwrap()
+            .insert(STORE_KEY.to_vec(), serde_json::to_vec(t).unwrap());
+    }
+}
+
+struct MemTxn(HashMap<Vec<u8>, Vec<u8>>);
+
+impl ldc_store::Kv for MemTxn {
+    fn get(&mut self, key: &[u8]) -> ldc_store::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn get_for_update(&mut self, key: &[u8]) -> ldc_store::Result<Option<Vec<u8>>> {
+        self.get(key)
+    }
+    fn put(&mut self, _: &[u8], _: &[u8]) -> ldc_store::Result<()> {
+        unreachable!("the router only reads")
+    }
+    fn delete(&mut self, _: &[u8]) -> ldc_store::Result<()> {
+        unreachable!("the router only reads")
+    }
+    fn scan(&mut self, _: &[u8], _: &[u8], _: usize) -> ldc_store::Result<Vec<ldc_store::Pair>> {
+        unreachable!("the router only reads")
+    }
+}
+
+impl ldc_store::Txn for MemTxn {
+    fn commit(self: Box<Self>) -> ldc_store::Result<()> {
+        Ok(())
+    }
+    fn rollback(self: Box<Self>) -> ldc_store::Result<()> {
+        Ok(())
+    }
+}
+
+impl ldc_store::Store for MemStore {
+    fn begin(&self) -> ldc_store::Result<Box<dyn ldc_store::Txn>> {
+        self.begin_read()
+    }
+    fn begin_read(&self) -> ldc_store::Result<Box<dyn ldc_store::Txn>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(ldc_store::StoreError::Backend("MemStore is broken".into()));
+        }
+        Ok(Box::new(MemTxn(self.data.lock().unwrap().clone())))
+    }
+    fn engine(&self) -> &'static str {
+        "mem"
+    }
+}
+
+/// Starts `poll_store` with a poll period so long that only refresh requests cause reads.
+fn poll_on_demand(store: Arc<MemStore>, table: TableHandle) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ldc_router::poll_store(
+        store,
+        table,
+        Duration::from_secs(3600),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    tx
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test]
+async fn routes_users_and_shards_to_the_owning_cell() {
+    let a = Backend::start("A");
+    let b = Backend::start("B");
+    let t = table(
+        1,
+        BTreeMap::from([
+            ("A".to_string(), cell(&[&a], &[], 0, false)),
+            ("B".to_string(), cell(&[&b], &[], 0, false)),
+        ]),
+        |s| if s < 50 { "A" } else { "B" },
+    );
+    let handle = TableHandle::new();
+    assert!(handle.offer(t));
+    let router = Router::start(handle, config()).await;
+    let mut client = router.client().await;
+
+    let mut seen = HashMap::new();
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let expected = if shard_of(&user, SHARDS) < 50 {
+            "A"
+        } else {
+            "B"
+        };
+        assert_eq!(served_by(&mut client, &user).await, expected, "{user}");
+        *seen.entry(expected).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both cells owned some of the users: {seen:?}"
+    );
+
+    // Relay traffic routes by shard number.
+    let by_shard = |s: &'static str| [(ldc_core::SHARD_HEADER, s)];
+    assert_eq!(
+        balance(&mut client, &by_shard("3")).await.unwrap().cell,
+        "A"
+    );
+    assert_eq!(
+        balance(&mut client, &by_shard("77")).await.unwrap().cell,
+        "B"
+    );
+    let e = balance(&mut client, &by_shard("100")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("shard 100"), "{}", e.message());
+
+    // Every forwarded request carries a request id; a client's own is kept.
+    assert_eq!(a.request_ids.lock().unwrap().len(), a.calls());
+    balance(
+        &mut client,
+        &[
+            (ldc_core::USER_HEADER, "user-0"),
+            (ldc_core::REQUEST_ID_HEADER, "rid-42"),
+        ],
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = [&a, &b]
+        .iter()
+        .flat_map(|x| x.request_ids.lock().unwrap().clone())
+        .collect();
+    assert!(ids.contains(&"rid-42".to_string()));
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn blue_green_split_at_0_50_100_is_sticky() {
+    let blue = Backend::start("blue");
+    let green = Backend::start("green");
+    let handle = TableHandle::new();
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    let users: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
+
+    for (epoch, weight) in [(1, 0), (2, 5_000), (3, BP_MAX)] {
+        assert!(handle.offer(one_cell_table(
+            epoch,
+            cell(&[&blue], &[&green], weight, false)
+        )));
+        let mut greens = 0;
+        for u in &users {
+            let first = served_by(&mut client, u).await;
+            let again = served_by(&mut client, u).await;
+            assert_eq!(first, again, "{u} is sticky at weight {weight}");
+            assert_eq!(
+                first,
+                colour_for(u, weight).as_str(),
+                "{u} at weight {weight}"
+            );
+            greens += usize::from(first == "green");
+        }
+        match weight {
+            0 => assert_eq!(greens, 0),
+            BP_MAX => assert_eq!(greens, users.len()),
+            _ => assert!(
+                (15..=45).contains(&greens),
+                "about half green at 50%: {greens}"
+            ),
+        }
+    }
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn forced_colour_only_where_allowed() {
+    let blue = Backend::start("blue");
+    let green = Backend::start("green");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&blue], &[&green], 0, false)));
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    let forced = [
+        (ldc_core::USER_HEADER, "alice"),
+        (ldc_core::COLOUR_HEADER, "green"),
+    ];
+
+    // Not allowed: the header is ignored and the split decides (0% green).
+    assert_eq!(balance(&mut client, &forced).await.unwrap().cell, "blue");
+
+    handle.offer(one_cell_table(2, cell(&[&blue], &[&green], 0, true)));
+    assert_eq!(balance(&mut client, &forced).await.unwrap().cell, "green");
+    assert_eq!(
+        served_by(&mut client, "alice").await,
+        "blue",
+        "unforced still follows the split"
+    );
+
+    let bad = [
+        (ldc_core::USER_HEADER, "alice"),
+        (ldc_core::COLOUR_HEADER, "purple"),
+    ];
+    let e = balance(&mut client, &bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains(ldc_core::COLOUR_HEADER),
+        "{}",
+        e.message()
+    );
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn table_epoch_never_goes_backwards() {
+    let a = Backend::start("A");
+    let b = Backend::start("B");
+    let handle = TableHandle::new();
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+
+    assert!(handle.offer(one_cell_table(5, cell(&[&a], &[], 0, false))));
+    assert!(!handle.offer(one_cell_table(3, cell(&[&b], &[], 0, false))));
+    assert!(!handle.offer(one_cell_table(5, cell(&[&b], &[], 0, false))));
+    assert_eq!(served_by(&mut client, "alice").await, "A");
+
+    let (status, body) = router.get("/table").await;
+    assert_eq!(status, 200);
+    let shown: RoutingTable = serde_json::from_str(&body).unwrap();
+    assert_eq!(shown.epoch, 5);
+    let (_, metrics) = router.get("/metrics").await;
+    assert_eq!(metric(&metrics, "ldc_router_table_epoch"), 5.0);
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn store_source_keeps_the_last_good_table_when_the_store_fails() {
+    let a = Backend::start("A");
+    let store = Arc::new(MemStore::default());
+    store.publish(&one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let handle = TableHandle::new();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let poller = tokio::spawn(ldc_router::poll_store(
+        store.clone(),
+        handle.clone(),
+        Duration::from_millis(10),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let router = Router::start(handle.clone(), config()).await;
+    wait_until("the first table", || handle.current().is_some()).await;
+
+    store.broken.store(true, Ordering::SeqCst);
+    let reads = store.reads.load(Ordering::SeqCst);
+    wait_until("failed reads", || {
+        store.reads.load(Ordering::SeqCst) >= reads + 3
+    })
+    .await;
+    let mut client = router.client().await;
+    assert_eq!(
+        served_by(&mut client, "alice").await,
+        "A",
+        "last good table still used"
+    );
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(
+        metric(&metrics, "ldc_router_source_errors_total") >= 2.0,
+        "{metrics}"
+    );
+    assert!(metrics.contains("ldc_router_table_age_seconds"));
+
+    // Recovery: a newer table is picked up again.
+    store.publish(&one_cell_table(2, cell(&[&a], &[], 0, false)));
+    store.broken.store(false, Ordering::SeqCst);
+    wait_until("the newer table", || handle.current().unwrap().epoch == 2).await;
+    tx.send(()).unwrap();
+    poller.await.unwrap();
+    router.stop().await;
+}
+
+/// Two cells; every shard starts on A. A answers "moved" (to B, epoch 2) and the store
+/// holds a newer table that gives the shards to B.
+async fn moved_setup() -> (Backend, Backend, Arc<MemStore>, TableHandle, RoutingTable) {
+    let a = Backend::start("A");
+    let b = Backend::start("B");
+    let cells = BTreeMap::from([
+        ("A".to_string(), cell(&[&a], &[], 0, false)),
+        ("B".to_string(), cell(&[&b], &[], 0, false)),
+    ]);
+    let v1 = table(1, cells.clone(), |_| "A");
+    let mut v2 = table(2, cells, |_| "B");
+    for s in &mut v2.shards {
+        s.epoch = 2;
+    }
+    let store = Arc::new(MemStore::default());
+    store.publish(&v1);
+    (a, b, store, TableHandle::new(), v2)
+}
+
+#[tokio::test]
+async fn moved_answer_refreshes_the_table_and_retries_once_at_the_new_owner() {
+    let (a, b, store, handle, v2) = moved_setup().await;
+    let _stop = poll_on_demand(store.clone(), handle.clone());
+    wait_until("table v1", || {
+        handle.current().is_some_and(|t| t.epoch == 1)
+    })
+    .await;
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+
+    // Ownership moves in the store; the router has not polled (its period is an hour).
+    store.publish(&v2);
+    a.set(Behaviour::Moved {
+        owner: "B".into(),
+        epoch: 2,
+    });
+
+    assert_eq!(served_by(&mut client, "alice").await, "B");
+    assert_eq!(
+        (a.calls(), b.calls()),
+        (1, 1),
+        "one refused attempt, one retry"
+    );
+    assert_eq!(
+        handle.current().unwrap().epoch,
+        2,
+        "the moved answer triggered a store read"
+    );
+    let (_, metrics) = router.get("/metrics").await;
+    assert_eq!(metric(&metrics, "ldc_router_moved_retries_total"), 1.0);
+
+    // The next request goes straight to B.
+    assert_eq!(served_by(&mut client, "alice").await, "B");
+    assert_eq!(a.calls(), 1);
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_moved_answer_is_returned_not_retried_again() {
+    let (a, b, store, handle, v2) = moved_setup().await;
+    let _stop = poll_on_demand(store.clone(), handle.clone());
+    wait_until("table v1", || {
+        handle.current().is_some_and(|t| t.epoch == 1)
+    })
+    .await;
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    store.publish(&v2);
+    a.set(Behaviour::Moved {
+        owner: "B".into(),
+        epoch: 2,
+    });
+    b.set(Behaviour::Moved {
+        owner: "A".into(),
+        epoch: 3,
+    });
+
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(
+        e.metadata().get(ldc_core::MOVED_OWNER).unwrap(),
+        "A",
+        "B's answer, as is"
+    );
+    assert_eq!((a.calls(), b.calls()), (1, 1), "exactly one retry");
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn moved_hint_is_followed_when_no_newer_table_comes() {
+    // No table source at all: the router cannot refresh, so it trusts the cell's answer.
+    let (a, b, _store, handle, _v2) = moved_setup().await;
+    let cells = BTreeMap::from([
+        ("A".to_string(), cell(&[&a], &[], 0, false)),
+        ("B".to_string(), cell(&[&b], &[], 0, false)),
+    ]);
+    handle.offer(table(1, cells, |_| "A"));
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    a.set(Behaviour::Moved {
+        owner: "B".into(),
+        epoch: 2,
+    });
+    assert_eq!(served_by(&mut client, "alice").await, "B");
+    assert_eq!((a.calls(), b.calls()), (1, 1));
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn other_errors_are_returned_as_is_and_never_retried() {
+    let (a, b, store, handle, v2) = moved_setup().await;
+    let _stop = poll_on_demand(store.clone(), handle.clone());
+    wait_until("table v1", || {
+        handle.current().is_some_and(|t| t.epoch == 1)
+    })
+    .await;
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    store.publish(&v2);
+
+    // UNAVAILABLE without the moved metadata is not "moved": it may have been applied.
+    a.set(Behaviour::Fail(Code::Unavailable));
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(e.message(), "EchoCell was told to fail");
+    a.set(Behaviour::Fail(Code::FailedPrecondition));
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!((a.calls(), b.calls()), (2, 0));
+    assert_eq!(
+        handle.current().unwrap().epoch,
+        1,
+        "no refresh was asked for"
+    );
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_deadline_exceeded_and_not_retried() {
+    let a = Backend::start("A");
+    a.set(Behaviour::Stall(Duration::from_secs(3)));
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let cfg = RouterConfig {
+        request_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    let router = Router::start(handle, cfg).await;
+    let mut client = router.client().await;
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains("may have been applied"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(a.calls(), 1);
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn bad_or_missing_user_header_is_invalid_argument() {
+    let a = Backend::start("A");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let router = Router::start(handle, config()).await;
+    let mut client = router.client().await;
+
+    let e = balance(&mut client, &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("x-ldc-user"), "{}", e.message());
+
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "no/slashes")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("x-ldc-user"), "{}", e.message());
+
+    let long = "x".repeat(10_000);
+    let e = balance(
+        &mut client,
+        &[
+            ("x-padding", long.as_str()),
+            (ldc_core::USER_HEADER, "alice"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(a.calls(), 0, "nothing reached the cell");
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(
+        metrics.contains("ldc_router_errors_total{reason=\"missing_user_header\"} 1"),
+        "{metrics}"
+    );
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn no_table_is_unavailable_and_not_ready() {
+    let a = Backend::start("A");
+    let handle = TableHandle::new();
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().starts_with("router has no routing table yet"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(router.get("/healthz").await.0, 200);
+    assert_eq!(router.get("/readyz").await.0, 503);
+    assert_eq!(router.get("/table").await.0, 503);
+
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let (status, body) = router.get("/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ready: routing table epoch 1\n")
+    );
+    assert_eq!(served_by(&mut client, "alice").await, "A");
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_endpoint_is_ejected_and_its_colour_keeps_serving() {
+    let mut dead = Backend::start("blue-1");
+    let alive = Backend::start("blue-2");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&dead, &alive], &[], 0, false)));
+    let router = Router::start(handle, config()).await;
+    let mut client = router.client().await;
+
+    // Both serve while alive.
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        seen.insert(served_by(&mut client, &format!("u{i}")).await);
+    }
+    assert_eq!(seen.len(), 2, "power of two choices spreads: {seen:?}");
+
+    dead.kill();
+    // Until the router notices, a request may fail (UNAVAILABLE, never silently retried);
+    // then every request is served by the survivor.
+    let mut streak = 0;
+    for i in 0..200 {
+        match balance(&mut client, &[(ldc_core::USER_HEADER, &format!("u{i}"))]).await {
+            Ok(acc) => {
+                assert_eq!(acc.cell, "blue-2");
+                streak += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                streak = 0;
+            }
+        }
+        if streak == 20 {
+            break;
+        }
+    }
+    assert_eq!(streak, 20, "traffic settled on the surviving endpoint");
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(
+        metric(&metrics, "ldc_router_ejections_total") >= 1.0,
+        "{metrics}"
+    );
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_cell_colour_and_code() {
+    let blue = Backend::start("blue");
+    let green = Backend::start("green");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(7, cell(&[&blue], &[&green], 0, false)));
+    let router = Router::start(handle, config()).await;
+    let mut client = router.client().await;
+    served_by(&mut client, "alice").await;
+    served_by(&mut client, "bob").await;
+    blue.set(Behaviour::Fail(Code::NotFound));
+    let _ = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")]).await;
+
+    let (status, metrics) = router.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"ldc_router_requests_total{cell="A",code="OK",colour="blue"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ldc_router_requests_total{cell="A",code="NOT_FOUND",colour="blue"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ldc_router_request_seconds_count{cell="A",colour="blue"} 3"#),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "ldc_router_table_epoch"), 7.0);
+    assert_eq!(router.get("/nope").await.0, 404);
+    router.stop().await;
+}
