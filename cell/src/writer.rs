@@ -188,6 +188,10 @@ fn attempt_batch(
     batch: &[Job],
 ) -> Result<Vec<Answer>, Abort> {
     let mut txn = store.begin().map_err(Abort::Store)?;
+    // Writes of the whole batch are buffered and reach the store once per key at the end:
+    // hot keys (a shard's clearing account, an active user's account) are written once per
+    // batch instead of once per command.
+    let mut batch_buf = Overlay::new(&mut *txn);
     let ctx = Ctx {
         cell: &cfg.cell,
         shard_count: cfg.shard_count,
@@ -201,7 +205,7 @@ fn attempt_batch(
         let fenced = match fences.get(&shard) {
             Some(f) => f.clone(),
             None => {
-                let f = match ledger::fence(&mut *txn, &cfg.cell, shard) {
+                let f = match ledger::fence(&mut batch_buf, &cfg.cell, shard) {
                     Ok(epoch) => Ok(epoch),
                     Err(PaymentError::Moved { owner, epoch, .. }) => Err((owner, epoch)),
                     Err(PaymentError::Store(e)) => return Err(Abort::Store(e)),
@@ -222,7 +226,7 @@ fn attempt_batch(
                 continue;
             }
         };
-        let mut ov = Overlay::new(&mut *txn);
+        let mut ov = Overlay::new(&mut batch_buf);
         match ledger::execute(&mut ov, &ctx, epoch, &job.cmd) {
             Ok(outcome) => {
                 ov.merge().map_err(Abort::Store)?;
@@ -233,6 +237,7 @@ fn attempt_batch(
             Err(e) => results.push(Err(e)),
         }
     }
+    batch_buf.merge().map_err(Abort::Store)?;
     txn.commit().map_err(Abort::Store)?;
     Ok(results)
 }
