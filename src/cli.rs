@@ -7,7 +7,12 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "ldc", version, about = "LDC: cell-based multi-region payments", propagate_version = true)]
+#[command(
+    name = "ldc",
+    version,
+    about = "LDC: cell-based multi-region payments",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -19,7 +24,12 @@ impl Cli {
     /// Cells and routers get two worker threads (the machine's cores); clients need one.
     pub fn worker_threads(&self) -> usize {
         match &self.cmd {
-            Cmd::Cell { cmd: CellCmd::Serve(_) } | Cmd::Router { .. } | Cmd::Load(_) | Cmd::Up(_) => 2,
+            Cmd::Cell {
+                cmd: CellCmd::Serve(_),
+            }
+            | Cmd::Router { .. }
+            | Cmd::Load(_)
+            | Cmd::Up(_) => 2,
             _ => 1,
         }
     }
@@ -49,7 +59,9 @@ pub enum Output {
 
 impl Global {
     pub fn store_spec(&self) -> String {
-        self.store.clone().unwrap_or_else(|| self.data_dir.join("store.db").display().to_string())
+        self.store
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("store.db").display().to_string())
     }
 
     pub fn router_addr(&self) -> String {
@@ -90,9 +102,7 @@ pub enum Cmd {
     /// Give back (part of) a received transfer to its payer.
     Refund(RefundArgs),
     /// Show an account's balance.
-    Balance {
-        user: String,
-    },
+    Balance { user: String },
     /// Payments.
     Payment {
         #[command(subcommand)]
@@ -268,10 +278,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let g = cli.global;
     match cli.cmd {
         Cmd::Up(a) => crate::up::run(&g, a).await,
-        Cmd::Cell { cmd: CellCmd::Serve(a) } => crate::up::serve_cell(&g, a).await,
-        Cmd::Router { cmd: RouterCmd::Serve { listen, die_with_parent, poll_ms } } => {
-            crate::up::serve_router(&g, &listen, die_with_parent, poll_ms).await
-        }
+        Cmd::Cell {
+            cmd: CellCmd::Serve(a),
+        } => crate::up::serve_cell(&g, a).await,
+        Cmd::Router {
+            cmd:
+                RouterCmd::Serve {
+                    listen,
+                    die_with_parent,
+                    poll_ms,
+                },
+        } => crate::up::serve_router(&g, &listen, die_with_parent, poll_ms).await,
         Cmd::Cell { cmd } => crate::ops::run(&g, cmd).await,
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
         Cmd::Load(a) => crate::load::run(&g, a).await,

@@ -38,7 +38,11 @@ pub fn request<T>(user: &str, msg: T) -> tonic::Request<T> {
 }
 
 pub fn new_key(prefix: &str) -> String {
-    format!("{prefix}-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
+    format!(
+        "{prefix}-{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
 }
 
 /// Calls `f` until it succeeds, fails with a non-retryable status, or attempts run out.
@@ -100,8 +104,16 @@ fn print_payment(out: Output, p: &proto::Payment, key: Option<&str>) {
                 status_name(p.status),
                 p.amount,
                 p.currency,
-                if p.counterparty.is_empty() { String::new() } else { format!("counterparty {} ", p.counterparty) },
-                if p.refunded > 0 { format!("refunded {} ", p.refunded) } else { String::new() },
+                if p.counterparty.is_empty() {
+                    String::new()
+                } else {
+                    format!("counterparty {} ", p.counterparty)
+                },
+                if p.refunded > 0 {
+                    format!("refunded {} ", p.refunded)
+                } else {
+                    String::new()
+                },
                 p.balance_after,
             );
             if let Some(k) = key {
@@ -131,12 +143,27 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
     let client = connect(&addr).await?;
     let out = g.output;
     let r = match cmd {
-        Cmd::Account { cmd: AccountCmd::Open { user, currency, key } } => {
+        Cmd::Account {
+            cmd:
+                AccountCmd::Open {
+                    user,
+                    currency,
+                    key,
+                },
+        } => {
             let key = key.unwrap_or_else(|| new_key("open"));
-            let msg = proto::OpenAccountRequest { user_id: user.clone(), currency, idempotency_key: key };
-            retry(|| { let mut c = client.clone(); let req = request(&user, msg.clone()); async move { c.open_account(req).await } })
-                .await
-                .map(|a| print_account(out, &a))
+            let msg = proto::OpenAccountRequest {
+                user_id: user.clone(),
+                currency,
+                idempotency_key: key,
+            };
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&user, msg.clone());
+                async move { c.open_account(req).await }
+            })
+            .await
+            .map(|a| print_account(out, &a))
         }
         Cmd::Topup(a) => {
             let key = a.key.unwrap_or_else(|| new_key("topup"));
@@ -146,9 +173,13 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 currency: a.currency,
                 idempotency_key: key.clone(),
             };
-            retry(|| { let mut c = client.clone(); let req = request(&a.user, msg.clone()); async move { c.top_up(req).await } })
-                .await
-                .map(|p| print_payment(out, &p, Some(&key)))
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&a.user, msg.clone());
+                async move { c.top_up(req).await }
+            })
+            .await
+            .map(|p| print_payment(out, &p, Some(&key)))
         }
         Cmd::Withdraw(a) => {
             let key = a.key.unwrap_or_else(|| new_key("withdraw"));
@@ -158,9 +189,13 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 currency: a.currency,
                 idempotency_key: key.clone(),
             };
-            retry(|| { let mut c = client.clone(); let req = request(&a.user, msg.clone()); async move { c.withdraw(req).await } })
-                .await
-                .map(|p| print_payment(out, &p, Some(&key)))
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&a.user, msg.clone());
+                async move { c.withdraw(req).await }
+            })
+            .await
+            .map(|p| print_payment(out, &p, Some(&key)))
         }
         Cmd::Transfer(a) => {
             let key = a.key.unwrap_or_else(|| new_key("transfer"));
@@ -171,9 +206,13 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 currency: a.currency,
                 idempotency_key: key.clone(),
             };
-            retry(|| { let mut c = client.clone(); let req = request(&a.from, msg.clone()); async move { c.transfer(req).await } })
-                .await
-                .map(|p| print_payment(out, &p, Some(&key)))
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&a.from, msg.clone());
+                async move { c.transfer(req).await }
+            })
+            .await
+            .map(|p| print_payment(out, &p, Some(&key)))
         }
         Cmd::Refund(a) => {
             let key = a.key.unwrap_or_else(|| new_key("refund"));
@@ -183,29 +222,54 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 amount: a.amount,
                 idempotency_key: key.clone(),
             };
-            retry(|| { let mut c = client.clone(); let req = request(&a.user, msg.clone()); async move { c.refund(req).await } })
-                .await
-                .map(|p| print_payment(out, &p, Some(&key)))
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&a.user, msg.clone());
+                async move { c.refund(req).await }
+            })
+            .await
+            .map(|p| print_payment(out, &p, Some(&key)))
         }
         Cmd::Balance { user } => {
-            let msg = proto::GetBalanceRequest { user_id: user.clone() };
-            retry(|| { let mut c = client.clone(); let req = request(&user, msg.clone()); async move { c.get_balance(req).await } })
-                .await
-                .map(|a| print_account(out, &a))
+            let msg = proto::GetBalanceRequest {
+                user_id: user.clone(),
+            };
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&user, msg.clone());
+                async move { c.get_balance(req).await }
+            })
+            .await
+            .map(|a| print_account(out, &a))
         }
-        Cmd::Payment { cmd: PaymentCmd::Get { payment_id } } => {
+        Cmd::Payment {
+            cmd: PaymentCmd::Get { payment_id },
+        } => {
             let Some((user, _)) = payment_id.rsplit_once(':') else {
-                eprintln!("error: payment id {payment_id:?} is malformed; payment ids look like alice:17");
+                eprintln!(
+                    "error: payment id {payment_id:?} is malformed; payment ids look like alice:17"
+                );
                 return Ok(ExitCode::from(2));
             };
             let user = user.to_string();
-            let msg = proto::GetPaymentRequest { user_id: user.clone(), payment_id };
-            retry(|| { let mut c = client.clone(); let req = request(&user, msg.clone()); async move { c.get_payment(req).await } })
-                .await
-                .map(|p| print_payment(out, &p, None))
+            let msg = proto::GetPaymentRequest {
+                user_id: user.clone(),
+                payment_id,
+            };
+            retry(|| {
+                let mut c = client.clone();
+                let req = request(&user, msg.clone());
+                async move { c.get_payment(req).await }
+            })
+            .await
+            .map(|p| print_payment(out, &p, None))
         }
         Cmd::Entries { user, after, limit } => {
-            let msg = proto::ListEntriesRequest { user_id: user.clone(), after_seq: after, limit };
+            let msg = proto::ListEntriesRequest {
+                user_id: user.clone(),
+                after_seq: after,
+                limit,
+            };
             retry(|| { let mut c = client.clone(); let req = request(&user, msg.clone()); async move { c.list_entries(req).await } }).await.map(|r| {
                 match out {
                     Output::Json => {
@@ -234,4 +298,3 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
         Err(s) => fail(s),
     }
 }
-

@@ -58,7 +58,11 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
     let run_id = format!("{:08x}", rand::random::<u32>());
     let users: Vec<String> = (0..)
         .map(|i| format!("load-{i}"))
-        .filter(|u| a.shards.is_empty() || a.shards.contains(&ldc_core::shard::shard_of(u, a.shard_count)))
+        .filter(|u| {
+            a.shards.is_empty()
+                || a.shards
+                    .contains(&ldc_core::shard::shard_of(u, a.shard_count))
+        })
         .take(a.users)
         .collect();
     let mut clients = Vec::new();
@@ -73,25 +77,38 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
         let mut c = clients[i % clients.len()].clone();
         let (u, ccy) = (u.clone(), a.currency.clone());
         set.spawn(async move {
-            let open = proto::OpenAccountRequest { user_id: u.clone(), currency: ccy.clone(), idempotency_key: format!("open-{u}") };
+            let open = proto::OpenAccountRequest {
+                user_id: u.clone(),
+                currency: ccy.clone(),
+                idempotency_key: format!("open-{u}"),
+            };
             match c.open_account(request(&u, open)).await {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::AlreadyExists => {}
                 Err(s) => return Err(s),
             }
-            let fund = proto::TopUpRequest { user_id: u.clone(), amount: 1_000_000_000, currency: ccy, idempotency_key: format!("fund-{u}") };
+            let fund = proto::TopUpRequest {
+                user_id: u.clone(),
+                amount: 1_000_000_000,
+                currency: ccy,
+                idempotency_key: format!("fund-{u}"),
+            };
             c.top_up(request(&u, fund)).await.map(|_| ())
         });
-        if set.len() >= 64 {
-            if let Some(r) = set.join_next().await {
-                r??;
-            }
+        if set.len() >= 64
+            && let Some(r) = set.join_next().await
+        {
+            r??;
         }
     }
     while let Some(r) = set.join_next().await {
         r??;
     }
-    eprintln!("setup: {} accounts ready in {:?}", users.len(), setup.elapsed());
+    eprintln!(
+        "setup: {} accounts ready in {:?}",
+        users.len(),
+        setup.elapsed()
+    );
 
     let users = Arc::new(users);
     let ok = Arc::new(AtomicU64::new(0));
@@ -101,8 +118,14 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..a.concurrency {
         let mut c = clients[w % clients.len()].clone();
-        let (users, ok, errors, run_id, ccy, mix) =
-            (users.clone(), ok.clone(), errors.clone(), run_id.clone(), a.currency.clone(), a.mix);
+        let (users, ok, errors, run_id, ccy, mix) = (
+            users.clone(),
+            ok.clone(),
+            errors.clone(),
+            run_id.clone(),
+            a.currency.clone(),
+            a.mix,
+        );
         workers.spawn(async move {
             let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut n: u64 = 0;
@@ -115,7 +138,12 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
                 let r = match mix {
                     Mix::Topup => {
                         let u = &users[i];
-                        let m = proto::TopUpRequest { user_id: u.clone(), amount: 1, currency: ccy.clone(), idempotency_key: key };
+                        let m = proto::TopUpRequest {
+                            user_id: u.clone(),
+                            amount: 1,
+                            currency: ccy.clone(),
+                            idempotency_key: key,
+                        };
                         c.top_up(request(u, m)).await.map(|_| ())
                     }
                     Mix::Transfer => {
@@ -183,5 +211,9 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if err_n == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if err_n == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

@@ -17,10 +17,15 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LDC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ldc=info,ldc_cell=info,ldc_router=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LDC_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,ldc=info,ldc_cell=info,ldc_router=info")
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads())
         .enable_all()

@@ -49,23 +49,42 @@ pub fn ranges(shards: &[u32]) -> String {
         while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { shards[i].to_string() } else { format!("{}-{}", shards[i], shards[j]) });
+        out.push(if i == j {
+            shards[i].to_string()
+        } else {
+            format!("{}-{}", shards[i], shards[j])
+        });
         i = j + 1;
     }
-    if out.is_empty() { "-".into() } else { out.join(",") }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(",")
+    }
 }
 
 fn print_plan(out: Output, plan: &Plan, dry_run: bool) {
     match out {
         Output::Json => println!("{}", json!({"dry_run": dry_run, "plan": plan})),
         Output::Text => {
-            println!("{}plan for {:?}:", if dry_run { "dry run: " } else { "" }, plan.command);
+            println!(
+                "{}plan for {:?}:",
+                if dry_run { "dry run: " } else { "" },
+                plan.command
+            );
             let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
             for m in &plan.moves {
-                by_pair.entry((m.from.as_str(), m.to.as_str())).or_default().push(m.shard);
+                by_pair
+                    .entry((m.from.as_str(), m.to.as_str()))
+                    .or_default()
+                    .push(m.shard);
             }
             for ((from, to), shards) in by_pair {
-                println!("  {from} -> {to}: {} shards [{}], each epoch +1", shards.len(), ranges(&shards));
+                println!(
+                    "  {from} -> {to}: {} shards [{}], each epoch +1",
+                    shards.len(),
+                    ranges(&shards)
+                );
             }
         }
     }
@@ -75,15 +94,28 @@ pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
     let (command, dry_run) = match cmd {
         CellCmd::Status => return status(g).await,
         CellCmd::Failover { cell, dry_run } => (planner::Command::Failover { cell }, dry_run),
-        CellCmd::Switchover { cell, to, dry_run } => (planner::Command::Switchover { cell, to }, dry_run),
-        CellCmd::Dr { cmd: DrCmd::Cutover { from, to, dry_run } } => (planner::Command::DrCutover { from, to }, dry_run),
+        CellCmd::Switchover { cell, to, dry_run } => {
+            (planner::Command::Switchover { cell, to }, dry_run)
+        }
+        CellCmd::Dr {
+            cmd: DrCmd::Cutover { from, to, dry_run },
+        } => (planner::Command::DrCutover { from, to }, dry_run),
         CellCmd::Serve(_) => unreachable!("dispatched in cli"),
     };
     let s = load(g).await?;
     let health: BTreeMap<String, Health> = s
         .runtimes
         .iter()
-        .map(|(c, rt)| (c.clone(), if rt.healthy { Health::Healthy } else { Health::Unhealthy }))
+        .map(|(c, rt)| {
+            (
+                c.clone(),
+                if rt.healthy {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                },
+            )
+        })
         .collect();
     let plan = match planner::plan(&s.topo, &s.map, &health, &command) {
         Ok(p) => p,
@@ -108,7 +140,11 @@ pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
     })
     .await?;
     if g.output == Output::Text {
-        println!("applied: {} shards moved; routing epoch {} -> {epoch}", plan.moves.len(), s.routing_epoch);
+        println!(
+            "applied: {} shards moved; routing epoch {} -> {epoch}",
+            plan.moves.len(),
+            s.routing_epoch
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -139,12 +175,21 @@ async fn status(g: &Global) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("routing epoch {}, {} shards", s.routing_epoch, s.topo.shard_count);
-    println!("{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {}", "CELL", "REGION", "ROLE", "HEALTH", "SHARDS", "RANGES", "EPOCHS", "PIDS");
+    println!(
+        "routing epoch {}, {} shards",
+        s.routing_epoch, s.topo.shard_count
+    );
+    println!(
+        "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} PIDS",
+        "CELL", "REGION", "ROLE", "HEALTH", "SHARDS", "RANGES", "EPOCHS"
+    );
     for c in &s.topo.cells {
         let shards = s.map.owned_by(&c.id);
         let rt = s.runtimes.get(&c.id).cloned().unwrap_or_default();
-        let epochs: Vec<u64> = shards.iter().map(|sh| s.map.owners[*sh as usize].epoch).collect();
+        let epochs: Vec<u64> = shards
+            .iter()
+            .map(|sh| s.map.owners[*sh as usize].epoch)
+            .collect();
         let epoch_range = match (epochs.iter().min(), epochs.iter().max()) {
             (Some(a), Some(b)) if a == b => a.to_string(),
             (Some(a), Some(b)) => format!("{a}-{b}"),
@@ -154,12 +199,20 @@ async fn status(g: &Global) -> Result<ExitCode> {
             "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {}",
             c.id,
             c.region,
-            if shards.is_empty() { "standby" } else { "serving" },
+            if shards.is_empty() {
+                "standby"
+            } else {
+                "serving"
+            },
             if rt.healthy { "healthy" } else { "down" },
             shards.len(),
             ranges(&shards),
             epoch_range,
-            rt.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            rt.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -179,17 +232,34 @@ pub async fn reconcile(g: &Global) -> Result<ExitCode> {
             for (ccy, t) in &report.currencies {
                 println!(
                     "{ccy}: {} accounts, balances {} + in flight {} = top-ups - withdrawals {}  (difference {}); outbox {} messages, {} unapplied",
-                    t.accounts, t.user_balances, t.in_flight, t.net_external, t.difference, t.outbox_messages, t.outbox_unapplied
+                    t.accounts,
+                    t.user_balances,
+                    t.in_flight,
+                    t.net_external,
+                    t.difference,
+                    t.outbox_messages,
+                    t.outbox_unapplied
                 );
             }
             println!("{} ledger entries checked", report.entries_checked);
             for p in &report.problems {
                 println!("PROBLEM: {p}");
             }
-            println!("{}", if clean { "reconcile: clean, money is conserved" } else { "reconcile: DIFFERENCES FOUND" });
+            println!(
+                "{}",
+                if clean {
+                    "reconcile: clean, money is conserved"
+                } else {
+                    "reconcile: DIFFERENCES FOUND"
+                }
+            );
         }
     }
-    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 #[cfg(test)]

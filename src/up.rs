@@ -32,12 +32,18 @@ pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs a blocking store closure off the async threads.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("store task panicked")?
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The default layout: regions r1..rN, each with cells rN-a, rN-b, … and standby rN-s.
@@ -49,15 +55,30 @@ pub fn default_topology(regions: u32, per_region: u32, shards: u32) -> (Topology
         for c in 0..per_region {
             let id = format!("{region}-{}", (b'a' + c as u8) as char);
             serving.push(id.clone());
-            cells.push(CellInfo { id, region: region.clone(), capacity: None });
+            cells.push(CellInfo {
+                id,
+                region: region.clone(),
+                capacity: None,
+            });
         }
-        cells.push(CellInfo { id: format!("{region}-s"), region, capacity: None });
+        cells.push(CellInfo {
+            id: format!("{region}-s"),
+            region,
+            capacity: None,
+        });
     }
-    (Topology { shard_count: shards, cells }, serving)
+    (
+        Topology {
+            shard_count: shards,
+            cells,
+        },
+        serving,
+    )
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -76,16 +97,27 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
     }
     let spec = g.store_spec();
     let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
-    let listener = TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-    let metrics_listener =
-        TcpListener::bind(&a.metrics_listen).await.with_context(|| format!("cannot listen on {}", a.metrics_listen))?;
-    println!("READY listen={} metrics={}", listener.local_addr()?, metrics_listener.local_addr()?);
+    let listener = TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let metrics_listener = TcpListener::bind(&a.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.metrics_listen))?;
+    println!(
+        "READY listen={} metrics={}",
+        listener.local_addr()?,
+        metrics_listener.local_addr()?
+    );
     let registry = prometheus::Registry::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut m_rx = stop_rx.clone();
-    tokio::spawn(ldc_cell::metrics::serve_metrics(metrics_listener, registry.clone(), async move {
-        let _ = m_rx.wait_for(|s| *s).await;
-    }));
+    tokio::spawn(ldc_cell::metrics::serve_metrics(
+        metrics_listener,
+        registry.clone(),
+        async move {
+            let _ = m_rx.wait_for(|s| *s).await;
+        },
+    ));
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -94,7 +126,11 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         cell: a.cell,
         colour: a.colour,
         store,
-        router: if a.no_relay { None } else { Some(g.router_addr()) },
+        router: if a.no_relay {
+            None
+        } else {
+            Some(g.router_addr())
+        },
         queue_max: a.queue_max,
         batch_max: a.batch_max,
     };
@@ -126,13 +162,24 @@ pub async fn serve_router(g: &Global, listen: &str, die: bool, poll_ms: u64) -> 
         let _ = stop_tx.send(true);
     });
     let mut poll_rx = stop_rx.clone();
-    tokio::spawn(ldc_router::poll_store(store, table.clone(), Duration::from_millis(poll_ms), async move {
-        let _ = poll_rx.wait_for(|s| *s).await;
-    }));
+    tokio::spawn(ldc_router::poll_store(
+        store,
+        table.clone(),
+        Duration::from_millis(poll_ms),
+        async move {
+            let _ = poll_rx.wait_for(|s| *s).await;
+        },
+    ));
     let mut rx = stop_rx;
-    ldc_router::serve(listener, table, ldc_router::RouterConfig::default(), registry, async move {
-        let _ = rx.wait_for(|s| *s).await;
-    })
+    ldc_router::serve(
+        listener,
+        table,
+        ldc_router::RouterConfig::default(),
+        registry,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    )
     .await
     .map_err(|e| anyhow!("router failed: {e}"))?;
     Ok(ExitCode::SUCCESS)
@@ -156,11 +203,18 @@ struct Proc {
 async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
     let exe = std::env::current_exe().context("cannot find the ldc binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--data-dir").arg(&g.data_dir).arg("--store").arg(g.store_spec());
+    cmd.arg("--data-dir")
+        .arg(&g.data_dir)
+        .arg("--store")
+        .arg(g.store_spec());
     if let Some(r) = &g.router {
         cmd.arg("--router").arg(r);
     }
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().context("cannot start a child process")?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -191,18 +245,26 @@ impl Proc {
         self.restart_at = None;
         self.health = tonic::transport::Endpoint::from_shared(format!("http://{}", self.listen))
             .ok()
-            .map(|e| HealthClient::new(e.connect_timeout(Duration::from_millis(300)).connect_lazy()));
+            .map(|e| {
+                HealthClient::new(e.connect_timeout(Duration::from_millis(300)).connect_lazy())
+            });
         Ok(())
     }
 
     /// One health probe: the process is alive and answers gRPC health in time.
     async fn probe(&mut self, timeout: Duration) -> bool {
-        let Some(child) = self.child.as_mut() else { return false };
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
         if child.try_wait().ok().flatten().is_some() {
             return false;
         }
-        let Some(h) = self.health.as_mut() else { return false };
-        let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        let Some(h) = self.health.as_mut() else {
+            return false;
+        };
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
         req.set_timeout(timeout);
         matches!(tokio::time::timeout(timeout, h.check(req)).await, Ok(Ok(r)) if r.get_ref().status == 1)
     }
@@ -222,7 +284,10 @@ impl Proc {
 /// Writes every cell's runtime record and republishes the routing table, in one txn.
 async fn publish(store: &Arc<dyn Store>, procs: &[Proc]) -> Result<u64> {
     let store = store.clone();
-    let rts: Vec<(String, CellRuntime)> = procs.iter().map(|p| (p.name.clone(), p.runtime())).collect();
+    let rts: Vec<(String, CellRuntime)> = procs
+        .iter()
+        .map(|p| (p.name.clone(), p.runtime()))
+        .collect();
     blocking(move || {
         let mut t = store.begin()?;
         for (name, rt) in &rts {
@@ -236,13 +301,29 @@ async fn publish(store: &Arc<dyn Store>, procs: &[Proc]) -> Result<u64> {
 }
 
 /// Plans and applies a failover of `cell`, and republishes routing, in one transaction.
-async fn failover(store: &Arc<dyn Store>, procs: &[Proc], cell: &str) -> Result<Option<planner::Plan>> {
+async fn failover(
+    store: &Arc<dyn Store>,
+    procs: &[Proc],
+    cell: &str,
+) -> Result<Option<planner::Plan>> {
     let store = store.clone();
     let health: BTreeMap<String, Health> = procs
         .iter()
-        .map(|p| (p.name.clone(), if p.healthy { Health::Healthy } else { Health::Unhealthy }))
+        .map(|p| {
+            (
+                p.name.clone(),
+                if p.healthy {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                },
+            )
+        })
         .collect();
-    let rts: Vec<(String, CellRuntime)> = procs.iter().map(|p| (p.name.clone(), p.runtime())).collect();
+    let rts: Vec<(String, CellRuntime)> = procs
+        .iter()
+        .map(|p| (p.name.clone(), p.runtime()))
+        .collect();
     let cell = cell.to_string();
     blocking(move || {
         let mut t = store.begin()?;
@@ -267,13 +348,20 @@ async fn failover(store: &Arc<dyn Store>, procs: &[Proc], cell: &str) -> Result<
 
 /// `ldc up`.
 pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
-    std::fs::create_dir_all(&g.data_dir).with_context(|| format!("cannot create {}", g.data_dir.display()))?;
+    std::fs::create_dir_all(&g.data_dir)
+        .with_context(|| format!("cannot create {}", g.data_dir.display()))?;
     let lock = std::fs::File::create(g.data_dir.join("up.lock"))?;
     if lock.try_lock().is_err() {
-        bail!("another `ldc up` is running on {}; stop it first or use another --data-dir", g.data_dir.display());
+        bail!(
+            "another `ldc up` is running on {}; stop it first or use another --data-dir",
+            g.data_dir.display()
+        );
     }
     if a.shards == 0 || a.shards > ldc_core::shard::MAX_SHARDS {
-        bail!("--shards must be between 1 and {}", ldc_core::shard::MAX_SHARDS);
+        bail!(
+            "--shards must be between 1 and {}",
+            ldc_core::shard::MAX_SHARDS
+        );
     }
     if a.regions == 0 || a.cells_per_region == 0 || a.cells_per_region > 25 {
         bail!("--regions must be at least 1 and --cells-per-region between 1 and 25");
@@ -289,7 +377,9 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             let created = match control::init(&mut *t, &topo, &refs, now_ms()) {
                 Ok(c) => c,
                 Err(control::ControlError::ShardCountChanged { stored, .. }) => {
-                    eprintln!("note: this store has {stored} shards; --shards is ignored after creation");
+                    eprintln!(
+                        "note: this store has {stored} shards; --shards is ignored after creation"
+                    );
                     false
                 }
                 Err(e) => return Err(e.into()),
@@ -313,7 +403,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     let mut router = Proc {
         name: "router".into(),
         region: String::new(),
-        args: vec!["router".into(), "serve".into(), "--listen".into(), a.listen.clone(), "--die-with-parent".into()],
+        args: vec![
+            "router".into(),
+            "serve".into(),
+            "--listen".into(),
+            a.listen.clone(),
+            "--die-with-parent".into(),
+        ],
         child: None,
         pid: 0,
         listen: String::new(),
@@ -327,7 +423,10 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     std::fs::write(g.data_dir.join("router.addr"), &router.listen)?;
     // Children must use this router even if --listen asked for port 0.
     router.args[3] = router.listen.clone();
-    let g = Global { router: Some(router.listen.clone()), ..g.clone() };
+    let g = Global {
+        router: Some(router.listen.clone()),
+        ..g.clone()
+    };
 
     let mut procs: Vec<Proc> = Vec::new();
     for c in &topo.cells {
@@ -350,13 +449,21 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             restart_at: None,
             health: None,
         };
-        p.start(&g).await.with_context(|| format!("cell {} did not start", c.id))?;
+        p.start(&g)
+            .await
+            .with_context(|| format!("cell {} did not start", c.id))?;
         procs.push(p);
     }
     let epoch = publish(&store, &procs).await?;
-    println!("LDC is up: router {} (routing epoch {epoch})", router.listen);
+    println!(
+        "LDC is up: router {} (routing epoch {epoch})",
+        router.listen
+    );
     for p in &procs {
-        println!("  cell {:<8} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics", p.name, p.region, p.pid, p.listen, p.metrics);
+        println!(
+            "  cell {:<8} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics",
+            p.name, p.region, p.pid, p.listen, p.metrics
+        );
     }
     println!("try: ldc account open alice --currency EUR && ldc topup alice 1000 --currency EUR");
     println!("     ldc cell status      (Ctrl-C stops everything; a later `ldc up` resumes)");
@@ -378,7 +485,10 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             if let Some(at) = p.restart_at {
                 if Instant::now() >= at {
                     match p.start(&g).await {
-                        Ok(()) => eprintln!("restarted cell {} (pid {}); it owns no shards until a move", p.name, p.pid),
+                        Ok(()) => eprintln!(
+                            "restarted cell {} (pid {}); it owns no shards until a move",
+                            p.name, p.pid
+                        ),
                         Err(e) => {
                             eprintln!("restart of cell {} failed: {e:#}", p.name);
                             p.restart_at = Some(Instant::now() + Duration::from_secs(2));
@@ -398,12 +508,20 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 continue;
             }
             p.failures += 1;
-            let exited = p.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            let exited = p
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
             if p.healthy && (p.failures >= a.failure_threshold || exited) {
                 p.healthy = false;
                 changed = true;
                 to_fail.push(p.name.clone());
-                eprintln!("cell {} is unhealthy ({} failed checks{})", p.name, p.failures, if exited { ", process exited" } else { "" });
+                eprintln!(
+                    "cell {} is unhealthy ({} failed checks{})",
+                    p.name,
+                    p.failures,
+                    if exited { ", process exited" } else { "" }
+                );
             }
             if exited {
                 p.child = None;
@@ -414,7 +532,11 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             let started = Instant::now();
             match failover(&store, &procs, &cell).await {
                 Ok(Some(plan)) => {
-                    let targets: Vec<String> = plan.targets().iter().map(|(c, n)| format!("{c} ({n})")).collect();
+                    let targets: Vec<String> = plan
+                        .targets()
+                        .iter()
+                        .map(|(c, n)| format!("{c} ({n})"))
+                        .collect();
                     eprintln!(
                         "failover {cell}: {} shards -> {} in {:?}",
                         plan.moves.len(),
@@ -427,13 +549,15 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 Err(e) => eprintln!("failover of {cell} failed: {e:#}"),
             }
         }
-        if changed {
-            if let Err(e) = publish(&store, &procs).await {
-                eprintln!("publishing the routing table failed: {e:#}");
-            }
+        if changed && let Err(e) = publish(&store, &procs).await {
+            eprintln!("publishing the routing table failed: {e:#}");
         }
         // Keep the router alive too.
-        if router.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+        if router
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+        {
             eprintln!("router exited; restarting it on {}", router.listen);
             if let Err(e) = router.start(&g).await {
                 eprintln!("router restart failed: {e:#}");
@@ -443,17 +567,22 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
 
     eprintln!("stopping...");
     for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
-        if let Some(c) = &p.child {
-            if let Some(pid) = c.id() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-            }
+        if let Some(c) = &p.child
+            && let Some(pid) = c.id()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     }
     for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
-        if let Some(mut c) = p.child.take() {
-            if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
+        if let Some(mut c) = p.child.take()
+            && tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_err()
+        {
+            let _ = c.kill().await;
         }
     }
     // Mark everything down so `ldc cell status` does not show stale processes as healthy.

@@ -26,8 +26,14 @@ fn start_cell(data: &std::path::Path, cell: &str) -> (Child, String) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().find_map(|f| f.strip_prefix("listen=")).expect("ready line").to_string();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("listen="))
+        .expect("ready line")
+        .to_string();
     (child, addr)
 }
 
@@ -35,19 +41,32 @@ fn start_cell(data: &std::path::Path, cell: &str) -> (Child, String) {
 async fn deposed_owner_cannot_commit() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
-    let store: Arc<dyn Store> = ldc_store::open(&data.join("store.db").display().to_string()).unwrap();
+    let store: Arc<dyn Store> =
+        ldc_store::open(&data.join("store.db").display().to_string()).unwrap();
     let topo = Topology {
         shard_count: 4,
         cells: vec![
-            CellInfo { id: "a".into(), region: "r1".into(), capacity: None },
-            CellInfo { id: "b".into(), region: "r1".into(), capacity: None },
+            CellInfo {
+                id: "a".into(),
+                region: "r1".into(),
+                capacity: None,
+            },
+            CellInfo {
+                id: "b".into(),
+                region: "r1".into(),
+                capacity: None,
+            },
         ],
     };
     {
         let mut t = store.begin().unwrap();
         control::init(&mut *t, &topo, &["a"], 0).unwrap();
         for c in ["a", "b"] {
-            let rt = CellRuntime { region: "r1".into(), healthy: true, ..Default::default() };
+            let rt = CellRuntime {
+                region: "r1".into(),
+                healthy: true,
+                ..Default::default()
+            };
             control::put_cell_runtime(&mut *t, c, &rt).unwrap();
         }
         t.commit().unwrap();
@@ -68,7 +87,12 @@ async fn deposed_owner_cannot_commit() {
             let mut n = 0;
             while Instant::now() < stop_at {
                 n += 1;
-                let m = proto::TopUpRequest { user_id: "alice".into(), amount: 1, currency: "EUR".into(), idempotency_key: format!("w{w}-{n}") };
+                let m = proto::TopUpRequest {
+                    user_id: "alice".into(),
+                    amount: 1,
+                    currency: "EUR".into(),
+                    idempotency_key: format!("w{w}-{n}"),
+                };
                 match ca.clone().top_up(req("alice", m)).await {
                     Ok(_) => ok += 1,
                     Err(s) if s.code() == tonic::Code::Unavailable => {
@@ -83,28 +107,68 @@ async fn deposed_owner_cannot_commit() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let out = ldc().arg("--data-dir").arg(&data).args(["cell", "switchover", "a", "--to", "b"]).output().unwrap();
-    assert!(out.status.success(), "switchover: {}", String::from_utf8_lossy(&out.stderr));
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["cell", "switchover", "a", "--to", "b"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "switchover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (mut acked_by_a, mut moved) = (0, 0);
     for t in tasks {
         let (o, m) = t.await.unwrap();
         acked_by_a += o;
         moved += m;
     }
-    assert!(acked_by_a > 0 && moved > 0, "the race did not happen (acked {acked_by_a}, moved {moved})");
+    assert!(
+        acked_by_a > 0 && moved > 0,
+        "the race did not happen (acked {acked_by_a}, moved {moved})"
+    );
 
     // A is still running but fenced: a write is refused and changes nothing.
     let bal = |c: proto::payments_client::PaymentsClient<tonic::transport::Channel>| async move {
-        c.clone().get_balance(req("alice", proto::GetBalanceRequest { user_id: "alice".into() })).await.map(|r| r.into_inner())
+        c.clone()
+            .get_balance(req(
+                "alice",
+                proto::GetBalanceRequest {
+                    user_id: "alice".into(),
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
     };
     let before = bal(cb.clone()).await.unwrap();
-    assert_eq!(before.balance, 1_000 + acked_by_a, "exactly the top-ups A acknowledged are in the ledger");
+    assert_eq!(
+        before.balance,
+        1_000 + acked_by_a,
+        "exactly the top-ups A acknowledged are in the ledger"
+    );
     assert_eq!((before.cell.as_str(), before.epoch), ("b", 2));
-    let m = proto::TopUpRequest { user_id: "alice".into(), amount: 5, currency: "EUR".into(), idempotency_key: "late".into() };
-    let s = ca.clone().top_up(req("alice", m.clone())).await.unwrap_err();
+    let m = proto::TopUpRequest {
+        user_id: "alice".into(),
+        amount: 5,
+        currency: "EUR".into(),
+        idempotency_key: "late".into(),
+    };
+    let s = ca
+        .clone()
+        .top_up(req("alice", m.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unavailable);
-    assert!(bal(ca.clone()).await.is_err(), "A must not serve reads of a shard it lost either");
-    assert_eq!(bal(cb.clone()).await.unwrap().balance, before.balance, "the deposed cell committed a write");
+    assert!(
+        bal(ca.clone()).await.is_err(),
+        "A must not serve reads of a shard it lost either"
+    );
+    assert_eq!(
+        bal(cb.clone()).await.unwrap().balance,
+        before.balance,
+        "the deposed cell committed a write"
+    );
     // The same request (same key) at the owner applies once.
     cb.clone().top_up(req("alice", m.clone())).await.unwrap();
     cb.clone().top_up(req("alice", m)).await.unwrap();

@@ -17,20 +17,38 @@ async fn main() {
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-    let topo = Topology { shard_count: 100, cells: vec![CellInfo { id: "c".into(), region: "r".into(), capacity: None }] };
+    let topo = Topology {
+        shard_count: 100,
+        cells: vec![CellInfo {
+            id: "c".into(),
+            region: "r".into(),
+            capacity: None,
+        }],
+    };
     let mut t = store.begin().unwrap();
     control::init(&mut *t, &topo, &["c"], 0).unwrap();
     t.commit().unwrap();
     let reg = prometheus::Registry::new();
     let (w, _h) = Writer::start(
         store.clone(),
-        WriterConfig { cell: "c".into(), shard_count: 100, queue_max: 65536, batch_max: 1024 },
+        WriterConfig {
+            cell: "c".into(),
+            shard_count: 100,
+            queue_max: 65536,
+            batch_max: 1024,
+        },
         CellMetrics::new(&reg, "c", "blue"),
         Arc::new(tokio::sync::Notify::new()),
     );
     for u in 0..1000 {
         let user = format!("u{u}");
-        w.submit(Command::OpenAccount { user, currency: "EUR".into(), key: format!("o{u}") }).await.unwrap();
+        w.submit(Command::OpenAccount {
+            user,
+            currency: "EUR".into(),
+            key: format!("o{u}"),
+        })
+        .await
+        .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = vec![];
@@ -41,7 +59,14 @@ async fn main() {
             while Instant::now() < deadline {
                 n += 1;
                 let user = format!("u{}", (c * 131 + n as usize) % 1000);
-                w.submit(Command::TopUp { user, amount: 1, currency: "EUR".into(), key: format!("{c}-{n}") }).await.unwrap();
+                w.submit(Command::TopUp {
+                    user,
+                    amount: 1,
+                    currency: "EUR".into(),
+                    key: format!("{c}-{n}"),
+                })
+                .await
+                .unwrap();
             }
             n
         }));
@@ -50,7 +75,20 @@ async fn main() {
     for t in tasks {
         total += t.await.unwrap();
     }
-    println!("{} payments in {secs}s = {:.0}/s (concurrency {conc})", total, total as f64 / secs as f64);
-    print!("{}", ldc_cell::metrics::render(&reg).lines().filter(|l| l.contains("batch_commands_sum") || l.contains("batch_commands_count") || l.contains("batch_seconds_sum")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{} payments in {secs}s = {:.0}/s (concurrency {conc})",
+        total,
+        total as f64 / secs as f64
+    );
+    print!(
+        "{}",
+        ldc_cell::metrics::render(&reg)
+            .lines()
+            .filter(|l| l.contains("batch_commands_sum")
+                || l.contains("batch_commands_count")
+                || l.contains("batch_seconds_sum"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     println!();
 }

@@ -19,9 +19,24 @@ pub fn ldc() -> Command {
 
 /// Runs `ldc ARGS -o json` against a data dir and parses stdout.
 pub fn ldc_json(data: &Path, args: &[&str]) -> serde_json::Value {
-    let out = ldc().arg("--data-dir").arg(data).args(args).args(["-o", "json"]).output().unwrap();
-    assert!(out.status.success(), "ldc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ldc {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ldc {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ldc {args:?}: bad JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// A running `ldc up`, stopped (SIGTERM) on drop.
@@ -47,17 +62,21 @@ impl Platform {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(rest) = line.strip_prefix("LDC is up: router ") {
-                        let addr = rest.split_whitespace().next().unwrap().to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                if !sent && let Some(rest) = line.strip_prefix("LDC is up: router ") {
+                    let addr = rest.split_whitespace().next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
                 }
             }
         });
-        let router = rx.recv_timeout(Duration::from_secs(60)).expect("ldc up did not come up");
-        Platform { child, router, data: data.to_path_buf() }
+        let router = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("ldc up did not come up");
+        Platform {
+            child,
+            router,
+            data: data.to_path_buf(),
+        }
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -65,7 +84,13 @@ impl Platform {
     }
 
     pub fn cell(&self, name: &str) -> serde_json::Value {
-        self.status()["cells"].as_array().unwrap().iter().find(|c| c["cell"] == name).unwrap().clone()
+        self.status()["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cell"] == name)
+            .unwrap()
+            .clone()
     }
 
     /// Stops with SIGTERM and waits; returns the pids the platform had.
@@ -74,7 +99,14 @@ impl Platform {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|c| c["pids"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u32).collect::<Vec<_>>())
+            .flat_map(|c| {
+                c["pids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as u32)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         terminate(&mut self.child);
         pids
@@ -91,7 +123,10 @@ pub fn terminate(child: &mut Child) {
     if child.try_wait().ok().flatten().is_some() {
         return;
     }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if child.try_wait().ok().flatten().is_some() {
@@ -106,7 +141,7 @@ pub fn terminate(child: &mut Child) {
 pub fn alive(pid: u32) -> bool {
     // Signal 0 checks existence; a zombie still counts, so also read its state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_none_or(|st| st != "Z"),
         Err(_) => false,
     }
 }
@@ -122,7 +157,8 @@ pub async fn client(addr: &str) -> PaymentsClient<Channel> {
 
 pub fn req<T>(user: &str, m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
-    r.metadata_mut().insert(ldc_core::USER_HEADER, user.parse().unwrap());
+    r.metadata_mut()
+        .insert(ldc_core::USER_HEADER, user.parse().unwrap());
     r
 }
 
@@ -139,8 +175,12 @@ where
             Err(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                        | tonic::Code::ResourceExhausted | tonic::Code::Internal
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::Internal
                 ) && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -152,7 +192,11 @@ where
 
 pub async fn open_and_fund(c: &PaymentsClient<Channel>, user: &str, amount: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let o = proto::OpenAccountRequest { user_id: user.into(), currency: "EUR".into(), idempotency_key: format!("open-{user}") };
+    let o = proto::OpenAccountRequest {
+        user_id: user.into(),
+        currency: "EUR".into(),
+        idempotency_key: format!("open-{user}"),
+    };
     call_until(deadline, || {
         let mut c = c.clone();
         let r = req(user, o.clone());
@@ -160,7 +204,12 @@ pub async fn open_and_fund(c: &PaymentsClient<Channel>, user: &str, amount: i64)
     })
     .await
     .unwrap();
-    let t = proto::TopUpRequest { user_id: user.into(), amount, currency: "EUR".into(), idempotency_key: format!("fund-{user}") };
+    let t = proto::TopUpRequest {
+        user_id: user.into(),
+        amount,
+        currency: "EUR".into(),
+        idempotency_key: format!("fund-{user}"),
+    };
     call_until(deadline, || {
         let mut c = c.clone();
         let r = req(user, t.clone());
@@ -171,7 +220,12 @@ pub async fn open_and_fund(c: &PaymentsClient<Channel>, user: &str, amount: i64)
 }
 
 pub fn reconcile(data: &Path) -> serde_json::Value {
-    let out = ldc().arg("--data-dir").arg(data).args(["reconcile", "-o", "json"]).output().unwrap();
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(data)
+        .args(["reconcile", "-o", "json"])
+        .output()
+        .unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -182,7 +236,11 @@ pub fn wait_settled(data: &Path, timeout: Duration) -> serde_json::Value {
         let r = reconcile(data);
         let pending: u64 = r["report"]["currencies"]
             .as_object()
-            .map(|m| m.values().map(|c| c["outbox_messages"].as_u64().unwrap()).sum())
+            .map(|m| {
+                m.values()
+                    .map(|c| c["outbox_messages"].as_u64().unwrap())
+                    .sum()
+            })
             .unwrap_or(0);
         if pending == 0 || Instant::now() > deadline {
             return r;
