@@ -122,11 +122,19 @@ impl Balancer {
         now: Instant,
         rng: &mut R,
     ) -> Option<Arc<Endpoint>> {
-        let available: Vec<Arc<Endpoint>> = addrs
-            .iter()
-            .map(|a| self.endpoint(a))
-            .filter(|e| e.is_available(now))
-            .collect();
+        let available: Vec<Arc<Endpoint>> = {
+            // One lock per request, not one per endpoint.
+            let mut map = self.endpoints.lock().expect("lock");
+            addrs
+                .iter()
+                .map(|a| {
+                    map.entry(a.clone())
+                        .or_insert_with(|| Arc::new(Endpoint::new(a)))
+                        .clone()
+                })
+                .filter(|e| e.is_available(now))
+                .collect()
+        };
         match available.len() {
             0 => None,
             1 => available.into_iter().next(),

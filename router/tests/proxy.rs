@@ -179,17 +179,22 @@ impl Backend {
         *self.behaviour.lock().unwrap() = b;
     }
 
-    /// Kills the backend: its runtime, listener and connections go away at once.
-    fn kill(&mut self) {
+    /// Kills the backend: its runtime, listener and connections go away; returns once
+    /// they are gone.
+    async fn kill(&mut self) {
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(5)))
+                .await
+                .unwrap();
         }
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.kill();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -875,7 +880,7 @@ async fn a_killed_endpoint_is_ejected_and_its_colour_keeps_serving() {
     }
     assert_eq!(seen.len(), 2, "power of two choices spreads: {seen:?}");
 
-    dead.kill();
+    dead.kill().await;
     // Until the router notices, a request may fail (UNAVAILABLE, never silently retried);
     // then every request is served by the survivor.
     let mut streak = 0;
@@ -932,5 +937,82 @@ async fn metrics_count_requests_by_cell_colour_and_code() {
     );
     assert_eq!(metric(&metrics, "ldc_router_table_epoch"), 7.0);
     assert_eq!(router.get("/nope").await.0, 404);
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_too_large_to_replay_is_not_retried_after_moved() {
+    let (a, b, store, handle, v2) = moved_setup().await;
+    let _stop = poll_on_demand(store.clone(), handle.clone());
+    wait_until("table v1", || {
+        handle.current().is_some_and(|t| t.epoch == 1)
+    })
+    .await;
+    let cfg = RouterConfig {
+        retry_body_bytes_max: 4,
+        ..config()
+    };
+    let router = Router::start(handle.clone(), cfg).await;
+    let mut client = router.client().await;
+    store.publish(&v2);
+    a.set(Behaviour::Moved {
+        owner: "B".into(),
+        epoch: 2,
+    });
+    // The body ("whoever" plus framing) is larger than 4 bytes: it was streamed, so the
+    // moved answer goes back to the client, which may retry (nothing was applied).
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(e.metadata().get(ldc_core::MOVED_OWNER).unwrap(), "B");
+    assert_eq!((a.calls(), b.calls()), (1, 0));
+    router.stop().await;
+}
+
+#[tokio::test]
+async fn no_usable_endpoint_names_the_cell_and_colour() {
+    let mut only = Backend::start("blue");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&only], &[], 0, false)));
+    let router = Router::start(handle.clone(), config()).await;
+    let mut client = router.client().await;
+    only.kill().await;
+
+    // First: the connect fails (safe to retry: nothing reached the cell).
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message()
+            .starts_with("cannot connect to cell A (blue endpoint")
+            || e.message()
+                .starts_with("cell A has no healthy blue endpoint"),
+        "{}",
+        e.message()
+    );
+    // Then the endpoint is ejected and the router says so without trying.
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message()
+            .starts_with("cell A has no healthy blue endpoint"),
+        "{}",
+        e.message()
+    );
+
+    // A colour with no endpoints at all.
+    handle.offer(one_cell_table(2, cell(&[&only], &[], BP_MAX, false)));
+    let e = balance(&mut client, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(
+        e.message(),
+        "cell A has no green endpoints in routing table epoch 2"
+    );
     router.stop().await;
 }
