@@ -21,6 +21,26 @@
 //! * **A limit on everything**: header bytes, buffered body bytes, upstream time,
 //!   connections, the moved-refresh wait.
 //!
+//! ## The router's own answers
+//!
+//! All are gRPC errors (HTTP 200, `application/grpc`, trailers-only), counted in
+//! `ldc_router_errors_total{reason}`:
+//!
+//! | situation | code | reason label |
+//! |---|---|---|
+//! | no routing table yet | UNAVAILABLE | `no_table` |
+//! | `x-ldc-user` missing, malformed, or not a valid user id | INVALID_ARGUMENT | `missing_user_header`, `bad_user_header` |
+//! | `x-ldc-shard` not a number / `x-ldc-colour` not blue or green | INVALID_ARGUMENT | `bad_shard_header`, `bad_colour_header` |
+//! | shard number beyond the table (the count is fixed per platform, so it names nothing) | NOT_FOUND | `unknown_shard` |
+//! | request headers over `header_bytes_max` | RESOURCE_EXHAUSTED | `headers_too_large` |
+//! | the colour lists no endpoints / all are ejected (names cell and colour) | UNAVAILABLE | `no_endpoint`, `no_healthy_endpoint` |
+//! | connect to the endpoint failed (nothing reached the cell: safe to retry) | UNAVAILABLE | `connect` |
+//! | connection failed after the request was sent (may have been applied) | UNAVAILABLE | `upstream` |
+//! | no answer before the deadline (may have been applied; never retried) | DEADLINE_EXCEEDED | `upstream_timeout` |
+//!
+//! A forced colour (`x-ldc-colour`) on a cell that does not allow it is ignored, not
+//! refused: a stray test header must never break real traffic.
+//!
 //! ## Layout
 //!
 //! * [`table`]: [`TableHandle`] (the current table, epoch-monotone) and [`poll_store`], the

@@ -231,6 +231,8 @@ pub async fn poll_store(
     shutdown: impl Future<Output = ()>,
 ) {
     table.attach_source();
+    // A limit on everything: even a zero period must not spin on the store.
+    let every = every.max(Duration::from_millis(10));
     let read_timeout = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
     tokio::pin!(shutdown);
     let mut failing = false;
