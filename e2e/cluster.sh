@@ -157,8 +157,293 @@ cmd_install() {
 }
 
 # ---------------------------------------------------------------------------------------
+# cluster lifecycle (kwokctl, binary runtime)
+
+NODE_COUNT=${LDC_NODES:-2}
+KUBECTL=${KUBECTL:-$(command -v kubectl || true)}
+
+cluster_name() {
+    local name=${1:-$DEFAULT_NAME}
+    [[ $name =~ ^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$ ]] || die "bad cluster name '$name' (use [a-z0-9-])"
+    echo "$name"
+}
+
+cluster_dir() { echo "$STATE_ROOT/clusters/$1"; }
+kubeconfig_path() { echo "$(cluster_dir "$1")/kubeconfig.yaml"; }
+
+# kwokctl keeps all of its state under KWOK_WORKDIR; never touch ~/.kube/config.
+kwokctl_run() {
+    KWOK_WORKDIR=$STATE_ROOT PATH="$BIN_DIR:$PATH" "$BIN_DIR/kwokctl" "$@"
+}
+
+kc() { "$KUBECTL" --kubeconfig "$KCFG" "$@"; }
+
+# close every fd but 0, 1 and 2 in the current (sub)shell
+close_extra_fds() {
+    local fd
+    for fd in "/proc/$BASHPID/fd"/*; do
+        fd=${fd##*/}
+        ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null || true
+    done
+}
+
+# pids of this cluster's processes: kwokctl runs them as <state>/bin/<name> (symlinks to
+# our binaries); also catch anything running one of our binaries on its state directory.
+cluster_pids() {
+    local dir pid
+    dir=$(cluster_dir "$1")/
+    ps -eo pid=,args= | awk -v d="$dir" '
+        index($2, d "bin/") == 1 { print $1; next }
+        index($0, d) { print "?" $1 }' |
+        while read -r pid; do
+            if [[ $pid == \?* ]]; then
+                pid=${pid#?}
+                # skip our own helpers (awk, ps, this shell) that merely mention the path
+                case $(readlink "/proc/$pid/exe" 2>/dev/null) in
+                "$BIN_DIR"/*) ;;
+                *) continue ;;
+                esac
+            fi
+            echo "$pid"
+        done
+}
+
+api_healthy() { kc get --raw /readyz >/dev/null 2>&1; }
+
+# wait_for SECONDS DESCRIPTION CMD...: poll CMD every second
+wait_for() {
+    local limit=$1 what=$2 t0=$SECONDS
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS - t0 < limit)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
+        sleep 1
+    done
+}
+
+nodes_ready() {
+    local n
+    n=$(kc get nodes -o jsonpath='{range .items[*]}{range .status.conditions[?(@.type=="Ready")]}{.status}{"\n"}{end}{end}' | grep -c '^True$' || true)
+    ((n >= NODE_COUNT))
+}
+
+# shellcheck disable=SC2329 # called through wait_for
+default_sa_exists() { kc -n default get serviceaccount default; }
+
+write_kwokctl_config() {
+    local file=$1
+    cat >"$file" <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+options:
+  runtime: binary
+  # every component listens on loopback only
+  bindAddress: 127.0.0.1
+  kubeVersion: $K8S_VERSION
+  etcdVersion: ${ETCD_VERSION#v}
+  securePort: true
+  kubeAuthorization: true
+  kubeAdmission: true
+  etcdBinary: $BIN_DIR/etcd
+  kubeApiserverBinary: $BIN_DIR/kube-apiserver
+  kubeControllerManagerBinary: $BIN_DIR/kube-controller-manager
+  kubeSchedulerBinary: $BIN_DIR/kube-scheduler
+  kwokControllerBinary: $BIN_DIR/kwok
+  kubectlBinary: $KUBECTL
+  quietPull: true
+EOF
+}
+
+cmd_up() {
+    local name t0=$SECONDS cfg
+    name=$(cluster_name "${1:-}")
+    [[ -n $KUBECTL ]] || die "kubectl must be on PATH"
+    cmd_install # no-op (a few seconds) when the tools are cached
+    KCFG=$(kubeconfig_path "$name")
+    mkdir -p "$STATE_ROOT/configs"
+
+    if [[ -d $(cluster_dir "$name") ]]; then
+        if [[ -f $KCFG ]] && api_healthy && nodes_ready; then
+            log "cluster $name is already up"
+            echo "$KCFG"
+            return 0
+        fi
+        log "cluster $name exists but is not healthy: recreating it"
+        cmd_down "$name" >/dev/null
+    fi
+
+    cfg=$STATE_ROOT/configs/$name.yaml
+    write_kwokctl_config "$cfg"
+    log "creating cluster $name (kwokctl binary runtime, state in $(cluster_dir "$name"))"
+    # kwokctl picks free ports itself (skipping those of its other clusters); serialise
+    # creation so two concurrent `up`s cannot choose the same ports.
+    # The lock fd (and any other inherited fd) is closed for kwokctl: the daemons it
+    # starts would otherwise hold the lock, or a caller's pipe, for as long as they run.
+    if ! (
+        flock 9
+        (
+            close_extra_fds
+            kwokctl_run --name "$name" --config "$cfg" create cluster \
+                --kubeconfig "" --wait 2m --timeout 5m
+        )
+    ) 9>"$STATE_ROOT/.create.lock" </dev/null >"$STATE_ROOT/configs/$name.create.log" 2>&1; then
+        cat "$STATE_ROOT/configs/$name.create.log" >&2
+        cmd_down "$name" >/dev/null 2>&1 || true
+        die "kwokctl create cluster $name failed"
+    fi
+    [[ -f $KCFG ]] || die "kwokctl did not write $KCFG"
+    wait_for 120 "kube-apiserver /readyz" api_healthy || { cmd_down "$name"; die "API server not healthy"; }
+
+    kwokctl_run --name "$name" scale node --replicas "$NODE_COUNT" </dev/null \
+        >"$STATE_ROOT/configs/$name.scale.log" 2>&1 ||
+        { cat "$STATE_ROOT/configs/$name.scale.log" >&2; cmd_down "$name"; die "kwokctl scale node failed"; }
+    wait_for 120 "$NODE_COUNT Ready nodes" nodes_ready || { cmd_down "$name"; die "nodes not Ready"; }
+    # the token controller must have made the default ServiceAccount before pods can be created
+    wait_for 120 "default ServiceAccount" default_sa_exists || { cmd_down "$name"; die "no default ServiceAccount"; }
+
+    log "cluster $name is up in $((SECONDS - t0))s: $(kc get --raw /version | tr -d ' \n' | sed 's/.*"gitVersion":"\([^"]*\)".*/\1/'), $NODE_COUNT nodes, server $(kc config view -o jsonpath='{.clusters[0].cluster.server}')"
+    echo "$KCFG"
+}
+
+cmd_down() {
+    local name dir pids left
+    name=$(cluster_name "${1:-}")
+    dir=$(cluster_dir "$name")
+    mkdir -p "$STATE_ROOT/configs"
+    if [[ -d $dir && -x $BIN_DIR/kwokctl ]]; then
+        # (kwokctl delete rejects an empty --kubeconfig; this file is never a real one)
+        kwokctl_run --name "$name" delete cluster --kubeconfig "$STATE_ROOT/.no-contexts.yaml" \
+            </dev/null >"$STATE_ROOT/configs/$name.delete.log" 2>&1 ||
+            log "kwokctl delete cluster $name failed (see $STATE_ROOT/configs/$name.delete.log); killing its processes"
+    fi
+    # whatever kwokctl missed: processes running our binaries on this cluster's state dir
+    pids=$(cluster_pids "$name" | tr '\n' ' ')
+    if [[ -n ${pids// /} ]]; then
+        log "stopping stray processes: $pids"
+        # shellcheck disable=SC2086
+        kill $pids 2>/dev/null || true
+        for _ in $(seq 1 20); do
+            left=$(cluster_pids "$name" | tr '\n' ' ')
+            [[ -z ${left// /} ]] && break
+            sleep 0.5
+        done
+        left=$(cluster_pids "$name" | tr '\n' ' ')
+        # shellcheck disable=SC2086
+        [[ -z ${left// /} ]] || kill -9 $left 2>/dev/null || true
+    fi
+    sleep 0.2
+    left=$(cluster_pids "$name" | tr '\n' ' ')
+    [[ -z ${left// /} ]] || die "processes of cluster $name still running: $left"
+    rm -rf "$dir" "$STATE_ROOT/configs/$name".*
+    log "cluster $name is down (no processes left, state removed)"
+}
+
+cmd_kubeconfig() {
+    local name
+    name=$(cluster_name "${1:-}")
+    KCFG=$(kubeconfig_path "$name")
+    [[ -f $KCFG ]] || die "cluster $name is not up (no $KCFG)"
+    echo "$KCFG"
+}
+
+cmd_env() {
+    local k
+    k=$(cmd_kubeconfig "$@")
+    # shellcheck disable=SC2016 # $PATH is for the caller's shell to expand
+    printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$k" "$BIN_DIR"
+}
+
+cmd_status() {
+    local name pids
+    name=$(cluster_name "${1:-}")
+    KCFG=$(kubeconfig_path "$name")
+    pids=$(cluster_pids "$name" | tr '\n' ' ')
+    echo "cluster:    $name"
+    echo "state:      $(cluster_dir "$name")"
+    echo "kubeconfig: $KCFG"
+    echo "processes:  ${pids:-none}"
+    if [[ -f $KCFG ]] && api_healthy; then
+        echo "api:        healthy ($(kc config view -o jsonpath='{.clusters[0].cluster.server}'))"
+        kc get nodes
+    else
+        echo "api:        not reachable"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------
+# smoke test
+
+smoke_manifest() {
+    cat <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: smoke
+  namespace: default
+  labels: {app: smoke}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: smoke}
+  template:
+    metadata:
+      labels: {app: smoke}
+    spec:
+      containers:
+      - name: app
+        image: registry.k8s.io/pause:3.10
+        resources:
+          requests: {cpu: 10m, memory: 16Mi}
+EOF
+}
+
+cmd_smoke() {
+    local name=ldc-smoke-$$ t0=$SECONDS out sv hv ready
+    log "smoke: cluster $name"
+    # shellcheck disable=SC2064
+    trap "cmd_down $name >/dev/null 2>&1 || true" EXIT
+    KCFG=$(cmd_up "$name")
+
+    smoke_manifest | kc apply -f -
+    kc rollout status deployment/smoke --timeout=120s
+    kc wait --for=condition=Ready pod -l app=smoke --timeout=60s
+    ready=$(kc get pods -l app=smoke -o jsonpath='{range .items[?(@.status.phase=="Running")]}{.metadata.name}{"\n"}{end}' | grep -c . || true)
+    kc get pods -l app=smoke -o wide
+    ((ready == 2)) || die "expected 2 Running pods, got $ready"
+
+    out=$(kc version 2>&1) || true
+    echo "$out"
+    grep -qx "Server Version: $K8S_VERSION" <<<"$out" || die "kubectl version does not report server $K8S_VERSION"
+    sv=$(kc get --raw /version | tr -d ' \n' | sed -n 's/.*"gitVersion":"\([^"]*\)".*/\1/p')
+    [[ $sv == "$K8S_VERSION" ]] || die "/version reports '$sv', expected $K8S_VERSION"
+
+    # helm with its state kept out of \$HOME
+    local hh
+    hh=$(cluster_dir "$name")/helm
+    mkdir -p "$hh"
+    export HELM_CONFIG_HOME=$hh/config HELM_CACHE_HOME=$hh/cache HELM_DATA_HOME=$hh/data
+    hv=$("$BIN_DIR/helm" version --short)
+    echo "helm version: $hv"
+    [[ $hv == "$HELM_VERSION"* ]] || die "helm reports '$hv', expected $HELM_VERSION"
+    # a minimal chart, installed and uninstalled against the cluster
+    mkdir -p "$hh/chart/templates"
+    printf 'apiVersion: v2\nname: smoke\nversion: 0.1.0\n' >"$hh/chart/Chart.yaml"
+    printf 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\ndata:\n  ok: "yes"\n' \
+        >"$hh/chart/templates/cm.yaml"
+    "$BIN_DIR/helm" --kubeconfig "$KCFG" install smoke-chart "$hh/chart" --wait --timeout 60s
+    [[ $(kc get configmap smoke-chart -o jsonpath='{.data.ok}') == yes ]] || die "helm release did not create its ConfigMap"
+    "$BIN_DIR/helm" --kubeconfig "$KCFG" list -A
+    "$BIN_DIR/helm" --kubeconfig "$KCFG" uninstall smoke-chart --wait
+
+    cmd_down "$name"
+    trap - EXIT
+    [[ -z $(cluster_pids "$name") ]] || die "stray processes after down"
+    log "smoke: PASSED in $((SECONDS - t0))s"
+}
+
+# ---------------------------------------------------------------------------------------
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -166,9 +451,15 @@ main() {
     [[ $# -gt 0 ]] && shift
     case $cmd in
     install) cmd_install "$@" ;;
+    up) cmd_up "$@" ;;
+    down) cmd_down "$@" ;;
+    kubeconfig) cmd_kubeconfig "$@" ;;
+    env) cmd_env "$@" ;;
+    status) cmd_status "$@" ;;
+    smoke) cmd_smoke "$@" ;;
     -h | --help | help | "") usage ;;
     *) usage >&2; exit 2 ;;
     esac
 }
 
-main "$@"
+main "$@"; exit # on one line: bash must not read past it if the file is edited meanwhile
