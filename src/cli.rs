@@ -142,6 +142,9 @@ pub struct UpArgs {
     /// Health-check period in milliseconds.
     #[arg(long, default_value_t = 200)]
     pub check_ms: u64,
+    /// Where the local controller serves its Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_listen: String,
 }
 
 #[derive(Subcommand, Debug)]

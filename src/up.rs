@@ -185,6 +185,58 @@ pub async fn serve_router(g: &Global, listen: &str, die: bool, poll_ms: u64) -> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// The local controller's metrics.
+struct ControllerMetrics {
+    failovers: prometheus::IntCounterVec,
+    failover_seconds: prometheus::Histogram,
+    healthy: prometheus::IntGaugeVec,
+    restarts: prometheus::IntCounterVec,
+    routing_epoch: prometheus::IntGauge,
+}
+
+impl ControllerMetrics {
+    fn new(registry: &prometheus::Registry) -> Result<ControllerMetrics> {
+        use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+        let m = ControllerMetrics {
+            failovers: IntCounterVec::new(
+                Opts::new(
+                    "ldc_controller_failovers_total",
+                    "Automatic cell failovers by cell and result",
+                ),
+                &["cell", "result"],
+            )?,
+            failover_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ldc_controller_failover_seconds",
+                    "From the first failed health check to the new routing table committed",
+                )
+                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0]),
+            )?,
+            healthy: IntGaugeVec::new(
+                Opts::new(
+                    "ldc_controller_cell_healthy",
+                    "1 if the cell passes health checks",
+                ),
+                &["cell"],
+            )?,
+            restarts: IntCounterVec::new(
+                Opts::new("ldc_controller_restarts_total", "Cell process restarts"),
+                &["cell"],
+            )?,
+            routing_epoch: IntGauge::new(
+                "ldc_controller_routing_epoch",
+                "Epoch of the last routing table published",
+            )?,
+        };
+        registry.register(Box::new(m.failovers.clone()))?;
+        registry.register(Box::new(m.failover_seconds.clone()))?;
+        registry.register(Box::new(m.healthy.clone()))?;
+        registry.register(Box::new(m.restarts.clone()))?;
+        registry.register(Box::new(m.routing_epoch.clone()))?;
+        Ok(m)
+    }
+}
+
 /// A child process of the supervisor.
 struct Proc {
     name: String,
@@ -195,6 +247,8 @@ struct Proc {
     listen: String,
     metrics: String,
     failures: u32,
+    /// When the current run of failed checks began.
+    failing_since: Option<Instant>,
     healthy: bool,
     restart_at: Option<Instant>,
     health: Option<HealthClient<tonic::transport::Channel>>,
@@ -305,7 +359,7 @@ async fn failover(
     store: &Arc<dyn Store>,
     procs: &[Proc],
     cell: &str,
-) -> Result<Option<planner::Plan>> {
+) -> Result<Option<(planner::Plan, u64)>> {
     let store = store.clone();
     let health: BTreeMap<String, Health> = procs
         .iter()
@@ -339,9 +393,9 @@ async fn failover(
         for (name, rt) in &rts {
             control::put_cell_runtime(&mut *t, name, rt)?;
         }
-        control::publish_routing(&mut *t, &BTreeMap::new())?;
+        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
         t.commit()?;
-        Ok(Some(plan))
+        Ok(Some((plan, table.epoch)))
     })
     .await
 }
@@ -415,6 +469,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         listen: String::new(),
         metrics: String::new(),
         failures: 0,
+        failing_since: None,
         healthy: true,
         restart_at: None,
         health: None,
@@ -445,6 +500,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             listen: String::new(),
             metrics: String::new(),
             failures: 0,
+            failing_since: None,
             healthy: true,
             restart_at: None,
             health: None,
@@ -455,10 +511,26 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         procs.push(p);
     }
     let epoch = publish(&store, &procs).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = ControllerMetrics::new(&registry)?;
+    metrics.routing_epoch.set(epoch as i64);
+    let metrics_listener = TcpListener::bind(&a.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ldc_cell::metrics::serve_metrics(
+        metrics_listener,
+        registry.clone(),
+        async move {
+            let _ = metrics_stop_rx.await;
+        },
+    ));
     println!(
         "LDC is up: router {} (routing epoch {epoch})",
         router.listen
     );
+    println!("  controller metrics http://{metrics_addr}/metrics");
     for p in &procs {
         println!(
             "  cell {:<8} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics",
@@ -484,6 +556,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         for p in procs.iter_mut() {
             if let Some(at) = p.restart_at {
                 if Instant::now() >= at {
+                    metrics.restarts.with_label_values(&[&p.name]).inc();
                     match p.start(&g).await {
                         Ok(()) => eprintln!(
                             "restarted cell {} (pid {}); it owns no shards until a move",
@@ -498,8 +571,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 continue;
             }
             let ok = p.probe(probe_timeout).await;
+            metrics
+                .healthy
+                .with_label_values(&[&p.name])
+                .set(i64::from(ok));
             if ok {
                 p.failures = 0;
+                p.failing_since = None;
                 if !p.healthy {
                     p.healthy = true;
                     changed = true;
@@ -508,6 +586,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 continue;
             }
             p.failures += 1;
+            p.failing_since.get_or_insert_with(Instant::now);
             let exited = p
                 .child
                 .as_mut()
@@ -530,8 +609,18 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         }
         for cell in to_fail {
             let started = Instant::now();
+            let since = procs
+                .iter()
+                .find(|p| p.name == cell)
+                .and_then(|p| p.failing_since)
+                .unwrap_or(started);
             match failover(&store, &procs, &cell).await {
-                Ok(Some(plan)) => {
+                Ok(Some((plan, epoch))) => {
+                    metrics.routing_epoch.set(epoch as i64);
+                    metrics.failovers.with_label_values(&[&cell, "ok"]).inc();
+                    metrics
+                        .failover_seconds
+                        .observe(since.elapsed().as_secs_f64());
                     let targets: Vec<String> = plan
                         .targets()
                         .iter()
@@ -546,11 +635,17 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                     changed = false; // failover republished routing with the new health
                 }
                 Ok(None) => {}
-                Err(e) => eprintln!("failover of {cell} failed: {e:#}"),
+                Err(e) => {
+                    metrics.failovers.with_label_values(&[&cell, "error"]).inc();
+                    eprintln!("failover of {cell} failed: {e:#}");
+                }
             }
         }
-        if changed && let Err(e) = publish(&store, &procs).await {
-            eprintln!("publishing the routing table failed: {e:#}");
+        if changed {
+            match publish(&store, &procs).await {
+                Ok(epoch) => metrics.routing_epoch.set(epoch as i64),
+                Err(e) => eprintln!("publishing the routing table failed: {e:#}"),
+            }
         }
         // Keep the router alive too.
         if router
@@ -565,6 +660,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         }
     }
 
+    let _ = metrics_stop.send(());
     eprintln!("stopping...");
     for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
         if let Some(c) = &p.child
