@@ -322,3 +322,78 @@ proptest! {
         }
     }
 }
+
+/// Reconciliation is a detector, not a rubber stamp: each kind of tampering is reported.
+#[test]
+fn reconcile_detects_tampering() {
+    use ldc_cell::model::{AccountRec, dec, enc};
+    let mut w = World::new();
+    for (i, u) in ["alice", "bob"].iter().enumerate() {
+        let cmd = Command::OpenAccount {
+            user: (*u).into(),
+            currency: "EUR".into(),
+            key: format!("o{i}"),
+        };
+        w.run(&cmd).unwrap();
+    }
+    w.run(&Command::TopUp {
+        user: "alice".into(),
+        amount: 100,
+        currency: "EUR".into(),
+        key: "t".into(),
+    })
+    .unwrap();
+    w.run(&Command::Transfer {
+        user: "alice".into(),
+        to: "bob".into(),
+        amount: 30,
+        currency: "EUR".into(),
+        key: "x".into(),
+    })
+    .unwrap();
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+
+    // 1. A balance changed without an entry.
+    let key = keys::account(shard_of("alice", SHARDS), "alice");
+    let tamper = |w: &World, f: &dyn Fn(&mut dyn ldc_store::Kv)| {
+        let mut t = w.store.begin().unwrap();
+        f(&mut *t);
+        t.commit().unwrap();
+    };
+    let original = {
+        let mut t = w.store.begin_read().unwrap();
+        t.get(&key).unwrap().unwrap()
+    };
+    tamper(&w, &|kv| {
+        let mut a: AccountRec = dec("account", &original).unwrap();
+        a.balance += 1;
+        kv.put(&key, &enc(&a)).unwrap();
+    });
+    let r = reconcile::run(&*w.store).unwrap();
+    assert!(!r.is_clean());
+    assert_eq!(r.currencies["EUR"].difference, 1, "{r:#?}");
+    tamper(&w, &|kv| kv.put(&key, &original).unwrap());
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+
+    // 2. A credit applied twice (simulated: the outbox message still claims to be unapplied
+    //    after the payee was credited) breaks the in-flight check.
+    w.relay(0, false, false); // deliver, do not settle
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+    let ob = w.outbox();
+    let (_, credit) = &ob[0];
+    tamper(&w, &|kv| {
+        let dkey = keys::dedup(
+            shard_of(&credit.to_user_id, SHARDS),
+            &credit.to_user_id,
+            &credit.message_id,
+        );
+        kv.delete(&dkey).unwrap();
+    });
+    let r = reconcile::run(&*w.store).unwrap();
+    assert!(!r.is_clean(), "a lost dedup record must be visible: {r:#?}");
+    assert!(
+        r.problems.iter().any(|p| p.contains("in flight")),
+        "{:?}",
+        r.problems
+    );
+}
