@@ -30,6 +30,30 @@ pub struct CellService {
     pub metrics: CellMetrics,
 }
 
+/// Stable metric label of a gRPC code (no allocation on the hot path).
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn request_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get(ldc_core::REQUEST_ID_HEADER)
@@ -76,7 +100,7 @@ impl CellService {
         }
         self.metrics
             .requests
-            .with_label_values(&[method, &format!("{code:?}")])
+            .with_label_values(&[method, code_label(code)])
             .inc();
         self.metrics
             .latency
@@ -86,7 +110,7 @@ impl CellService {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
                 if matches!(e.code(), tonic::Code::Internal | tonic::Code::Unknown) {
-                    tracing::error!(error = %e, "request failed");
+                    tracing::error!(method, cell = %self.cell, colour = %self.colour, error = %e, "request failed");
                 } else {
                     tracing::debug!(error = %e, "request refused");
                 }
@@ -108,7 +132,9 @@ impl CellService {
             .map(|c| c.user().to_string())
             .unwrap_or_default();
         let shard = cmd.as_ref().map(|c| c.shard(self.shard_count)).unwrap_or(0);
-        let span = tracing::info_span!("write", method, request_id = %rid, user = %user, shard, cell = %self.cell, colour = %self.colour, epoch = tracing::field::Empty);
+        // Request spans are DEBUG: on the hot path even formatting their fields costs more
+        // than the ledger work; `LDC_LOG=ldc_cell=debug` turns them on.
+        let span = tracing::debug_span!("write", method, request_id = %rid, user = %user, shard, cell = %self.cell, colour = %self.colour, epoch = tracing::field::Empty);
         let r = async {
             let cmd = cmd?;
             cmd.validate()?;
@@ -129,7 +155,7 @@ impl CellService {
         f: impl FnOnce(&mut dyn ldc_store::Kv, &Ctx, u64) -> Result<T, PaymentError> + Send + 'static,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let span = tracing::info_span!("read", method, request_id = %rid, user = %user, cell = %self.cell, colour = %self.colour);
+        let span = tracing::debug_span!("read", method, request_id = %rid, user = %user, cell = %self.cell, colour = %self.colour);
         let this = self.clone();
         let r = async move {
             validate_user("user_id", &user)?;
