@@ -215,39 +215,20 @@ pub struct Ctx<'a> {
 /// conflicts with our commit; on SQLite the write lock already excludes it.
 pub fn fence(kv: &mut dyn Kv, cell: &str, shard: u32) -> Result<u64, PaymentError> {
     let raw = kv.get_for_update(&keys::owner(shard))?;
-    let owner: Owner = match raw {
-        Some(b) => serde_json::from_slice(&b).map_err(|e| {
-            PaymentError::Corrupt(format!("ownership record of shard {shard}: {e}"))
-        })?,
-        None => {
-            return Err(PaymentError::Corrupt(format!(
-                "shard {shard} has no ownership record"
-            )));
-        }
-    };
-    if owner.cell != cell {
-        return Err(PaymentError::Moved {
-            shard,
-            owner: owner.cell,
-            epoch: owner.epoch,
-        });
-    }
-    Ok(owner.epoch)
+    check_owner(raw, cell, shard)
 }
 
 /// Same check on a read-only snapshot (reads need no lock: they change nothing).
 pub fn fence_read(kv: &mut dyn Kv, cell: &str, shard: u32) -> Result<u64, PaymentError> {
     let raw = kv.get(&keys::owner(shard))?;
-    let owner: Owner = match raw {
-        Some(b) => serde_json::from_slice(&b).map_err(|e| {
-            PaymentError::Corrupt(format!("ownership record of shard {shard}: {e}"))
-        })?,
-        None => {
-            return Err(PaymentError::Corrupt(format!(
-                "shard {shard} has no ownership record"
-            )));
-        }
-    };
+    check_owner(raw, cell, shard)
+}
+
+fn check_owner(raw: Option<Vec<u8>>, cell: &str, shard: u32) -> Result<u64, PaymentError> {
+    let raw =
+        raw.ok_or_else(|| PaymentError::Corrupt(format!("shard {shard} has no ownership record")))?;
+    let owner: Owner = serde_json::from_slice(&raw)
+        .map_err(|e| PaymentError::Corrupt(format!("ownership record of shard {shard}: {e}")))?;
     if owner.cell != cell {
         return Err(PaymentError::Moved {
             shard,
