@@ -997,25 +997,42 @@ pub fn list_entries(
     } else {
         limit.min(ENTRIES_PAGE_MAX)
     };
-    let start = keys::entry(shard, user, after_seq + 1);
-    let end = prefix_end(keys::entries_prefix(shard, user).as_bytes());
-    let rows = kv.scan(&start, &end, limit as usize + 1)?;
-    let more = rows.len() > limit as usize;
-    let mut entries = Vec::with_capacity(rows.len().min(limit as usize));
-    for (k, v) in rows.into_iter().take(limit as usize) {
-        let seq = std::str::from_utf8(&k)
-            .ok()
-            .and_then(|s| s.rsplit('/').next())
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| PaymentError::Corrupt("entry key".into()))?;
-        let e: EntryRec = dec("entry", &v)?;
-        entries.push(proto::Entry {
-            seq,
-            payment_id: e.payment_id,
-            amount: e.amount,
-            balance_after: e.balance_after,
-            kind: e.kind,
-        });
+    // Entries share the journal range with payments; walk it until one entry past the
+    // page (to know whether there is more) or the end of the range.
+    let end = prefix_end(keys::journal_prefix(shard, user).as_bytes());
+    let mut start = keys::entry(shard, user, after_seq + 1);
+    start.truncate(start.len() - 1); // from the first journal key of that sequence number
+    let mut entries = Vec::with_capacity(limit as usize);
+    let mut more = false;
+    'pages: loop {
+        let rows = kv.scan(&start, &end, 2 * limit as usize + 2)?;
+        let exhausted = rows.len() < 2 * limit as usize + 2;
+        for (k, v) in &rows {
+            let key =
+                std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("journal key".into()))?;
+            let Some((_, keys::UserKey::Entry(seq))) = keys::parse_user_key(key) else {
+                continue;
+            };
+            if entries.len() == limit as usize {
+                more = true;
+                break 'pages;
+            }
+            let e: EntryRec = dec("entry", v)?;
+            entries.push(proto::Entry {
+                seq,
+                payment_id: e.payment_id,
+                amount: e.amount,
+                balance_after: e.balance_after,
+                kind: e.kind,
+            });
+        }
+        match rows.last() {
+            Some((k, _)) if !exhausted => {
+                start = k.clone();
+                start.push(0);
+            }
+            _ => break,
+        }
     }
     let next_after_seq = if more {
         entries.last().map_or(0, |e| e.seq)

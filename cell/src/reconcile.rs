@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::control;
 use crate::error::PaymentError;
+use crate::keys::{self, UserKey};
 use crate::model::*;
 
 /// Totals of one currency, in minor units.
@@ -103,14 +104,13 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
     scan_all(kv, b"u/", |k, v| {
         let key =
             std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
-        let parts: Vec<&str> = key.splitn(5, '/').collect();
-        let (user, kind) = (
-            parts.get(2).copied().unwrap_or(""),
-            parts.get(3).copied().unwrap_or(""),
-        );
+        let Some((user, kind)) = keys::parse_user_key(key) else {
+            problems.push(format!("unexpected key {key}"));
+            return Ok(());
+        };
         let id = format!("user {user}");
         match kind {
-            "a" => {
+            UserKey::Account => {
                 let a: AccountRec = dec("account", v)?;
                 let c = accounts.entry(id).or_default();
                 c.currency = a.currency;
@@ -121,7 +121,7 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
                     problems.push(format!("user {user} has a negative balance {}", a.balance));
                 }
             }
-            "e" => {
+            UserKey::Entry(_) => {
                 let e: EntryRec = dec("entry", v)?;
                 let c = accounts.entry(id).or_default();
                 c.entries_sum += i128::from(e.amount);
@@ -133,7 +133,7 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
                     ));
                 }
             }
-            "p" => {
+            UserKey::Payment(_) => {
                 let p: PaymentRec = dec("payment", v)?;
                 if p.refunded < 0 || p.refunded > p.amount {
                     problems.push(format!(
@@ -142,12 +142,12 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
                     ));
                 }
             }
-            "d" => {
+            UserKey::Dedup => {
                 let d: DedupRec = dec("dedup", v)?;
-                let message = parts.get(4).copied().unwrap_or("").to_string();
+                let message = key.rsplit_once("/d/").map_or("", |(_, m)| m).to_string();
                 applied.insert(message, d.applied);
             }
-            _ => {}
+            UserKey::Idempotency => {}
         }
         Ok(())
     })?;
@@ -158,9 +158,9 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
         let key =
             std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
         let parts: Vec<&str> = key.split('/').collect();
-        // x/{shard}/{ccy}/{which}  or  x/{shard}/{ccy}/{which}/e/{seq}
+        // x/{shard}/{ccy}/{which}/~  or  x/{shard}/{ccy}/{which}/e/{seq}
         let acct_id = parts[..4.min(parts.len())].join("/");
-        if parts.len() == 4 {
+        if parts.len() == 5 && parts[4] == "~" {
             let a: SysAccountRec = dec("system account", v)?;
             *sys.entry((parts[2].to_string(), parts[3].to_string()))
                 .or_default() += a.balance;
