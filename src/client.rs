@@ -133,8 +133,15 @@ fn print_account(out: Output, a: &proto::Account) {
     }
 }
 
-fn fail(s: tonic::Status) -> Result<ExitCode> {
-    eprintln!("error: {:?}: {}", s.code(), s.message());
+fn fail(addr: &str, s: tonic::Status) -> Result<ExitCode> {
+    let hint = if s.code() == tonic::Code::Unavailable && s.message().contains("connect") {
+        format!(
+            "\nhint: nothing answers at {addr}; start the platform with `ldc up`, or point at a router with --router"
+        )
+    } else {
+        String::new()
+    };
+    eprintln!("error: {:?}: {}{hint}", s.code(), s.message());
     Ok(ExitCode::from(2))
 }
 
@@ -295,6 +302,6 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
     };
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(s) => fail(s),
+        Err(s) => fail(&addr, s),
     }
 }
