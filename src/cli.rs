@@ -118,6 +118,15 @@ pub enum Cmd {
     },
     /// Recompute every balance and prove money is conserved (exit 1 on any difference).
     Reconcile,
+    /// Where users are routed now: shard, cell, colour and endpoints (from the published
+    /// routing table). Used by the router benchmark to configure its peer.
+    #[command(hide = true)]
+    Route {
+        users: Vec<String>,
+        /// Also read user ids from stdin, one per line.
+        #[arg(long)]
+        stdin: bool,
+    },
     /// Closed-loop load generator (the benchmark).
     Load(crate::load::LoadArgs),
 }
@@ -172,6 +181,42 @@ pub enum CellCmd {
         #[command(subcommand)]
         cmd: DrCmd,
     },
+    /// Blue/green release of one cell: shift a share of its users to green, pause, resume,
+    /// promote (green 100%) or abort (green 0%, always allowed).
+    TrafficShift(TrafficShiftArgs),
+    /// The audit trail of traffic changes (who, when, before -> after).
+    History {
+        /// Only this cell.
+        cell: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(
+    clap::ArgGroup::new("action")
+        .required(true)
+        .args(["green", "pause", "resume", "promote", "abort"]),
+))]
+pub struct TrafficShiftArgs {
+    pub cell: String,
+    /// Share of the cell's users on green, in percent (0-100, up to two decimals: 0.5 = 50 bp).
+    #[arg(long, value_name = "PCT")]
+    pub green: Option<f64>,
+    /// Freeze the weight: every change except --abort is refused until --resume.
+    #[arg(long)]
+    pub pause: bool,
+    /// Allow weight changes again after --pause.
+    #[arg(long)]
+    pub resume: bool,
+    /// Send every user of the cell to green (100%).
+    #[arg(long)]
+    pub promote: bool,
+    /// Send every user back to blue (0%); allowed even when paused, and ends the pause.
+    #[arg(long)]
+    pub abort: bool,
+    /// Print before -> after and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -294,6 +339,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         } => crate::up::serve_router(&g, &listen, die_with_parent, poll_ms).await,
         Cmd::Cell { cmd } => crate::ops::run(&g, cmd).await,
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
+        Cmd::Route { users, stdin } => crate::traffic::route(&g, users, stdin).await,
         Cmd::Load(a) => crate::load::run(&g, a).await,
         other => crate::client::run(&g, other).await,
     }

@@ -2,7 +2,8 @@
 //!
 //! * `ldc up` starts regions of cell processes, a router and the local controller.
 //! * `ldc cell serve` / `ldc router serve` are the processes `up` starts (also usable alone).
-//! * `ldc cell status|failover|switchover|dr` inspect and move shard ownership.
+//! * `ldc cell status|failover|switchover|dr` inspect and move shard ownership;
+//!   `ldc cell traffic-shift|history` run a cell's blue/green release.
 //! * `ldc account|topup|withdraw|transfer|refund|balance|payment|entries` talk to the router.
 //! * `ldc reconcile` proves money is conserved; `ldc load` is the benchmark load generator.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ mod cli;
 mod client;
 mod load;
 mod ops;
+mod traffic;
 mod up;
 
 use clap::Parser;

@@ -1,4 +1,5 @@
-//! `ldc cell status|failover|switchover|dr cutover` and `ldc reconcile` on the local store.
+//! `ldc cell status|failover|switchover|dr cutover` and `ldc reconcile` on the local store
+//! (`traffic-shift` and `history` live in [`crate::traffic`]).
 //!
 //! Moves use the same planner as the controller and the operator: print the plan, then
 //! (unless `--dry-run`) apply it in one transaction that re-checks every moved shard is still
@@ -20,6 +21,9 @@ struct State {
     map: ShardMap,
     runtimes: BTreeMap<String, CellRuntime>,
     routing_epoch: u64,
+    /// Green weight per cell, from the routing table (what routers use).
+    weights: BTreeMap<String, u16>,
+    traffic: BTreeMap<String, crate::traffic::TrafficState>,
 }
 
 async fn load(g: &Global) -> Result<State> {
@@ -28,11 +32,18 @@ async fn load(g: &Global) -> Result<State> {
         let store = ldc_store::open(&spec)?;
         let mut t = store.begin_read()?;
         let cfg = control::load_config(&mut *t)?;
+        let routing = control::load_routing(&mut *t)?.unwrap_or_default();
         let s = State {
             topo: control::load_topology(&mut *t)?,
             map: control::load_map(&mut *t, cfg.shard_count)?,
             runtimes: control::load_cell_runtimes(&mut *t)?,
-            routing_epoch: control::load_routing(&mut *t)?.map_or(0, |r| r.epoch),
+            routing_epoch: routing.epoch,
+            weights: routing
+                .cells
+                .iter()
+                .map(|(c, r)| (c.clone(), r.green_weight_bp))
+                .collect(),
+            traffic: crate::traffic::load_states(&mut *t)?,
         };
         t.rollback()?;
         Ok(s)
@@ -93,6 +104,8 @@ fn print_plan(out: Output, plan: &Plan, dry_run: bool) {
 pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
     let (command, dry_run) = match cmd {
         CellCmd::Status => return status(g).await,
+        CellCmd::TrafficShift(a) => return crate::traffic::shift(g, a).await,
+        CellCmd::History { cell } => return crate::traffic::history(g, cell).await,
         CellCmd::Failover { cell, dry_run } => (planner::Command::Failover { cell }, dry_run),
         CellCmd::Switchover { cell, to, dry_run } => {
             (planner::Command::Switchover { cell, to }, dry_run)
@@ -160,11 +173,24 @@ async fn status(g: &Global) -> Result<ExitCode> {
             let epochs: BTreeMap<String, u64> =
                 shards.iter().map(|sh| (sh.to_string(), s.map.owners[*sh as usize].epoch)).collect();
             let rt = s.runtimes.get(&c.id).cloned().unwrap_or_default();
+            let weight = s.weights.get(&c.id).copied().unwrap_or(0);
+            let paused = s.traffic.get(&c.id).is_some_and(|t| t.paused);
+            // `pids` and `metrics` list blue first, then green (0 / "" when not running).
+            let colour = |i: usize, endpoints: &[String]| {
+                json!({
+                    "pid": rt.pids.get(i).copied().unwrap_or(0),
+                    "metrics": rt.metrics.get(i).cloned().unwrap_or_default(),
+                    "endpoints": endpoints,
+                    "running": !endpoints.is_empty(),
+                })
+            };
             json!({
                 "cell": c.id, "region": c.region,
                 "role": if shards.is_empty() { "standby" } else { "serving" },
                 "healthy": rt.healthy, "shards": shards, "epochs": epochs,
                 "pids": rt.pids, "endpoints": {"blue": rt.blue, "green": rt.green}, "metrics": rt.metrics,
+                "green_weight_bp": weight, "paused": paused,
+                "colours": {"blue": colour(0, &rt.blue), "green": colour(1, &rt.green)},
             })
         })
         .collect();
@@ -180,8 +206,8 @@ async fn status(g: &Global) -> Result<ExitCode> {
         s.routing_epoch, s.topo.shard_count
     );
     println!(
-        "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} PIDS",
-        "CELL", "REGION", "ROLE", "HEALTH", "SHARDS", "RANGES", "EPOCHS"
+        "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {:<15} PIDS (BLUE,GREEN)",
+        "CELL", "REGION", "ROLE", "HEALTH", "SHARDS", "RANGES", "EPOCHS", "GREEN"
     );
     for c in &s.topo.cells {
         let shards = s.map.owned_by(&c.id);
@@ -195,8 +221,15 @@ async fn status(g: &Global) -> Result<ExitCode> {
             (Some(a), Some(b)) => format!("{a}-{b}"),
             _ => "-".into(),
         };
+        let weight = s.weights.get(&c.id).copied().unwrap_or(0);
+        let paused = s.traffic.get(&c.id).is_some_and(|t| t.paused);
+        let green = format!(
+            "{}{}",
+            crate::traffic::fmt_pct(weight),
+            if paused { " paused" } else { "" }
+        );
         println!(
-            "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {}",
+            "{:<8} {:<7} {:<8} {:<8} {:>6} {:<16} {:<9} {:<15} {}",
             c.id,
             c.region,
             if shards.is_empty() {
@@ -208,9 +241,10 @@ async fn status(g: &Global) -> Result<ExitCode> {
             shards.len(),
             ranges(&shards),
             epoch_range,
+            green,
             rt.pids
                 .iter()
-                .map(u32::to_string)
+                .map(|p| if *p == 0 { "-".into() } else { p.to_string() })
                 .collect::<Vec<_>>()
                 .join(",")
         );

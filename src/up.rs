@@ -1,12 +1,19 @@
 //! `ldc up`: the whole platform on one machine, and the process entry points it starts.
 //!
 //! The supervisor creates the platform in the store on first start (regions, two serving
-//! cells and one standby per region, 100 shards), starts a router and one OS process per
-//! cell, publishes the routing table, and then acts as the *local controller*: it health
-//! checks every cell, and when one stops answering it runs the shared planner
-//! (`ldc_core::planner`) and applies the plan to the store — ownership with bumped epochs
-//! first, then the routing table, in one transaction. A dead process is restarted; it comes
-//! back owning nothing, as the region's new standby (N+1).
+//! cells and one standby per region, 100 shards), starts a router and, for every cell, two
+//! OS processes: its blue and its green deployment (the same binary with `--colour green`,
+//! on the same store). It publishes the routing table with both colours' endpoints, and
+//! then acts as the *local controller*: it health checks every process, and when a cell
+//! stops answering it runs the shared planner (`ldc_core::planner`) and applies the plan to
+//! the store — ownership with bumped epochs first, then the routing table, in one
+//! transaction.
+//!
+//! A cell is healthy when the colours that carry its traffic are: blue while its green
+//! weight is below 100%, green while it is above 0% (`ldc cell traffic-shift` sets the
+//! weight). So a crashed green process at weight 0 is only restarted, while the same crash
+//! at 50% fails the cell over. A dead process of either colour is restarted; a cell that
+//! was failed over comes back owning nothing, as the region's new standby (N+1).
 //!
 //! Child processes print one line `READY listen=ADDR metrics=ADDR` on stdout; logs go to
 //! stderr. They die with the supervisor (PR_SET_PDEATHSIG), so nothing is left behind.
@@ -19,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use ldc_cell::control::{self, CellRuntime};
 use ldc_core::planner::{self, CellInfo, Health, Topology};
+use ldc_core::routing::{BP_MAX, Colour};
 use ldc_store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -191,6 +199,7 @@ struct ControllerMetrics {
     failover_seconds: prometheus::Histogram,
     healthy: prometheus::IntGaugeVec,
     restarts: prometheus::IntCounterVec,
+    process_up: prometheus::IntGaugeVec,
     routing_epoch: prometheus::IntGauge,
 }
 
@@ -223,6 +232,13 @@ impl ControllerMetrics {
                 Opts::new("ldc_controller_restarts_total", "Cell process restarts"),
                 &["cell"],
             )?,
+            process_up: IntGaugeVec::new(
+                Opts::new(
+                    "ldc_controller_process_up",
+                    "1 if the cell's process of this colour passes health checks",
+                ),
+                &["cell", "colour"],
+            )?,
             routing_epoch: IntGauge::new(
                 "ldc_controller_routing_epoch",
                 "Epoch of the last routing table published",
@@ -232,6 +248,7 @@ impl ControllerMetrics {
         registry.register(Box::new(m.failover_seconds.clone()))?;
         registry.register(Box::new(m.healthy.clone()))?;
         registry.register(Box::new(m.restarts.clone()))?;
+        registry.register(Box::new(m.process_up.clone()))?;
         registry.register(Box::new(m.routing_epoch.clone()))?;
         Ok(m)
     }
@@ -239,8 +256,8 @@ impl ControllerMetrics {
 
 /// A child process of the supervisor.
 struct Proc {
+    /// `router`, or `CELL/COLOUR`.
     name: String,
-    region: String,
     args: Vec<String>,
     child: Option<Child>,
     pid: u32,
@@ -290,7 +307,9 @@ async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
 
 impl Proc {
     async fn start(&mut self, g: &Global) -> Result<()> {
-        let (child, listen, metrics) = spawn(g, &self.args).await?;
+        let (child, listen, metrics) = spawn(g, &self.args)
+            .await
+            .with_context(|| format!("{} did not start", self.name))?;
         self.pid = child.id().unwrap_or(0);
         self.child = Some(child);
         self.listen = listen;
@@ -323,25 +342,136 @@ impl Proc {
         matches!(tokio::time::timeout(timeout, h.check(req)).await, Ok(Ok(r)) if r.get_ref().status == 1)
     }
 
+    fn new(name: String, args: Vec<String>) -> Proc {
+        Proc {
+            name,
+            args,
+            child: None,
+            pid: 0,
+            listen: String::new(),
+            metrics: String::new(),
+            failures: 0,
+            failing_since: None,
+            healthy: true,
+            restart_at: None,
+            health: None,
+        }
+    }
+
+    /// Whether the process is running (it may still fail its health checks).
+    fn running(&self) -> bool {
+        self.child.is_some() && self.restart_at.is_none()
+    }
+
+    /// Its endpoint for the routing table: none while it is not running.
+    fn endpoints(&self) -> Vec<String> {
+        if self.running() {
+            vec![self.listen.clone()]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// One cell: its blue and green processes and its health as the controller judges it.
+struct Cell {
+    id: String,
+    region: String,
+    blue: Proc,
+    green: Proc,
+    healthy: bool,
+}
+
+impl Cell {
+    fn new(id: &str, region: &str) -> Cell {
+        let proc_for = |colour: Colour| {
+            Proc::new(
+                format!("{id}/{colour}"),
+                vec![
+                    "cell".into(),
+                    "serve".into(),
+                    "--cell".into(),
+                    id.into(),
+                    "--colour".into(),
+                    colour.as_str().into(),
+                    "--die-with-parent".into(),
+                ],
+            )
+        };
+        Cell {
+            id: id.into(),
+            region: region.into(),
+            blue: proc_for(Colour::Blue),
+            green: proc_for(Colour::Green),
+            healthy: true,
+        }
+    }
+
+    fn procs_mut(&mut self) -> [(Colour, &mut Proc); 2] {
+        [
+            (Colour::Blue, &mut self.blue),
+            (Colour::Green, &mut self.green),
+        ]
+    }
+
+    /// The colours that carry traffic at this green weight must be healthy.
+    fn judge(&self, green_bp: u16) -> bool {
+        (green_bp >= BP_MAX || self.blue.healthy) && (green_bp == 0 || self.green.healthy)
+    }
+
+    /// When the current run of failed checks of a traffic-carrying colour began.
+    fn failing_since(&self) -> Option<Instant> {
+        match (self.blue.failing_since, self.green.failing_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The runtime record: `pids` and `metrics` list blue first, then green (0 / "" when a
+    /// process is not running).
     fn runtime(&self) -> CellRuntime {
+        let pid = |p: &Proc| if p.running() { p.pid } else { 0 };
+        let metrics = |p: &Proc| {
+            if p.running() {
+                p.metrics.clone()
+            } else {
+                String::new()
+            }
+        };
         CellRuntime {
             region: self.region.clone(),
-            blue: vec![self.listen.clone()],
-            green: vec![],
-            pids: vec![self.pid],
-            metrics: vec![self.metrics.clone()],
+            blue: self.blue.endpoints(),
+            green: self.green.endpoints(),
+            pids: vec![pid(&self.blue), pid(&self.green)],
+            metrics: vec![metrics(&self.blue), metrics(&self.green)],
             healthy: self.healthy,
         }
     }
 }
 
-/// Writes every cell's runtime record and republishes the routing table, in one txn.
-async fn publish(store: &Arc<dyn Store>, procs: &[Proc]) -> Result<u64> {
+/// Green weight per cell in the published routing table.
+async fn load_weights(store: &Arc<dyn Store>) -> Result<BTreeMap<String, u16>> {
     let store = store.clone();
-    let rts: Vec<(String, CellRuntime)> = procs
-        .iter()
-        .map(|p| (p.name.clone(), p.runtime()))
-        .collect();
+    blocking(move || {
+        let mut t = store.begin_read()?;
+        let r = control::load_routing(&mut *t)?;
+        t.rollback()?;
+        Ok(r.map(|r| {
+            r.cells
+                .into_iter()
+                .map(|(c, route)| (c, route.green_weight_bp))
+                .collect()
+        })
+        .unwrap_or_default())
+    })
+    .await
+}
+
+/// Writes every cell's runtime record and republishes the routing table, in one txn.
+async fn publish(store: &Arc<dyn Store>, cells: &[Cell]) -> Result<u64> {
+    let store = store.clone();
+    let rts: Vec<(String, CellRuntime)> =
+        cells.iter().map(|c| (c.id.clone(), c.runtime())).collect();
     blocking(move || {
         let mut t = store.begin()?;
         for (name, rt) in &rts {
@@ -357,15 +487,15 @@ async fn publish(store: &Arc<dyn Store>, procs: &[Proc]) -> Result<u64> {
 /// Plans and applies a failover of `cell`, and republishes routing, in one transaction.
 async fn failover(
     store: &Arc<dyn Store>,
-    procs: &[Proc],
+    cells: &[Cell],
     cell: &str,
 ) -> Result<Option<(planner::Plan, u64)>> {
     let store = store.clone();
-    let health: BTreeMap<String, Health> = procs
+    let health: BTreeMap<String, Health> = cells
         .iter()
         .map(|p| {
             (
-                p.name.clone(),
+                p.id.clone(),
                 if p.healthy {
                     Health::Healthy
                 } else {
@@ -374,10 +504,8 @@ async fn failover(
             )
         })
         .collect();
-    let rts: Vec<(String, CellRuntime)> = procs
-        .iter()
-        .map(|p| (p.name.clone(), p.runtime()))
-        .collect();
+    let rts: Vec<(String, CellRuntime)> =
+        cells.iter().map(|c| (c.id.clone(), c.runtime())).collect();
     let cell = cell.to_string();
     blocking(move || {
         let mut t = store.begin()?;
@@ -454,26 +582,16 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     );
 
     // Router first: cells deliver cross-cell credits through it.
-    let mut router = Proc {
-        name: "router".into(),
-        region: String::new(),
-        args: vec![
+    let mut router = Proc::new(
+        "router".into(),
+        vec![
             "router".into(),
             "serve".into(),
             "--listen".into(),
             a.listen.clone(),
             "--die-with-parent".into(),
         ],
-        child: None,
-        pid: 0,
-        listen: String::new(),
-        metrics: String::new(),
-        failures: 0,
-        failing_since: None,
-        healthy: true,
-        restart_at: None,
-        health: None,
-    };
+    );
     router.start(g).await.context("router did not start")?;
     std::fs::write(g.data_dir.join("router.addr"), &router.listen)?;
     // Children must use this router even if --listen asked for port 0.
@@ -483,34 +601,18 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         ..g.clone()
     };
 
-    let mut procs: Vec<Proc> = Vec::new();
+    let mut cells: Vec<Cell> = Vec::new();
     for c in &topo.cells {
-        let mut p = Proc {
-            name: c.id.clone(),
-            region: c.region.clone(),
-            args: vec![
-                "cell".into(),
-                "serve".into(),
-                "--cell".into(),
-                c.id.clone(),
-                "--die-with-parent".into(),
-            ],
-            child: None,
-            pid: 0,
-            listen: String::new(),
-            metrics: String::new(),
-            failures: 0,
-            failing_since: None,
-            healthy: true,
-            restart_at: None,
-            health: None,
-        };
-        p.start(&g)
-            .await
-            .with_context(|| format!("cell {} did not start", c.id))?;
-        procs.push(p);
+        let mut cell = Cell::new(&c.id, &c.region);
+        for (colour, p) in cell.procs_mut() {
+            p.start(&g)
+                .await
+                .with_context(|| format!("cell {} ({colour}) did not start", c.id))?;
+        }
+        cells.push(cell);
     }
-    let epoch = publish(&store, &procs).await?;
+    let epoch = publish(&store, &cells).await?;
+    let mut weights = load_weights(&store).await?;
     let registry = prometheus::Registry::new();
     let metrics = ControllerMetrics::new(&registry)?;
     metrics.routing_epoch.set(epoch as i64);
@@ -531,11 +633,23 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         router.listen
     );
     println!("  controller metrics http://{metrics_addr}/metrics");
-    for p in &procs {
-        println!(
-            "  cell {:<8} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics",
-            p.name, p.region, p.pid, p.listen, p.metrics
-        );
+    for c in &cells {
+        let w = weights.get(&c.id).copied().unwrap_or(0);
+        for (colour, p) in [(Colour::Blue, &c.blue), (Colour::Green, &c.green)] {
+            println!(
+                "  cell {:<8} {:<5} region {:<4} pid {:<7} grpc {} metrics http://{}/metrics{}",
+                c.id,
+                colour.as_str(),
+                c.region,
+                p.pid,
+                p.listen,
+                p.metrics,
+                match colour {
+                    Colour::Green if w > 0 => format!("  (green {})", crate::traffic::fmt_pct(w)),
+                    _ => String::new(),
+                }
+            );
+        }
     }
     println!("try: ldc account open alice --currency EUR && ldc topup alice 1000 --currency EUR");
     println!("     ldc cell status      (Ctrl-C stops everything; a later `ldc up` resumes)");
@@ -551,70 +665,101 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             _ = &mut stop => break,
             _ = tick.tick() => {}
         }
+        // Traffic shifts change which colours must be healthy; keep the last good read.
+        match load_weights(&store).await {
+            Ok(w) => weights = w,
+            Err(e) => eprintln!("cannot read the routing table's weights: {e:#}"),
+        }
         let mut changed = false;
         let mut to_fail = Vec::new();
-        for p in procs.iter_mut() {
-            if let Some(at) = p.restart_at {
-                if Instant::now() >= at {
-                    metrics.restarts.with_label_values(&[&p.name]).inc();
-                    match p.start(&g).await {
-                        Ok(()) => eprintln!(
-                            "restarted cell {} (pid {}); it owns no shards until a move",
-                            p.name, p.pid
-                        ),
-                        Err(e) => {
-                            eprintln!("restart of cell {} failed: {e:#}", p.name);
-                            p.restart_at = Some(Instant::now() + Duration::from_secs(2));
+        for cell in cells.iter_mut() {
+            let id = cell.id.clone();
+            for (colour, p) in cell.procs_mut() {
+                if let Some(at) = p.restart_at {
+                    if Instant::now() >= at {
+                        metrics.restarts.with_label_values(&[&id]).inc();
+                        match p.start(&g).await {
+                            Ok(()) => {
+                                changed = true; // a new endpoint to publish
+                                eprintln!(
+                                    "restarted cell {} {colour} (pid {}); a cell that was failed over owns no shards until a move",
+                                    id, p.pid
+                                );
+                            }
+                            Err(e) => {
+                                eprintln!("restart of cell {} {colour} failed: {e:#}", id);
+                                p.restart_at = Some(Instant::now() + Duration::from_secs(2));
+                            }
                         }
                     }
+                    continue;
                 }
-                continue;
+                let ok = p.probe(probe_timeout).await;
+                metrics
+                    .process_up
+                    .with_label_values(&[&id, colour.as_str()])
+                    .set(i64::from(ok));
+                if ok {
+                    p.failures = 0;
+                    p.failing_since = None;
+                    if !p.healthy {
+                        p.healthy = true;
+                        changed = true;
+                        eprintln!("cell {} {colour} is healthy", id);
+                    }
+                    continue;
+                }
+                p.failures += 1;
+                p.failing_since.get_or_insert_with(Instant::now);
+                let exited = p
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if p.healthy && (p.failures >= a.failure_threshold || exited) {
+                    p.healthy = false;
+                    changed = true;
+                    eprintln!(
+                        "cell {} {colour} is unhealthy ({} failed checks{})",
+                        id,
+                        p.failures,
+                        if exited { ", process exited" } else { "" }
+                    );
+                }
+                if exited {
+                    p.child = None;
+                    p.restart_at = Some(Instant::now() + Duration::from_millis(500));
+                    changed = true; // its endpoint leaves the table
+                }
             }
-            let ok = p.probe(probe_timeout).await;
+            let w = weights.get(&cell.id).copied().unwrap_or(0);
+            let ok = cell.judge(w);
             metrics
                 .healthy
-                .with_label_values(&[&p.name])
+                .with_label_values(&[&cell.id])
                 .set(i64::from(ok));
-            if ok {
-                p.failures = 0;
-                p.failing_since = None;
-                if !p.healthy {
-                    p.healthy = true;
-                    changed = true;
-                    eprintln!("cell {} is healthy", p.name);
-                }
-                continue;
-            }
-            p.failures += 1;
-            p.failing_since.get_or_insert_with(Instant::now);
-            let exited = p
-                .child
-                .as_mut()
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-            if p.healthy && (p.failures >= a.failure_threshold || exited) {
-                p.healthy = false;
+            if ok != cell.healthy {
+                cell.healthy = ok;
                 changed = true;
-                to_fail.push(p.name.clone());
-                eprintln!(
-                    "cell {} is unhealthy ({} failed checks{})",
-                    p.name,
-                    p.failures,
-                    if exited { ", process exited" } else { "" }
-                );
-            }
-            if exited {
-                p.child = None;
-                p.restart_at = Some(Instant::now() + Duration::from_millis(500));
+                if ok {
+                    eprintln!("cell {} is healthy", cell.id);
+                } else {
+                    eprintln!(
+                        "cell {} is unhealthy: a colour carrying its traffic (green {}) is down",
+                        cell.id,
+                        crate::traffic::fmt_pct(w)
+                    );
+                    to_fail.push(cell.id.clone());
+                }
             }
         }
         for cell in to_fail {
             let started = Instant::now();
-            let since = procs
+            let since = cells
                 .iter()
-                .find(|p| p.name == cell)
-                .and_then(|p| p.failing_since)
+                .find(|c| c.id == cell)
+                .and_then(Cell::failing_since)
                 .unwrap_or(started);
-            match failover(&store, &procs, &cell).await {
+            match failover(&store, &cells, &cell).await {
                 Ok(Some((plan, epoch))) => {
                     metrics.routing_epoch.set(epoch as i64);
                     metrics.failovers.with_label_values(&[&cell, "ok"]).inc();
@@ -642,7 +787,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             }
         }
         if changed {
-            match publish(&store, &procs).await {
+            match publish(&store, &cells).await {
                 Ok(epoch) => metrics.routing_epoch.set(epoch as i64),
                 Err(e) => eprintln!("publishing the routing table failed: {e:#}"),
             }
@@ -662,7 +807,11 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
 
     let _ = metrics_stop.send(());
     eprintln!("stopping...");
-    for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
+    for p in cells
+        .iter_mut()
+        .flat_map(|c| [&mut c.blue, &mut c.green])
+        .chain(std::iter::once(&mut router))
+    {
         if let Some(c) = &p.child
             && let Some(pid) = c.id()
         {
@@ -672,7 +821,11 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             );
         }
     }
-    for p in procs.iter_mut().chain(std::iter::once(&mut router)) {
+    for p in cells
+        .iter_mut()
+        .flat_map(|c| [&mut c.blue, &mut c.green])
+        .chain(std::iter::once(&mut router))
+    {
         if let Some(mut c) = p.child.take()
             && tokio::time::timeout(Duration::from_secs(5), c.wait())
                 .await
@@ -682,11 +835,10 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         }
     }
     // Mark everything down so `ldc cell status` does not show stale processes as healthy.
-    for p in procs.iter_mut() {
-        p.healthy = false;
-        p.pid = 0;
+    for c in cells.iter_mut() {
+        c.healthy = false;
     }
-    let _ = publish(&store, &procs).await;
+    let _ = publish(&store, &cells).await;
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
 }

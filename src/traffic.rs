@@ -1,0 +1,633 @@
+//! `ldc cell traffic-shift|history` and `ldc route`: the blue/green release of a cell on the
+//! local platform, and where the published routing table sends a user.
+//!
+//! A cell's green weight lives in the routing table every router holds (that is what routes
+//! traffic). Next to it, the record `sys/traffic/{cell}` keeps what the table has no room
+//! for: whether the release is paused, and the audit trail (who, when, before -> after). A
+//! change writes the record and republishes the routing table (epoch + 1) in one store
+//! transaction, so the two never disagree and routers see the change on their next poll.
+//!
+//! Each verb is parse -> decide (pure, [`decide`], unit-tested) -> apply (one transaction).
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use ldc_cell::control;
+use ldc_core::routing::{BP_MAX, RoutingTable};
+use ldc_store::{Kv, prefix_end};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cli::{Global, Output, TrafficShiftArgs};
+use crate::up::blocking;
+
+/// Store key prefix of the per-cell traffic records.
+pub const TRAFFIC_PREFIX: &str = "sys/traffic/";
+/// Most changes kept in a cell's audit trail (the oldest are dropped first).
+pub const HISTORY_MAX: usize = 200;
+
+fn traffic_key(cell: &str) -> Vec<u8> {
+    format!("{TRAFFIC_PREFIX}{cell}").into_bytes()
+}
+
+/// `sys/traffic/{cell}`: a cell's release state and its audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficState {
+    /// Green weight in basis points as of the last change (the routing table is the truth).
+    pub green_weight_bp: u16,
+    pub paused: bool,
+    #[serde(default)]
+    pub history: Vec<Change>,
+}
+
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub at_unix_ms: u64,
+    /// `user@host` of whoever ran the command.
+    pub by: String,
+    pub action: String,
+    pub before_bp: u16,
+    pub after_bp: u16,
+    pub paused_before: bool,
+    pub paused_after: bool,
+    /// Epoch of the routing table this change published (unchanged for pause/resume).
+    pub routing_epoch: u64,
+}
+
+/// What an operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Set(u16),
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Set(_) => "shift",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Promote => "promote",
+            Action::Abort => "abort",
+        }
+    }
+}
+
+/// The facts a decision depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub weight_bp: u16,
+    pub paused: bool,
+    pub owns_shards: bool,
+    /// Whether the colour has a running process (an endpoint in the cell's runtime record).
+    pub blue_up: bool,
+    pub green_up: bool,
+}
+
+/// The decided change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub before_bp: u16,
+    pub after_bp: u16,
+    pub paused_before: bool,
+    pub paused_after: bool,
+    /// Nothing would change.
+    pub noop: bool,
+    pub warnings: Vec<String>,
+}
+
+/// `--green PCT` in basis points: 0..=100 with at most two decimals (0.5 -> 50 bp).
+pub fn pct_to_bp(pct: f64) -> Result<u16, String> {
+    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+        return Err(format!(
+            "--green {pct} is out of range: give a percentage between 0 and 100"
+        ));
+    }
+    let bp = pct * 100.0;
+    let rounded = bp.round();
+    if (bp - rounded).abs() > 1e-6 {
+        return Err(format!(
+            "--green {pct} has more than two decimals; the split is in basis points (0.01%)"
+        ));
+    }
+    Ok(rounded as u16)
+}
+
+/// "0.5%", "1%", "50%", "99.99%".
+pub fn fmt_pct(bp: u16) -> String {
+    let s = format!("{}.{:02}", bp / 100, bp % 100);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
+/// Decides a traffic change (pure). Refusals are `Err` with a message that says what to do.
+pub fn decide(cell: &str, action: Action, f: &Facts) -> Result<Decision, String> {
+    let mut d = Decision {
+        before_bp: f.weight_bp,
+        after_bp: f.weight_bp,
+        paused_before: f.paused,
+        paused_after: f.paused,
+        noop: false,
+        warnings: Vec::new(),
+    };
+    match action {
+        Action::Pause => d.paused_after = true,
+        Action::Resume => d.paused_after = false,
+        // Abort always wins: it is the way out of a bad release, paused or not, and it
+        // ends the release (the pause with it).
+        Action::Abort => {
+            d.after_bp = 0;
+            d.paused_after = false;
+        }
+        Action::Set(_) | Action::Promote if f.paused => {
+            return Err(format!(
+                "cell {cell} is paused at green {}; run `ldc cell traffic-shift {cell} --resume` \
+                 first, or `--abort` to send every user back to blue",
+                fmt_pct(f.weight_bp)
+            ));
+        }
+        Action::Set(bp) if bp > BP_MAX => {
+            return Err(format!(
+                "green weight {bp} bp is out of range (0..={BP_MAX})"
+            ));
+        }
+        Action::Set(bp) => d.after_bp = bp,
+        Action::Promote => d.after_bp = BP_MAX,
+    }
+    d.noop = d.after_bp == d.before_bp && d.paused_after == d.paused_before;
+    if d.noop {
+        return Ok(d);
+    }
+    if !f.owns_shards {
+        if d.after_bp != d.before_bp {
+            d.warnings.push(format!(
+                "cell {cell} owns no shards: the new weight takes effect when it owns some"
+            ));
+        }
+    } else if action != Action::Abort {
+        // A colour that starts carrying traffic must be running, or the controller would
+        // see the cell's traffic-carrying colour down and fail the cell over.
+        if d.after_bp > 0 && d.before_bp == 0 && !f.green_up {
+            return Err(format!(
+                "cell {cell} has no running green process, so it cannot take traffic; \
+                 is `ldc up` running? (`ldc cell status` shows the processes)"
+            ));
+        }
+        if d.after_bp < BP_MAX && d.before_bp == BP_MAX && !f.blue_up {
+            return Err(format!(
+                "cell {cell} has no running blue process, so it cannot take traffic back; \
+                 is `ldc up` running? (`ldc cell status` shows the processes)"
+            ));
+        }
+    }
+    Ok(d)
+}
+
+/// Reads every cell's traffic record.
+pub fn load_states(kv: &mut dyn Kv) -> Result<BTreeMap<String, TrafficState>> {
+    let p = TRAFFIC_PREFIX.as_bytes();
+    let rows = kv.scan(p, &prefix_end(p), 10_000)?;
+    rows.into_iter()
+        .map(|(k, v)| {
+            let cell = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let st: TrafficState = serde_json::from_slice(&v).map_err(|e| {
+                anyhow::anyhow!("traffic record {TRAFFIC_PREFIX}{cell} is corrupt: {e}")
+            })?;
+            Ok((cell, st))
+        })
+        .collect()
+}
+
+/// The login name of this process's user: `$USER`, `$LOGNAME`, or the uid's passwd entry.
+fn user_name() -> String {
+    if let Ok(u) = std::env::var("USER").or_else(|_| std::env::var("LOGNAME"))
+        && !u.is_empty()
+    {
+        return u;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown".into();
+    };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid{uid}"))
+}
+
+fn who() -> String {
+    let user = user_name();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// UTC `YYYY-MM-DD HH:MM:SS` for a Unix time in milliseconds.
+pub fn fmt_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The result of one `traffic-shift`.
+#[derive(Debug, Serialize)]
+struct Report {
+    cell: String,
+    action: &'static str,
+    dry_run: bool,
+    #[serde(flatten)]
+    decision: Decision,
+    routing_epoch_before: u64,
+    routing_epoch_after: u64,
+}
+
+enum Outcome {
+    Done(Report),
+    Refused(String),
+}
+
+/// `ldc cell traffic-shift`.
+pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
+    let action = match (a.green, a.pause, a.resume, a.promote, a.abort) {
+        (Some(pct), ..) => match pct_to_bp(pct) {
+            Ok(bp) => Action::Set(bp),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        (None, true, ..) => Action::Pause,
+        (None, _, true, ..) => Action::Resume,
+        (None, _, _, true, _) => Action::Promote,
+        (None, _, _, _, true) => Action::Abort,
+        _ => bail!("say what to do: --green PCT, --pause, --resume, --promote or --abort"),
+    };
+    let spec = g.store_spec();
+    let cell = a.cell.clone();
+    let dry_run = a.dry_run;
+    let by = who();
+    let outcome = blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        let mut t = store.begin()?;
+        let topo = control::load_topology(&mut *t)?;
+        if !topo.cells.iter().any(|c| c.id == cell) {
+            t.rollback()?;
+            let known: Vec<&str> = topo.cells.iter().map(|c| c.id.as_str()).collect();
+            return Ok(Outcome::Refused(format!(
+                "unknown cell {cell:?}; the cells are {}",
+                known.join(", ")
+            )));
+        }
+        let cfg = control::load_config(&mut *t)?;
+        let map = control::load_map(&mut *t, cfg.shard_count)?;
+        let rt = control::load_cell_runtimes(&mut *t)?
+            .remove(&cell)
+            .unwrap_or_default();
+        let table = control::load_routing(&mut *t)?.unwrap_or_default();
+        let key = traffic_key(&cell);
+        let mut state: TrafficState = match t.get_for_update(&key)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!("traffic record {TRAFFIC_PREFIX}{cell} is corrupt: {e}")
+            })?,
+            None => TrafficState::default(),
+        };
+        // The routing table is what routers use: it is the weight in force.
+        let weight_bp = table
+            .cells
+            .get(&cell)
+            .map_or(state.green_weight_bp, |c| c.green_weight_bp);
+        let facts = Facts {
+            weight_bp,
+            paused: state.paused,
+            owns_shards: map.count_owned(&cell) > 0,
+            blue_up: !rt.blue.is_empty(),
+            green_up: !rt.green.is_empty(),
+        };
+        let decision = match decide(&cell, action, &facts) {
+            Ok(d) => d,
+            Err(msg) => {
+                t.rollback()?;
+                return Ok(Outcome::Refused(msg));
+            }
+        };
+        let mut report = Report {
+            cell: cell.clone(),
+            action: action.name(),
+            dry_run,
+            decision,
+            routing_epoch_before: table.epoch,
+            routing_epoch_after: table.epoch,
+        };
+        if dry_run || report.decision.noop {
+            t.rollback()?;
+            return Ok(Outcome::Done(report));
+        }
+        let d = &report.decision;
+        if d.after_bp != d.before_bp {
+            let published =
+                control::publish_routing(&mut *t, &BTreeMap::from([(cell.clone(), d.after_bp)]))?;
+            report.routing_epoch_after = published.epoch;
+        }
+        state.green_weight_bp = d.after_bp;
+        state.paused = d.paused_after;
+        state.history.push(Change {
+            at_unix_ms: now_ms(),
+            by,
+            action: action.name().into(),
+            before_bp: d.before_bp,
+            after_bp: d.after_bp,
+            paused_before: d.paused_before,
+            paused_after: d.paused_after,
+            routing_epoch: report.routing_epoch_after,
+        });
+        let excess = state.history.len().saturating_sub(HISTORY_MAX);
+        state.history.drain(..excess);
+        t.put(&key, &serde_json::to_vec(&state)?)?;
+        t.commit()?;
+        Ok(Outcome::Done(report))
+    })
+    .await?;
+    let report = match outcome {
+        Outcome::Done(r) => r,
+        Outcome::Refused(msg) => {
+            eprintln!("error: {msg}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for w in &report.decision.warnings {
+        eprintln!("warning: {w}");
+    }
+    if g.output == Output::Json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &report.decision;
+    let paused = |p: bool| if p { ", paused" } else { "" };
+    let change = format!(
+        "{}: green {}{} -> {}{}",
+        report.cell,
+        fmt_pct(d.before_bp),
+        paused(d.paused_before),
+        fmt_pct(d.after_bp),
+        paused(d.paused_after)
+    );
+    let dry = if report.dry_run { "dry run: " } else { "" };
+    if d.noop {
+        println!(
+            "{}: nothing to change (green {}{})",
+            report.cell,
+            fmt_pct(d.after_bp),
+            paused(d.paused_after)
+        );
+    } else if action == Action::Pause {
+        println!(
+            "{dry}{}: paused at green {}; weight changes are refused until --resume (--abort still works)",
+            report.cell,
+            fmt_pct(d.after_bp)
+        );
+    } else if action == Action::Resume {
+        println!(
+            "{dry}{}: resumed at green {}",
+            report.cell,
+            fmt_pct(d.after_bp)
+        );
+    } else if report.dry_run {
+        println!("dry run: {change}; nothing changed");
+    } else if report.routing_epoch_after != report.routing_epoch_before {
+        println!(
+            "{change} (routing epoch {} -> {})",
+            report.routing_epoch_before, report.routing_epoch_after
+        );
+    } else {
+        println!("{change}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ldc cell history [CELL]`.
+pub async fn history(g: &Global, cell: Option<String>) -> Result<ExitCode> {
+    let spec = g.store_spec();
+    let states = blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        let mut t = store.begin_read()?;
+        let s = load_states(&mut *t)?;
+        t.rollback()?;
+        Ok(s)
+    })
+    .await?;
+    let mut rows: Vec<(&String, &Change)> = states
+        .iter()
+        .filter(|(c, _)| cell.as_ref().is_none_or(|want| want == *c))
+        .flat_map(|(c, s)| s.history.iter().map(move |h| (c, h)))
+        .collect();
+    rows.sort_by_key(|(c, h)| (h.at_unix_ms, c.as_str()));
+    if g.output == Output::Json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(c, h)| {
+                let mut v = serde_json::to_value(h).expect("changes encode");
+                v["cell"] = json!(c);
+                v
+            })
+            .collect();
+        println!("{}", json!({ "changes": v }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("no traffic changes recorded");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<8} {:<8} {:<24} {:>8}    {:<8} EPOCH",
+        "WHEN (UTC)", "CELL", "ACTION", "BY", "BEFORE", "AFTER"
+    );
+    for (c, h) in rows {
+        let p =
+            |bp: u16, paused: bool| format!("{}{}", fmt_pct(bp), if paused { " (p)" } else { "" });
+        println!(
+            "{:<20} {:<8} {:<8} {:<24} {:>8} -> {:<8} {}",
+            fmt_time(h.at_unix_ms),
+            c,
+            h.action,
+            h.by,
+            p(h.before_bp, h.paused_before),
+            p(h.after_bp, h.paused_after),
+            h.routing_epoch
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ldc route USER...`: routes users with the published table, as a router would.
+pub async fn route(g: &Global, mut users: Vec<String>, stdin: bool) -> Result<ExitCode> {
+    if stdin {
+        for line in std::io::stdin().lock().lines() {
+            let line = line?;
+            let u = line.trim();
+            if !u.is_empty() {
+                users.push(u.to_string());
+            }
+        }
+    }
+    if users.is_empty() {
+        bail!("name at least one user (or pass --stdin)");
+    }
+    let spec = g.store_spec();
+    let table: RoutingTable = blocking(move || {
+        let store = ldc_store::open(&spec)?;
+        let mut t = store.begin_read()?;
+        let r = control::load_routing(&mut *t)?;
+        t.rollback()?;
+        r.ok_or_else(|| anyhow::anyhow!("no routing table published yet; run `ldc up` first"))
+    })
+    .await?;
+    let mut out = String::new();
+    for u in &users {
+        ldc_core::shard::validate_user_id(u).map_err(|e| anyhow::anyhow!("user {u:?}: {e}"))?;
+        let r = table
+            .route_user(u, None)
+            .map_err(|e| anyhow::anyhow!("user {u:?}: {e}"))?;
+        let weight = table.cells.get(r.cell).map_or(0, |c| c.green_weight_bp);
+        match g.output {
+            Output::Json => {
+                out.push_str(
+                    &json!({
+                        "user": u, "shard": r.shard, "shard_epoch": r.shard_epoch, "cell": r.cell,
+                        "colour": r.colour, "green_weight_bp": weight, "endpoints": r.endpoints,
+                        "table_epoch": table.epoch,
+                    })
+                    .to_string(),
+                );
+                out.push('\n');
+            }
+            Output::Text => out.push_str(&format!(
+                "{u} shard {} cell {} colour {} (green {}) endpoints {}\n",
+                r.shard,
+                r.cell,
+                r.colour,
+                fmt_pct(weight),
+                r.endpoints.join(",")
+            )),
+        }
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(weight_bp: u16, paused: bool) -> Facts {
+        Facts {
+            weight_bp,
+            paused,
+            owns_shards: true,
+            blue_up: true,
+            green_up: true,
+        }
+    }
+
+    #[test]
+    fn percent_to_basis_points() {
+        assert_eq!(pct_to_bp(0.0), Ok(0));
+        assert_eq!(pct_to_bp(0.5), Ok(50));
+        assert_eq!(pct_to_bp(1.0), Ok(100));
+        assert_eq!(pct_to_bp(33.33), Ok(3333));
+        assert_eq!(pct_to_bp(100.0), Ok(10_000));
+        assert!(pct_to_bp(100.01).is_err());
+        assert!(pct_to_bp(-1.0).is_err());
+        assert!(pct_to_bp(f64::NAN).is_err());
+        assert!(pct_to_bp(0.125).is_err());
+        assert_eq!(fmt_pct(50), "0.5%");
+        assert_eq!(fmt_pct(100), "1%");
+        assert_eq!(fmt_pct(9999), "99.99%");
+        assert_eq!(fmt_pct(0), "0%");
+    }
+
+    #[test]
+    fn shifts_pause_and_abort() {
+        let d = decide("c", Action::Set(100), &facts(0, false)).unwrap();
+        assert_eq!((d.before_bp, d.after_bp, d.noop), (0, 100, false));
+        let d = decide("c", Action::Promote, &facts(5000, false)).unwrap();
+        assert_eq!(d.after_bp, BP_MAX);
+        // Paused: shifts and promote are refused, abort is not (and ends the pause).
+        assert!(
+            decide("c", Action::Set(200), &facts(100, true))
+                .unwrap_err()
+                .contains("--resume")
+        );
+        assert!(decide("c", Action::Promote, &facts(100, true)).is_err());
+        let d = decide("c", Action::Abort, &facts(100, true)).unwrap();
+        assert_eq!((d.after_bp, d.paused_after), (0, false));
+        let d = decide("c", Action::Resume, &facts(100, true)).unwrap();
+        assert_eq!((d.after_bp, d.paused_after), (100, false));
+        // No change is a no-op, not an error.
+        assert!(
+            decide("c", Action::Set(100), &facts(100, false))
+                .unwrap()
+                .noop
+        );
+        assert!(decide("c", Action::Pause, &facts(100, true)).unwrap().noop);
+        assert!(decide("c", Action::Abort, &facts(0, false)).unwrap().noop);
+        assert!(decide("c", Action::Set(10_001), &facts(0, false)).is_err());
+    }
+
+    #[test]
+    fn refuses_a_colour_that_is_not_running_and_warns_without_shards() {
+        let mut f = facts(0, false);
+        f.green_up = false;
+        assert!(decide("c", Action::Set(100), &f).is_err());
+        // Abort needs nothing running.
+        f.weight_bp = 100;
+        assert!(decide("c", Action::Abort, &f).is_ok());
+        let mut f = facts(BP_MAX, false);
+        f.blue_up = false;
+        assert!(decide("c", Action::Set(5000), &f).is_err());
+        assert_eq!(decide("c", Action::Abort, &f).unwrap().after_bp, 0);
+        let mut f = facts(0, false);
+        f.owns_shards = false;
+        f.green_up = false;
+        let d = decide("c", Action::Set(100), &f).unwrap();
+        assert_eq!(d.warnings.len(), 1);
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14 22:13:20");
+    }
+}
