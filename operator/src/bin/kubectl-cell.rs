@@ -1,0 +1,195 @@
+//! `kubectl cell`: status, history, and the moves (failover, switchover, dr cutover,
+//! traffic-shift). Parsing only; the verbs live in `ldc_operator::plugin`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kube::Client;
+use ldc_core::planner::Command;
+use ldc_operator::plugin::{self, Shift, Target, Verb};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl-cell",
+    version,
+    about = "Operate LDC cells on Kubernetes"
+)]
+struct Cli {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
+    /// Topology (default: the only one in the namespace).
+    #[arg(long, global = true)]
+    topology: Option<String>,
+    /// How long to wait for the operator to publish the change.
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Output as JSON.
+    #[arg(short = 'o', long = "output", global = true, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct DryRun {
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Cells, roles, readiness, shards, epochs and the routing epoch.
+    Status,
+    /// The last operations and their outcome.
+    History,
+    /// Move every shard of CELL to its region's standby.
+    Failover {
+        cell: String,
+        #[command(flatten)]
+        d: DryRun,
+    },
+    /// Planned move of every shard of CELL to --to.
+    Switchover {
+        cell: String,
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        d: DryRun,
+    },
+    /// Disaster recovery.
+    Dr {
+        #[command(subcommand)]
+        cmd: DrCmd,
+    },
+    /// Shift a cell's users between blue and green.
+    TrafficShift {
+        cell: String,
+        /// Percent of users on green.
+        #[arg(long, conflicts_with_all = ["abort", "promote"])]
+        green: Option<f64>,
+        /// Back to 0% green.
+        #[arg(long, conflicts_with = "promote")]
+        abort: bool,
+        /// 100% green.
+        #[arg(long)]
+        promote: bool,
+        #[command(flatten)]
+        d: DryRun,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DrCmd {
+    /// Move a whole region's shards to the other regions.
+    Cutover {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        d: DryRun,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, mul) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    n.parse::<f64>()
+        .ok()
+        .filter(|v| *v >= 0.0)
+        .map(|v| Duration::from_secs_f64(v * mul))
+        .ok_or_else(|| format!("bad duration {s:?}; use e.g. 30s, 2m, 500ms"))
+}
+
+fn verb(cmd: Cmd) -> Result<Verb, String> {
+    Ok(match cmd {
+        Cmd::Status => Verb::Status,
+        Cmd::History => Verb::History,
+        Cmd::Failover { cell, d } => Verb::Move {
+            command: Command::Failover { cell },
+            dry_run: d.dry_run,
+        },
+        Cmd::Switchover { cell, to, d } => Verb::Move {
+            command: Command::Switchover { cell, to },
+            dry_run: d.dry_run,
+        },
+        Cmd::Dr {
+            cmd: DrCmd::Cutover { from, to, d },
+        } => Verb::Move {
+            command: Command::DrCutover { from, to },
+            dry_run: d.dry_run,
+        },
+        Cmd::TrafficShift {
+            cell,
+            green,
+            abort,
+            promote,
+            d,
+        } => {
+            let shift = match (green, abort, promote) {
+                (Some(p), false, false) => Shift::Green(p),
+                (None, true, false) => Shift::Abort,
+                (None, false, true) => Shift::Promote,
+                _ => {
+                    return Err("traffic-shift needs one of --green PCT, --abort, --promote".into());
+                }
+            };
+            Verb::Traffic {
+                cell,
+                shift,
+                dry_run: d.dry_run,
+            }
+        }
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let v = match verb(cli.cmd) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot reach the Kubernetes API: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let target = Target {
+        namespace: cli
+            .namespace
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        topology: cli.topology,
+        timeout: cli.timeout,
+        json: cli.output == "json",
+    };
+    match plugin::run(&client, &target, v).await {
+        Ok(out) => {
+            print!("{out}");
+            if !out.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

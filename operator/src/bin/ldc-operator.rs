@@ -1,0 +1,89 @@
+//! `ldc-operator`: runs the reconciler for one namespace once it holds the leader Lease,
+//! or prints the CRDs (`ldc-operator crd`), which is how the chart's YAML is generated.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use ldc_operator::{controller, lease};
+
+#[derive(Parser, Debug)]
+#[command(name = "ldc-operator", version, about = "LDC Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Namespace to manage (default: the kubeconfig's or the pod's namespace).
+    #[arg(long, env = "LDC_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "ldc-operator")]
+    lease_name: String,
+    /// Lease duration in seconds: a dead leader is replaced after at most this long.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Identity in the Lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Cmd::Crd) = cli.cmd {
+        print!("{}", ldc_operator::crds_yaml());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LDC_LOG")
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (KUBECONFIG or in-cluster config)")?;
+    let namespace = cli
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let identity = cli.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let cfg = lease::LeaseConfig {
+        name: cli.lease_name,
+        identity: identity.clone(),
+        duration: Duration::from_secs(cli.lease_seconds.max(3)),
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    tracing::info!(%namespace, %identity, "waiting for the leader lease");
+    tokio::select! {
+        _ = lease::acquire(&leases, &cfg) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    eprintln!("READY namespace={namespace} identity={identity}");
+    tokio::select! {
+        _ = controller::run(client, namespace, identity, shutdown_signal()) => Ok(()),
+        _ = lease::hold(&leases, &cfg) => {
+            anyhow::bail!("lost the leader lease; exiting so a fresh candidate takes over")
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! Plan-from-CR logic: everything the reconciler decides, as pure functions of the custom
+//! resources, the observed pods and the store's ownership map (no client, no clock: the
+//! time is a parameter). The shard moves themselves come from the one shared planner,
+//! [`ldc_core::planner::plan`]; this module only turns Kubernetes facts into its inputs and
+//! its output into a routing table.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use ldc_core::planner::{self, CellInfo, Command, Health, Plan, ShardMap};
+use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable, ShardRoute};
+use thiserror::Error;
+
+use crate::crd::{Cell, CellRole, Condition, OperationRequest, Topology};
+use crate::specs::{self, LABEL_CELL, LABEL_COLOUR};
+
+/// Why an operation request cannot become a planner command.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("operation {kind} needs `{field}`")]
+    Missing { kind: String, field: &'static str },
+    #[error("unknown operation kind {0:?}; use failover, switchover or dr-cutover")]
+    UnknownKind(String),
+}
+
+/// The planner's view of the topology: every cell of the topology (ordered by name).
+pub fn planner_topology(topo: &Topology, cells: &[Cell]) -> planner::Topology {
+    let mut cells: Vec<CellInfo> = cells
+        .iter()
+        .map(|c| CellInfo {
+            id: c.metadata.name.clone().unwrap_or_default(),
+            region: c.spec.region.clone(),
+            capacity: c.spec.capacity,
+        })
+        .collect();
+    cells.sort_by(|a, b| a.id.cmp(&b.id));
+    planner::Topology {
+        shard_count: topo.spec.shard_count,
+        cells,
+    }
+}
+
+/// Serving cells in name order: the owners of the initial map.
+pub fn initial_serving(cells: &[Cell]) -> Vec<String> {
+    let mut v: Vec<String> = cells
+        .iter()
+        .filter(|c| c.spec.role == CellRole::Serving)
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Cells naming a region the topology does not have (refused from planning).
+pub fn cells_in_unknown_regions<'a>(topo: &Topology, cells: &'a [Cell]) -> Vec<&'a Cell> {
+    cells
+        .iter()
+        .filter(|c| !topo.spec.regions.contains(&c.spec.region))
+        .collect()
+}
+
+/// Ready pods of one cell, per colour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub blue: u32,
+    pub green: u32,
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Counts ready pods per cell and colour from the cells' pods (by label).
+pub fn readiness(pods: &[Pod]) -> BTreeMap<String, Readiness> {
+    let mut out: BTreeMap<String, Readiness> = BTreeMap::new();
+    for p in pods.iter().filter(|p| pod_ready(p)) {
+        let Some(labels) = p.metadata.labels.as_ref() else {
+            continue;
+        };
+        let (Some(cell), Some(colour)) = (labels.get(LABEL_CELL), labels.get(LABEL_COLOUR)) else {
+            continue;
+        };
+        let r = out.entry(cell.clone()).or_default();
+        match colour.parse::<Colour>() {
+            Ok(Colour::Blue) => r.blue += 1,
+            Ok(Colour::Green) => r.green += 1,
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+/// A cell is healthy when every colour that receives users has at least one ready pod
+/// (blue below 100% green, green above 0%). A cell being deleted is never a target.
+pub fn cell_health(cell: &Cell, r: Readiness) -> Health {
+    let w = cell.spec.traffic.green_weight_bp;
+    let blue_ok = w >= BP_MAX || r.blue > 0;
+    let green_ok = w == 0 || r.green > 0;
+    if blue_ok && green_ok && cell.metadata.deletion_timestamp.is_none() {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
+    }
+}
+
+/// The health map the planner takes.
+pub fn health_map(cells: &[Cell], ready: &BTreeMap<String, Readiness>) -> BTreeMap<String, Health> {
+    cells
+        .iter()
+        .map(|c| {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            let r = ready.get(&name).copied().unwrap_or_default();
+            (name, cell_health(c, r))
+        })
+        .collect()
+}
+
+/// The new `notReadySince`: kept while the cell stays unhealthy, set now when it becomes
+/// unhealthy, cleared when it is healthy.
+pub fn not_ready_since(
+    prev: Option<Timestamp>,
+    health: Health,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    match health {
+        Health::Healthy => None,
+        Health::Unhealthy => Some(prev.unwrap_or(now)),
+    }
+}
+
+/// Whether an automatic failover is due: `Ok(())` when the cell has been unhealthy for at
+/// least `delay`, otherwise `Err(time left)`.
+pub fn failover_due(since: Timestamp, now: Timestamp, delay: Duration) -> Result<(), Duration> {
+    let elapsed = now.duration_since(since);
+    let delay = k8s_openapi::jiff::SignedDuration::try_from(delay).unwrap_or_default();
+    if elapsed >= delay {
+        Ok(())
+    } else {
+        Err(Duration::try_from(delay - elapsed).unwrap_or_default())
+    }
+}
+
+/// The planner command an operation request asks for.
+pub fn command_of(op: &OperationRequest) -> Result<Command, RequestError> {
+    let need = |v: &Option<String>, field: &'static str| {
+        v.clone().ok_or_else(|| RequestError::Missing {
+            kind: op.kind.clone(),
+            field,
+        })
+    };
+    match op.kind.as_str() {
+        "failover" => Ok(Command::Failover {
+            cell: need(&op.cell, "cell")?,
+        }),
+        "switchover" => Ok(Command::Switchover {
+            cell: need(&op.cell, "cell")?,
+            to: need(&op.to, "to")?,
+        }),
+        "dr-cutover" => Ok(Command::DrCutover {
+            from: need(&op.from_region, "fromRegion")?,
+            to: op.to_region.clone(),
+        }),
+        other => Err(RequestError::UnknownKind(other.to_string())),
+    }
+}
+
+/// `failover r1-a`, `switchover r1-s --to r1-a`, `dr cutover --from r1`.
+pub fn describe_command(c: &Command) -> String {
+    match c {
+        Command::Failover { cell } => format!("failover {cell}"),
+        Command::Switchover { cell, to } => format!("switchover {cell} --to {to}"),
+        Command::DrCutover { from, to: None } => format!("dr cutover --from {from}"),
+        Command::DrCutover { from, to: Some(t) } => format!("dr cutover --from {from} --to {t}"),
+    }
+}
+
+/// "0-24,30" for a sorted shard list ("-" when empty).
+pub fn ranges(shards: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < shards.len() {
+        let mut j = i;
+        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            shards[i].to_string()
+        } else {
+            format!("{}-{}", shards[i], shards[j])
+        });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(",")
+    }
+}
+
+/// One line per (from, to) pair: `r1-a -> r1-s: 3 shards [0-2], epoch +1`.
+pub fn describe_plan(plan: &Plan) -> String {
+    let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
+    for m in &plan.moves {
+        by_pair
+            .entry((m.from.as_str(), m.to.as_str()))
+            .or_default()
+            .push(m.shard);
+    }
+    by_pair
+        .into_iter()
+        .map(|((from, to), shards)| {
+            format!(
+                "{from} -> {to}: {} shards [{}], each epoch +1",
+                shards.len(),
+                ranges(&shards)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The routing table for `map` and `cells`, with epoch 0 (see [`next_table`]).
+pub fn build_table(map: &ShardMap, cells: &[Cell], namespace: &str) -> RoutingTable {
+    let cells = cells
+        .iter()
+        .map(|c| {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            let ep = |colour| vec![specs::endpoint(&name, colour, namespace)];
+            let route = CellRoute {
+                region: c.spec.region.clone(),
+                blue: if c.spec.replicas.blue > 0 {
+                    ep(Colour::Blue)
+                } else {
+                    vec![]
+                },
+                green: if c.spec.replicas.green > 0 {
+                    ep(Colour::Green)
+                } else {
+                    vec![]
+                },
+                green_weight_bp: c.spec.traffic.green_weight_bp.min(BP_MAX),
+                allow_forced_colour: c.spec.traffic.allow_forced_colour,
+            };
+            (name, route)
+        })
+        .collect();
+    let shards = map
+        .owners
+        .iter()
+        .map(|o| ShardRoute {
+            cell: o.cell.clone(),
+            epoch: o.epoch,
+        })
+        .collect();
+    RoutingTable {
+        epoch: 0,
+        shards,
+        cells,
+    }
+}
+
+/// The table to publish: `candidate` with the next epoch if it differs from `prev` in
+/// anything but the epoch; `None` when nothing changed (idempotent re-runs publish nothing).
+pub fn next_table(
+    prev: Option<&RoutingTable>,
+    mut candidate: RoutingTable,
+) -> Option<RoutingTable> {
+    let prev_epoch = prev.map_or(0, |p| p.epoch);
+    candidate.epoch = prev_epoch;
+    if prev == Some(&candidate) {
+        return None;
+    }
+    candidate.epoch = prev_epoch + 1;
+    Some(candidate)
+}
+
+/// Sets a condition, keeping `lastTransitionTime` when the status did not change.
+pub fn set_condition(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let status = if ok { "True" } else { "False" }.to_string();
+    let last = conds
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_string());
+    conds.retain(|c| c.type_ != type_);
+    conds.push(Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: last,
+        observed_generation: generation,
+    });
+    conds.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// Regions short of the N+1 policy, with (healthy standby cells, wanted). A standby is a
+/// healthy cell that owns no shard: a failed cell that lost its shards does not count.
+pub fn n_plus_one_shortfall(
+    topo: &Topology,
+    cells: &[Cell],
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+) -> BTreeMap<String, (u32, u32)> {
+    let want = topo.spec.redundancy.standby_cells_per_region;
+    topo.spec
+        .regions
+        .iter()
+        .filter_map(|r| {
+            let standby = cells
+                .iter()
+                .filter(|c| &c.spec.region == r && c.metadata.deletion_timestamp.is_none())
+                .filter(|c| {
+                    let n = c.metadata.name.as_deref().unwrap_or("");
+                    map.count_owned(n) == 0 && health.get(n) == Some(&Health::Healthy)
+                })
+                .count() as u32;
+            (standby < want).then(|| (r.clone(), (standby, want)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::specs::tests::{cell, topo};
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn cells() -> Vec<Cell> {
+        vec![
+            cell("r1-a", "r1", CellRole::Serving),
+            cell("r1-b", "r1", CellRole::Serving),
+            cell("r1-s", "r1", CellRole::Standby),
+            cell("r2-a", "r2", CellRole::Serving),
+            cell("r2-s", "r2", CellRole::Standby),
+        ]
+    }
+
+    fn pod(cell: &str, colour: &str, ready: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                labels: Some(BTreeMap::from([
+                    (LABEL_CELL.to_string(), cell.to_string()),
+                    (LABEL_COLOUR.to_string(), colour.to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn topology_and_initial_map_from_crs() {
+        let t = planner_topology(&topo(), &cells());
+        assert_eq!(t.shard_count, 12);
+        assert_eq!(t.cells.len(), 5);
+        assert_eq!(initial_serving(&cells()), ["r1-a", "r1-b", "r2-a"]);
+        let mut c = cells();
+        c.push(cell("r9-x", "r9", CellRole::Serving));
+        assert_eq!(cells_in_unknown_regions(&topo(), &c).len(), 1);
+    }
+
+    #[test]
+    fn health_follows_ready_pods_of_serving_colours() {
+        let pods = vec![
+            pod("r1-a", "blue", true),
+            pod("r1-a", "blue", false),
+            pod("r1-b", "blue", false),
+            pod("r1-b", "green", true),
+        ];
+        let ready = readiness(&pods);
+        assert_eq!(ready["r1-a"], Readiness { blue: 1, green: 0 });
+        let h = health_map(&cells(), &ready);
+        assert_eq!(h["r1-a"], Health::Healthy);
+        // r1-b: its blue pods (which get all users at weight 0) are down.
+        assert_eq!(h["r1-b"], Health::Unhealthy);
+        assert_eq!(h["r2-s"], Health::Unhealthy, "no pods seen: unhealthy");
+        let mut all_green = cell("r1-b", "r1", CellRole::Serving);
+        all_green.spec.traffic.green_weight_bp = BP_MAX;
+        assert_eq!(
+            cell_health(&all_green, ready["r1-b"]),
+            Health::Healthy,
+            "at 100% green only green must be ready"
+        );
+    }
+
+    #[test]
+    fn failover_waits_for_the_delay() {
+        let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        let t5 = "2025-01-01T00:00:05Z".parse().unwrap();
+        let t10 = "2025-01-01T00:00:10Z".parse().unwrap();
+        let since = not_ready_since(None, Health::Unhealthy, t0).unwrap();
+        assert_eq!(
+            not_ready_since(Some(since), Health::Unhealthy, t5),
+            Some(t0)
+        );
+        assert_eq!(not_ready_since(Some(since), Health::Healthy, t5), None);
+        let delay = Duration::from_secs(10);
+        assert_eq!(failover_due(since, t5, delay), Err(Duration::from_secs(5)));
+        assert_eq!(failover_due(since, t10, delay), Ok(()));
+    }
+
+    #[test]
+    fn requests_become_planner_commands() {
+        let mut op = OperationRequest {
+            id: "x".into(),
+            kind: "switchover".into(),
+            cell: Some("r1-s".into()),
+            to: None,
+            from_region: None,
+            to_region: None,
+            requested_by: String::new(),
+            requested_at: String::new(),
+        };
+        assert_eq!(
+            command_of(&op),
+            Err(RequestError::Missing {
+                kind: "switchover".into(),
+                field: "to"
+            })
+        );
+        op.to = Some("r1-a".into());
+        let c = command_of(&op).unwrap();
+        assert_eq!(describe_command(&c), "switchover r1-s --to r1-a");
+    }
+
+    #[test]
+    fn failover_plan_from_crs_goes_to_the_region_standby() {
+        let cs = cells();
+        let t = planner_topology(&topo(), &cs);
+        let map = ShardMap::initial(12, &["r1-a", "r1-b", "r2-a"]);
+        let pods: Vec<Pod> = ["r1-b", "r1-s", "r2-a", "r2-s"]
+            .iter()
+            .map(|c| pod(c, "blue", true))
+            .collect();
+        let h = health_map(&cs, &readiness(&pods));
+        let plan = planner::plan(
+            &t,
+            &map,
+            &h,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            describe_plan(&plan),
+            "r1-a -> r1-s: 4 shards [0-3], each epoch +1"
+        );
+        let next = plan.apply(&map);
+        assert_eq!(n_plus_one_shortfall(&topo(), &cs, &map, &h).len(), 0);
+        assert_eq!(
+            n_plus_one_shortfall(&topo(), &cs, &next, &h)["r1"],
+            (0, 1),
+            "r1 used its standby; the failed r1-a does not count"
+        );
+    }
+
+    #[test]
+    fn table_epoch_moves_only_on_change() {
+        let cs = cells();
+        let map = ShardMap::initial(12, &["r1-a", "r1-b", "r2-a"]);
+        let t1 = next_table(None, build_table(&map, &cs, "pay")).unwrap();
+        assert_eq!(t1.epoch, 1);
+        t1.validate().unwrap();
+        assert_eq!(t1.cells["r1-a"].blue, ["r1-a-blue.pay.svc:7500"]);
+        assert_eq!(next_table(Some(&t1), build_table(&map, &cs, "pay")), None);
+        let mut cs2 = cs.clone();
+        cs2[0].spec.traffic.green_weight_bp = 100;
+        let t2 = next_table(Some(&t1), build_table(&map, &cs2, "pay")).unwrap();
+        assert_eq!((t2.epoch, t2.cells["r1-a"].green_weight_bp), (2, 100));
+    }
+
+    #[test]
+    fn conditions_keep_transition_time() {
+        let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2025-01-01T00:01:00Z".parse().unwrap();
+        let mut c = vec![];
+        set_condition(&mut c, "Ready", true, "Ok", "fine".into(), Some(1), t0);
+        set_condition(&mut c, "Ready", true, "Ok", "still".into(), Some(2), t1);
+        assert_eq!(c[0].last_transition_time, t0.to_string());
+        set_condition(&mut c, "Ready", false, "Down", "no".into(), Some(2), t1);
+        assert_eq!(c[0].last_transition_time, t1.to_string());
+        assert_eq!(c.len(), 1);
+        assert_eq!(ranges(&[0, 1, 2, 5]), "0-2,5");
+    }
+}

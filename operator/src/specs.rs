@@ -1,0 +1,353 @@
+//! Desired Kubernetes objects, built by pure functions (no client, no clock) so they are
+//! tested without a cluster: one Deployment and one Service per cell and colour, and the
+//! ConfigMap that carries the routing table to the routers.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerPort, EnvVar, GRPCAction, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use ldc_core::routing::{Colour, RoutingTable};
+
+use crate::crd::{Cell, Topology};
+
+/// The gRPC port of a cell pod and its Service.
+pub const CELL_GRPC_PORT: i32 = 7500;
+/// The Prometheus metrics port of a cell pod.
+pub const CELL_METRICS_PORT: i32 = 9100;
+/// Key of the routing table (JSON) inside the routing ConfigMap.
+pub const TABLE_KEY: &str = "routing.json";
+/// Annotation on the routing ConfigMap carrying the table's epoch (cheap to read).
+pub const EPOCH_ANNOTATION: &str = "ldc.dev/routing-epoch";
+
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGER: &str = "ldc-operator";
+pub const LABEL_TOPOLOGY: &str = "ldc.dev/topology";
+pub const LABEL_CELL: &str = "ldc.dev/cell";
+pub const LABEL_COLOUR: &str = "ldc.dev/colour";
+
+pub const COLOURS: [Colour; 2] = [Colour::Blue, Colour::Green];
+
+/// `r1-a-blue`: the Deployment and Service of one cell colour.
+pub fn workload_name(cell: &str, colour: Colour) -> String {
+    format!("{cell}-{colour}")
+}
+
+/// The ConfigMap routers watch.
+pub fn routing_config_map_name(topology: &str) -> String {
+    format!("{topology}-routing")
+}
+
+/// The in-cluster endpoint of one cell colour, as the routing table lists it.
+pub fn endpoint(cell: &str, colour: Colour, namespace: &str) -> String {
+    format!(
+        "{}.{namespace}.svc:{CELL_GRPC_PORT}",
+        workload_name(cell, colour)
+    )
+}
+
+/// Labels selecting one cell colour's pods.
+pub fn selector_labels(topology: &str, cell: &str, colour: Colour) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_TOPOLOGY.to_string(), topology.to_string()),
+        (LABEL_CELL.to_string(), cell.to_string()),
+        (LABEL_COLOUR.to_string(), colour.to_string()),
+    ])
+}
+
+fn labels(topology: &str, cell: &str, colour: Colour) -> BTreeMap<String, String> {
+    let mut l = selector_labels(topology, cell, colour);
+    l.insert("app.kubernetes.io/name".into(), "ldc-cell".into());
+    l.insert(LABEL_MANAGED_BY.into(), MANAGER.into());
+    l
+}
+
+/// Owner reference making `owner` the controller of a child (garbage collection).
+pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
+    owner.controller_owner_ref(&())
+}
+
+/// The Deployment of one cell colour. Its pods run `ldc cell serve` against the topology's
+/// store; readiness is the gRPC health service, which a cell answers only once serving.
+pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployment {
+    let name = cell.metadata.name.clone().unwrap_or_default();
+    let topo_name = topo.metadata.name.clone().unwrap_or_default();
+    let replicas = match colour {
+        Colour::Blue => cell.spec.replicas.blue,
+        Colour::Green => cell.spec.replicas.green,
+    };
+    let labels = labels(&topo_name, &name, colour);
+    let args = [
+        "cell",
+        "serve",
+        "--cell",
+        &name,
+        "--colour",
+        colour.as_str(),
+        "--listen",
+        &format!("0.0.0.0:{CELL_GRPC_PORT}"),
+        "--metrics-listen",
+        &format!("0.0.0.0:{CELL_METRICS_PORT}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let grpc_probe = |period: i32| Probe {
+        grpc: Some(GRPCAction {
+            port: CELL_GRPC_PORT,
+            service: None,
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(2),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(workload_name(&name, colour)),
+            namespace: cell.metadata.namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: controller_ref(cell).map(|r| vec![r]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&topo_name, &name, colour)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    // Cells never call the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    containers: vec![Container {
+                        name: "cell".into(),
+                        image: Some(cell.spec.image.clone()),
+                        args: Some(args),
+                        env: Some(vec![
+                            EnvVar {
+                                name: "LDC_STORE".into(),
+                                value: Some(topo.spec.store.clone()),
+                                ..Default::default()
+                            },
+                            EnvVar {
+                                name: "LDC_ROUTER".into(),
+                                value: Some(topo.spec.router_address.clone()),
+                                ..Default::default()
+                            },
+                        ]),
+                        ports: Some(vec![
+                            ContainerPort {
+                                name: Some("grpc".into()),
+                                container_port: CELL_GRPC_PORT,
+                                ..Default::default()
+                            },
+                            ContainerPort {
+                                name: Some("metrics".into()),
+                                container_port: CELL_METRICS_PORT,
+                                ..Default::default()
+                            },
+                        ]),
+                        readiness_probe: Some(grpc_probe(2)),
+                        liveness_probe: Some(grpc_probe(10)),
+                        resources: Some(ResourceRequirements {
+                            requests: Some(BTreeMap::from([
+                                ("cpu".into(), Quantity("100m".into())),
+                                ("memory".into(), Quantity("64Mi".into())),
+                            ])),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The ClusterIP Service of one cell colour (the endpoint the routing table names).
+pub fn cell_service(topo: &Topology, cell: &Cell, colour: Colour) -> Service {
+    let name = cell.metadata.name.clone().unwrap_or_default();
+    let topo_name = topo.metadata.name.clone().unwrap_or_default();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(workload_name(&name, colour)),
+            namespace: cell.metadata.namespace.clone(),
+            labels: Some(labels(&topo_name, &name, colour)),
+            owner_references: controller_ref(cell).map(|r| vec![r]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&topo_name, &name, colour)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: CELL_GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    app_protocol: Some("kubernetes.io/h2c".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: CELL_METRICS_PORT,
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The ConfigMap carrying `table` to the routers, owned by the topology.
+pub fn routing_config_map(topo: &Topology, table: &RoutingTable) -> ConfigMap {
+    let topo_name = topo.metadata.name.clone().unwrap_or_default();
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(routing_config_map_name(&topo_name)),
+            namespace: topo.metadata.namespace.clone(),
+            labels: Some(BTreeMap::from([
+                (LABEL_TOPOLOGY.to_string(), topo_name),
+                (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+                (
+                    "app.kubernetes.io/component".to_string(),
+                    "routing-table".to_string(),
+                ),
+            ])),
+            annotations: Some(BTreeMap::from([(
+                EPOCH_ANNOTATION.to_string(),
+                table.epoch.to_string(),
+            )])),
+            owner_references: controller_ref(topo).map(|r| vec![r]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            TABLE_KEY.to_string(),
+            serde_json::to_string(table).expect("routing table encodes"),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// Reads the routing table out of a routing ConfigMap.
+pub fn table_from_config_map(cm: &ConfigMap) -> Option<RoutingTable> {
+    let s = cm.data.as_ref()?.get(TABLE_KEY)?;
+    serde_json::from_str(s).ok()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::{CellRole, CellSpec, ColourReplicas, TopologySpec, Traffic};
+
+    pub fn topo() -> Topology {
+        let mut t = Topology::new(
+            "prod",
+            TopologySpec {
+                shard_count: 12,
+                regions: vec!["r1".into(), "r2".into()],
+                store: "/data/store.db".into(),
+                redundancy: Default::default(),
+                failover: Default::default(),
+                router_address: "ldc-router:7400".into(),
+            },
+        );
+        t.metadata.namespace = Some("pay".into());
+        t.metadata.uid = Some("uid-t".into());
+        t
+    }
+
+    pub fn cell(name: &str, region: &str, role: CellRole) -> Cell {
+        let mut c = Cell::new(
+            name,
+            CellSpec {
+                topology: "prod".into(),
+                region: region.into(),
+                role,
+                image: "ldc:dev".into(),
+                replicas: ColourReplicas { blue: 2, green: 1 },
+                traffic: Traffic::default(),
+                capacity: None,
+            },
+        );
+        c.metadata.namespace = Some("pay".into());
+        c.metadata.uid = Some(format!("uid-{name}"));
+        c
+    }
+
+    #[test]
+    fn deployment_per_colour_is_owned_and_selects_its_pods() {
+        let d = cell_deployment(
+            &topo(),
+            &cell("r1-a", "r1", CellRole::Serving),
+            Colour::Green,
+        );
+        assert_eq!(d.metadata.name.as_deref(), Some("r1-a-green"));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        let sel = spec.selector.match_labels.unwrap();
+        let tpl = spec.template.metadata.unwrap().labels.unwrap();
+        assert!(sel.iter().all(|(k, v)| tpl.get(k) == Some(v)));
+        assert_eq!(sel[LABEL_COLOUR], "green");
+        let owner = &d.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Cell", Some(true))
+        );
+        let c = &spec.template.spec.unwrap().containers[0];
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(args.starts_with("cell serve --cell r1-a --colour green"));
+        assert_eq!(
+            c.env.as_ref().unwrap()[0].value.as_deref(),
+            Some("/data/store.db")
+        );
+    }
+
+    #[test]
+    fn service_targets_the_grpc_port() {
+        let s = cell_service(
+            &topo(),
+            &cell("r2-s", "r2", CellRole::Standby),
+            Colour::Blue,
+        );
+        assert_eq!(s.metadata.name.as_deref(), Some("r2-s-blue"));
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.ports.unwrap()[0].port, CELL_GRPC_PORT);
+        assert_eq!(spec.selector.unwrap()[LABEL_CELL], "r2-s");
+        assert_eq!(
+            endpoint("r2-s", Colour::Blue, "pay"),
+            "r2-s-blue.pay.svc:7500"
+        );
+    }
+
+    #[test]
+    fn routing_config_map_round_trips() {
+        let table = RoutingTable {
+            epoch: 7,
+            ..Default::default()
+        };
+        let cm = routing_config_map(&topo(), &table);
+        assert_eq!(cm.metadata.name.as_deref(), Some("prod-routing"));
+        assert_eq!(
+            cm.metadata.annotations.as_ref().unwrap()[EPOCH_ANNOTATION],
+            "7"
+        );
+        assert_eq!(table_from_config_map(&cm), Some(table));
+    }
+}
