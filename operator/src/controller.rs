@@ -67,6 +67,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is an optimistic-lock conflict (HTTP 409), which a re-run resolves.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(e)) => e.code == 409,
+            Error::Finalizer(f) => match &**f {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_conflict(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// A stable label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
@@ -202,6 +215,11 @@ pub async fn run(
 }
 
 fn error_policy(topo: Arc<Topology>, e: &Error, _ctx: Arc<Context>) -> Action {
+    if e.is_conflict() {
+        // Someone (the plugin, a user) changed an object we read: look again soon.
+        tracing::debug!(topology = %topo.name_any(), "conflict; reconciling again");
+        return Action::requeue(Duration::from_millis(200));
+    }
     tracing::warn!(topology = %topo.name_any(), error = %e, label = e.label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(3))
 }
@@ -240,10 +258,21 @@ struct Pending {
     automatic: bool,
 }
 
-async fn apply(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = Timestamp::now();
-    let ns = topo.namespace().ok_or(Error::NoNamespace)?;
-    let name = topo.name_any();
+    let ns = cached.namespace().ok_or(Error::NoNamespace)?;
+    let name = cached.name_any();
+    // Decide from the latest object, not the watch cache: status (pending request,
+    // history) written a moment ago must not be overwritten by a stale copy. Every status
+    // write below also carries this resourceVersion, so a concurrent change is a conflict
+    // and a fresh reconcile, never a lost update.
+    let topo = match Api::<Topology>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await?
+    {
+        Some(t) => Arc::new(t),
+        None => return Ok(Action::await_change()),
+    };
     let scope = format!("{ns}/{name}");
     let gen_ = topo.metadata.generation;
     let client = ctx.client.clone();
@@ -337,7 +366,7 @@ async fn apply(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> 
                 ctx.event(&*topo, EventType::Warning, "StoreNotUsable", msg)
                     .await;
             }
-            patch_topology_status(&topo_api, &topo, &status, false).await?;
+            patch_topology_status(&topo_api, &topo, &status).await?;
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
         Err(e) => return Err(e),
@@ -754,7 +783,7 @@ async fn apply(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> 
     if clear_request {
         status.pending_operation = None;
     }
-    patch_topology_status(&topo_api, &topo, &status, clear_request).await?;
+    patch_topology_status(&topo_api, &topo, &status).await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -782,13 +811,13 @@ async fn patch_cell_status(api: &Api<Cell>, c: &Cell, st: CellStatus) -> Result<
     Ok(())
 }
 
-/// Patches the topology status when it changed. When `locked`, the patch carries the
-/// resourceVersion read at the start, so clearing a request cannot erase a newer one.
+/// Patches the topology status when it changed, carrying the resourceVersion read at the
+/// start (optimistic lock): clearing a request can never erase a newer one, and a status
+/// computed from an old object is refused instead of overwriting history.
 async fn patch_topology_status(
     api: &Api<Topology>,
     topo: &Topology,
     st: &TopologyStatus,
-    locked: bool,
 ) -> Result<(), Error> {
     if topo.status.as_ref() == Some(st) {
         return Ok(());
@@ -797,11 +826,7 @@ async fn patch_topology_status(
     if st.pending_operation.is_none() {
         v["pendingOperation"] = serde_json::Value::Null;
     }
-    let patch = if locked {
-        json!({"metadata": {"resourceVersion": topo.resource_version()}, "status": v})
-    } else {
-        json!({"status": v})
-    };
+    let patch = json!({"metadata": {"resourceVersion": topo.resource_version()}, "status": v});
     api.patch_status(
         &topo.name_any(),
         &PatchParams::default(),

@@ -1,0 +1,684 @@
+//! End-to-end tests against a real API server (no mock): `e2e/run.sh` starts a cluster
+//! with `e2e/cluster.sh`, exports KUBECONFIG and runs
+//! `cargo test -p ldc-operator --test e2e -- --ignored --test-threads=1`.
+//!
+//! Each test gets its own namespace, its own store file and its own operator process
+//! (`target/debug/ldc-operator`), and drives it the way a user would: custom resources,
+//! `kubectl-cell`, and (to make a cell fail) a patch of its pods' status, which KWOK leaves
+//! alone. Ownership is checked in the store itself, the routing table in the ConfigMap the
+//! routers watch. Tests wait for conditions with a deadline; they never sleep blindly.
+//!
+//! Depth: every test is level 1 (control plane only; no data-plane traffic).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use ldc_core::planner::ShardMap;
+use ldc_core::routing::RoutingTable;
+use ldc_operator::crd::{
+    Cell, CellRole, CellSpec, ColourReplicas, FailoverPolicy, Topology, TopologySpec, Traffic,
+};
+use ldc_operator::specs;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG must point at a running cluster (run e2e/run.sh)")
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `WAIT` naming `what`.
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Installs the CRDs generated from the Rust types (idempotent) and waits until served.
+async fn install_crds(c: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(c.clone());
+    for crd in [Topology::crd(), Cell::crd()] {
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("ldc-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        wait_for(&format!("CRD {name} established"), || async {
+            let crd = api.get(&name).await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+/// One test's world: namespace, store, operator process.
+struct Env {
+    client: Client,
+    ns: String,
+    dir: tempfile::TempDir,
+    operator: Option<Child>,
+    generation: u32,
+}
+
+impl Env {
+    async fn new(tag: &str) -> Env {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = format!("e2e-{tag}-{}", std::process::id());
+        let nsapi: Api<Namespace> = Api::all(client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.clone());
+        nsapi
+            .create(&PostParams::default(), &n)
+            .await
+            .expect("create namespace");
+        // The namespace's default ServiceAccount must exist before pods can be created.
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &ns);
+        wait_for("default ServiceAccount", || async {
+            sa.get_opt("default").await.ok().flatten()
+        })
+        .await;
+        Env {
+            client,
+            ns,
+            dir: tempfile::tempdir().expect("tempdir"),
+            operator: None,
+            generation: 0,
+        }
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store.db")
+    }
+
+    fn log_path(&self, generation: u32) -> PathBuf {
+        self.dir.path().join(format!("operator-{generation}.log"))
+    }
+
+    /// Starts an operator for this namespace and waits until it leads.
+    async fn start_operator(&mut self) {
+        self.generation += 1;
+        let log = self.log_path(self.generation);
+        let child = Command::new(env!("CARGO_BIN_EXE_ldc-operator"))
+            .args(["--namespace", &self.ns, "--lease-seconds", "4"])
+            .arg("--identity")
+            .arg(format!("e2e-{}", self.generation))
+            .env("LDC_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start ldc-operator");
+        self.operator = Some(child);
+        wait_for("the operator to lead", || async {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("READY")
+                .then_some(())
+        })
+        .await;
+    }
+
+    fn stop_operator(&mut self) {
+        if let Some(mut c) = self.operator.take() {
+            // SIGKILL: a crash, not a clean shutdown.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn operator_log(&self) -> String {
+        (1..=self.generation)
+            .map(|g| std::fs::read_to_string(self.log_path(g)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn topology(&self, automatic: bool, delay_s: u32) -> Topology {
+        let mut t = Topology::new(
+            "prod",
+            TopologySpec {
+                shard_count: 12,
+                regions: vec!["r1".into(), "r2".into()],
+                store: self.store_path().display().to_string(),
+                redundancy: Default::default(),
+                failover: FailoverPolicy {
+                    automatic,
+                    not_ready_seconds: delay_s,
+                },
+                router_address: "ldc-router:7400".into(),
+            },
+        );
+        t.metadata.namespace = Some(self.ns.clone());
+        t
+    }
+
+    fn cell(&self, name: &str, region: &str, role: CellRole) -> Cell {
+        let mut c = Cell::new(
+            name,
+            CellSpec {
+                topology: "prod".into(),
+                region: region.into(),
+                role,
+                image: "ldc:e2e".into(),
+                replicas: ColourReplicas { blue: 1, green: 1 },
+                traffic: Traffic::default(),
+                capacity: None,
+            },
+        );
+        c.metadata.namespace = Some(self.ns.clone());
+        c
+    }
+
+    /// Topology `prod` with r1-a, r1-s, r2-a, r2-s.
+    async fn create_platform(&self, automatic: bool, delay_s: u32) {
+        let pp = PostParams::default();
+        self.api::<Topology>()
+            .create(&pp, &self.topology(automatic, delay_s))
+            .await
+            .expect("create topology");
+        for (n, r, role) in [
+            ("r1-a", "r1", CellRole::Serving),
+            ("r1-s", "r1", CellRole::Standby),
+            ("r2-a", "r2", CellRole::Serving),
+            ("r2-s", "r2", CellRole::Standby),
+        ] {
+            self.api::<Cell>()
+                .create(&pp, &self.cell(n, r, role))
+                .await
+                .expect("create cell");
+        }
+    }
+
+    async fn table(&self) -> Option<RoutingTable> {
+        let cm = self
+            .api::<ConfigMap>()
+            .get_opt("prod-routing")
+            .await
+            .ok()??;
+        specs::table_from_config_map(&cm)
+    }
+
+    async fn wait_table(&self, what: &str, done: impl Fn(&RoutingTable) -> bool) -> RoutingTable {
+        wait_for(what, || async { self.table().await.filter(|t| done(t)) }).await
+    }
+
+    async fn wait_ready(&self) -> Topology {
+        wait_for("topology Ready with every cell ready", || async {
+            let t = self.api::<Topology>().get("prod").await.ok()?;
+            let st = t.status.clone()?;
+            let ready = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && st.cells_ready == 4 && st.routing_epoch >= 1).then_some(t)
+        })
+        .await
+    }
+
+    /// Ownership as the store holds it (the fencing records cells check on every write).
+    fn store_map(&self) -> ShardMap {
+        let store = ldc_store::open(self.store_path().to_str().unwrap()).expect("open store");
+        let mut t = store.begin_read().expect("begin");
+        let m = ldc_cell::control::load_map(&mut *t, 12).expect("load map");
+        t.rollback().expect("rollback");
+        m
+    }
+
+    fn kubectl_cell(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-cell"))
+            .args(["-n", &self.ns, "--timeout", "30s"])
+            .args(args)
+            .output()
+            .expect("run kubectl-cell");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Makes every pod of `cell` not ready (KWOK does not undo a status patch).
+    async fn fail_pods(&self, cell: &str) {
+        let pods = self.api::<Pod>();
+        let lp = ListParams::default().labels(&format!("{}={cell}", specs::LABEL_CELL));
+        let list = wait_for(&format!("pods of {cell}"), || async {
+            let l = pods.list(&lp).await.ok()?;
+            (!l.items.is_empty()).then_some(l)
+        })
+        .await;
+        for p in list.items {
+            let patch = serde_json::json!({"status": {"conditions": [
+                {"type": "Ready", "status": "False", "reason": "E2eFailed"},
+                {"type": "ContainersReady", "status": "False", "reason": "E2eFailed"},
+            ]}});
+            pods.patch_status(
+                &p.name_any(),
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .expect("patch pod status");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_operator();
+        if std::thread::panicking() {
+            eprintln!("---- operator log ----\n{}", self.operator_log());
+        }
+        // Best effort: the cluster is torn down by run.sh anyway.
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", &self.ns, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn assert_refused(r: Result<impl std::fmt::Debug, kube::Error>, needle: &str) {
+    match r {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{e:?}");
+            assert!(
+                e.message.contains(needle),
+                "message {:?} lacks {needle:?}",
+                e.message
+            );
+        }
+        other => panic!("expected the API server to refuse ({needle}), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn crds_install_and_reject_invalid_specs() {
+    let env = Env::new("crd").await;
+    let pp = PostParams::default();
+    let topos = env.api::<Topology>();
+
+    let mut t = env.topology(true, 5);
+    t.spec.shard_count = 0;
+    assert_refused(topos.create(&pp, &t).await, "spec.shardCount");
+    let mut t = env.topology(true, 5);
+    t.spec.regions = vec!["r1".into(), "r1".into()];
+    assert_refused(topos.create(&pp, &t).await, "regions must be unique");
+    let mut t = env.topology(true, 5);
+    t.spec.regions = vec!["R_1".into()];
+    assert_refused(topos.create(&pp, &t).await, "should match");
+
+    topos
+        .create(&pp, &env.topology(true, 5))
+        .await
+        .expect("valid topology");
+    let patch = serde_json::json!({"spec": {"shardCount": 13}});
+    assert_refused(
+        topos
+            .patch("prod", &PatchParams::default(), &Patch::Merge(&patch))
+            .await,
+        "shardCount is immutable",
+    );
+
+    let cells = env.api::<Cell>();
+    let mut c = env.cell("r1-a", "r1", CellRole::Serving);
+    c.spec.replicas.green = 0;
+    c.spec.traffic.green_weight_bp = 500;
+    assert_refused(cells.create(&pp, &c).await, "needs replicas.green > 0");
+    let mut c = env.cell("r1-a", "r1", CellRole::Serving);
+    c.spec.traffic.green_weight_bp = 10_001;
+    assert_refused(cells.create(&pp, &c).await, "greenWeightBp");
+    let c = env.cell(
+        "a-cell-name-that-is-far-too-long-for-a-workload",
+        "r1",
+        CellRole::Serving,
+    );
+    assert_refused(cells.create(&pp, &c).await, "at most 40 characters");
+
+    cells
+        .create(&pp, &env.cell("r1-a", "r1", CellRole::Serving))
+        .await
+        .expect("valid cell");
+    let patch = serde_json::json!({"spec": {"region": "r2"}});
+    assert_refused(
+        cells
+            .patch("r1-a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await,
+        "region is immutable",
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn reconcile_creates_workloads_status_and_routing_table() {
+    let mut env = Env::new("reconcile").await;
+    env.create_platform(false, 5).await;
+    env.start_operator().await;
+    let topo = env.wait_ready().await;
+
+    let deps = env
+        .api::<Deployment>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let mut names: Vec<String> = deps.iter().map(|d| d.name_any()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "r1-a-blue",
+            "r1-a-green",
+            "r1-s-blue",
+            "r1-s-green",
+            "r2-a-blue",
+            "r2-a-green",
+            "r2-s-blue",
+            "r2-s-green"
+        ]
+    );
+    for d in &deps {
+        let owner = &d.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Cell", Some(true))
+        );
+    }
+    let svcs = env
+        .api::<Service>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(svcs.len(), 8);
+
+    let st = topo.status.unwrap();
+    assert_eq!(st.routing_epoch, 1);
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "NPlusOne" && c.status == "True")
+    );
+    let table = env
+        .wait_table("routing table epoch 1", |t| t.epoch == 1)
+        .await;
+    assert_eq!(table.shards.len(), 12);
+    assert_eq!(table.shards[0].cell, "r1-a");
+    assert_eq!(
+        table.cells["r2-s"].blue,
+        [format!("r2-s-blue.{}.svc:7500", env.ns)]
+    );
+
+    // The store was created with the initial map at epoch 1.
+    let map = env.store_map();
+    assert_eq!(map.owned_by("r1-a"), (0..6).collect::<Vec<_>>());
+    assert!(map.owners.iter().all(|o| o.epoch == 1));
+
+    let cell = env.api::<Cell>().get("r1-a").await.unwrap();
+    let cst = cell.status.unwrap();
+    assert_eq!(
+        (cst.role.as_str(), cst.shards, cst.shard_ranges.as_str()),
+        ("serving", 6, "0-5")
+    );
+    assert!(
+        cell.metadata
+            .finalizers
+            .unwrap()
+            .contains(&"ldc.dev/owns-shards".to_string())
+    );
+
+    // A traffic shift through the plugin reaches the published table.
+    let (ok, out, err) = env.kubectl_cell(&["traffic-shift", "r1-a", "--green", "25"]);
+    assert!(ok, "{out}{err}");
+    let t = env
+        .wait_table("green weight 2500", |t| {
+            t.cells["r1-a"].green_weight_bp == 2500
+        })
+        .await;
+    assert_eq!(t.epoch, 2);
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn kubectl_cell_failover_fences_in_store_then_routes() {
+    let mut env = Env::new("failover").await;
+    env.create_platform(false, 5).await;
+    env.start_operator().await;
+    env.wait_ready().await;
+    env.wait_table("routing table", |t| t.epoch == 1).await;
+
+    let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a", "--dry-run"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("dry run") && out.contains("r1-a -> r1-s: 6 shards [0-5]"),
+        "{out}"
+    );
+    assert!(
+        env.store_map().owners.iter().all(|o| o.epoch == 1),
+        "dry run changed nothing"
+    );
+
+    let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("routing epoch 1 -> 2"), "{out}");
+
+    // Fence: the store moved the shards with epoch + 1 ...
+    let map = env.store_map();
+    assert_eq!(map.owned_by("r1-s"), (0..6).collect::<Vec<_>>());
+    assert!(
+        map.owned_by("r1-s")
+            .iter()
+            .all(|s| map.owners[*s as usize].epoch == 2)
+    );
+    assert!(
+        map.owned_by("r2-a")
+            .iter()
+            .all(|s| map.owners[*s as usize].epoch == 1)
+    );
+    // ... and the published table carries the same owners and epochs.
+    let t = env.wait_table("table epoch 2", |t| t.epoch == 2).await;
+    for (i, o) in map.owners.iter().enumerate() {
+        assert_eq!((&t.shards[i].cell, t.shards[i].epoch), (&o.cell, o.epoch));
+    }
+    let topo = env.api::<Topology>().get("prod").await.unwrap();
+    let st = topo.status.unwrap();
+    assert!(st.pending_operation.is_none());
+    let h = st.history.last().unwrap();
+    assert_eq!(
+        (
+            h.command.as_str(),
+            h.result.as_str(),
+            h.shards_moved,
+            h.routing_epoch
+        ),
+        ("failover r1-a", "Succeeded", 6, 2)
+    );
+    let c = wait_for("r1-s status serving", || async {
+        let c = env.api::<Cell>().get("r1-s").await.ok()?;
+        (c.status.as_ref()?.role == "serving").then_some(c)
+    })
+    .await;
+    assert_eq!(c.status.unwrap().epochs, "2");
+
+    // A refused plan is reported, not applied: r1-a owns nothing now.
+    let (ok, _, err) = env.kubectl_cell(&["failover", "r1-a"]);
+    assert!(!ok && err.contains("owns no shard"), "{err}");
+
+    // A serving cell cannot be deleted while it owns shards; after a switchover it goes.
+    env.api::<Cell>()
+        .delete("r2-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        env.api::<Cell>().get_opt("r2-a").await.unwrap().is_some(),
+        "kept: owns shards"
+    );
+    let (ok, out, err) = env.kubectl_cell(&["switchover", "r2-a", "--to", "r2-s"]);
+    assert!(ok, "{out}{err}");
+    wait_for("r2-a deleted once it owns nothing", || async {
+        env.api::<Cell>()
+            .get_opt("r2-a")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.store_map().owned_by("r2-s"),
+        (6..12).collect::<Vec<_>>()
+    );
+    let (ok, out, err) = env.kubectl_cell(&["history"]);
+    assert!(
+        ok && out.contains("switchover r2-a --to r2-s"),
+        "{out}{err}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn not_ready_pods_fail_over_automatically_after_the_delay() {
+    let mut env = Env::new("auto").await;
+    env.create_platform(true, 2).await;
+    env.start_operator().await;
+    env.wait_ready().await;
+    env.wait_table("routing table", |t| t.epoch == 1).await;
+
+    let t0 = Instant::now();
+    env.fail_pods("r2-a").await;
+    let t = env
+        .wait_table("r2-a's shards routed to r2-s", |t| {
+            t.shards[6].cell == "r2-s"
+        })
+        .await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "failed over before the delay: {took:?}"
+    );
+    assert_eq!(t.epoch, 2);
+    let map = env.store_map();
+    assert_eq!(map.owned_by("r2-s"), (6..12).collect::<Vec<_>>());
+    assert!(
+        map.owned_by("r2-s")
+            .iter()
+            .all(|s| map.owners[*s as usize].epoch == 2)
+    );
+    assert_eq!(
+        map.owned_by("r1-a"),
+        (0..6).collect::<Vec<_>>(),
+        "other region untouched"
+    );
+    let topo = wait_for("auto failover in history and N+1 reported", || async {
+        let t = env.api::<Topology>().get("prod").await.ok()?;
+        let st = t.status.as_ref()?;
+        let np = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "NPlusOne" && c.status == "False");
+        (np && st
+            .history
+            .iter()
+            .any(|h| h.id.starts_with("auto-failover-r2-a")))
+        .then_some(t)
+    })
+    .await;
+    eprintln!(
+        "automatic failover took {took:?}; history: {:?}",
+        topo.status.unwrap().history
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn operator_restart_is_idempotent() {
+    let mut env = Env::new("restart").await;
+    env.create_platform(false, 5).await;
+    env.start_operator().await;
+    env.wait_ready().await;
+    let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a"]);
+    assert!(ok, "{out}{err}");
+    env.wait_table("table epoch 2", |t| t.epoch == 2).await;
+
+    let snapshot = |env: &Env| {
+        let (c, d, t) = (
+            env.api::<ConfigMap>(),
+            env.api::<Deployment>(),
+            env.api::<Topology>(),
+        );
+        async move {
+            let cm = c.get("prod-routing").await.unwrap();
+            let mut deps: Vec<(String, String)> = d
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|d| (d.name_any(), d.metadata.generation.unwrap_or(0).to_string()))
+                .collect();
+            deps.sort();
+            let topo = t.get("prod").await.unwrap();
+            (cm.resource_version(), deps, topo.status.unwrap().history)
+        }
+    };
+    let before = snapshot(&env).await;
+    let map_before = env.store_map();
+
+    env.stop_operator();
+    env.start_operator().await;
+    // Let the new leader reconcile everything at least once.
+    wait_for("the new operator to reconcile", || async {
+        let log = std::fs::read_to_string(env.log_path(env.generation)).ok()?;
+        log.contains("READY").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let after = snapshot(&env).await;
+    assert_eq!(
+        after, before,
+        "routing ConfigMap, Deployments and history untouched"
+    );
+    assert_eq!(env.store_map(), map_before, "no ownership change");
+    assert_eq!(env.table().await.unwrap().epoch, 2, "no new routing epoch");
+    assert!(
+        !env.operator_log().contains("ERROR"),
+        "{}",
+        env.operator_log()
+    );
+}
