@@ -154,6 +154,10 @@ pub struct UpArgs {
     /// Where the local controller serves its Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_listen: String,
+    /// How often the router re-reads the routing table (ms). A "moved" answer makes it
+    /// re-read at once anyway; tests raise this to exercise stale tables.
+    #[arg(long, default_value_t = 100)]
+    pub router_poll_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -590,6 +590,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             "--listen".into(),
             a.listen.clone(),
             "--die-with-parent".into(),
+            "--poll-ms".into(),
+            a.router_poll_ms.to_string(),
         ],
     );
     router.start(g).await.context("router did not start")?;
