@@ -11,9 +11,9 @@
 //! 3. **plan**: a pending `kubectl cell` request, or an automatic failover of a cell whose
 //!    serving pods have been not ready for `failover.notReadySeconds`, goes through the one
 //!    shared planner ([`ldc_core::planner::plan`]);
-//! 4. **fence, then route**: [`crate::fence::commit_step`] commits the new ownership (epochs
-//!    + 1) and the next routing table in the store; only then is the table published to the
-//!    `<topology>-routing` ConfigMap the routers watch;
+//! 4. **fence, then route**: [`crate::fence::commit_step`] commits the new ownership (each
+//!    moved shard's epoch goes up by one) and the next routing table in the store; only then
+//!    is the table published to the `<topology>-routing` ConfigMap the routers watch;
 //! 5. **report**: status (conditions, epochs, history) of the Topology and every Cell, and
 //!    events.
 //!

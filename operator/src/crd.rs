@@ -16,6 +16,10 @@
 //! `Topology.status.pendingOperation` (an optimistic-lock patch); the operator carries them
 //! out and appends the outcome to `Topology.status.history`.
 
+// Several `printcolumn(type_ = ...)` in one `#[kube]` look like duplicated attributes to
+// clippy; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -349,10 +349,10 @@ async fn wait_for_table(
     done: impl Fn(&RoutingTable) -> bool,
 ) -> Result<RoutingTable, PluginError> {
     loop {
-        if let Some(tb) = published_table(client, &t.namespace, topo).await? {
-            if done(&tb) {
-                return Ok(tb);
-            }
+        if let Some(tb) = published_table(client, &t.namespace, topo).await?
+            && done(&tb)
+        {
+            return Ok(tb);
         }
         if Instant::now() >= deadline {
             return Err(PluginError::Timeout(

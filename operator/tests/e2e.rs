@@ -84,6 +84,8 @@ struct Env {
     dir: tempfile::TempDir,
     operator: Option<Child>,
     generation: u32,
+    /// KUBECONFIG for the operator (default: the test's own).
+    operator_kubeconfig: Option<PathBuf>,
 }
 
 impl Env {
@@ -111,6 +113,7 @@ impl Env {
             dir: tempfile::tempdir().expect("tempdir"),
             operator: None,
             generation: 0,
+            operator_kubeconfig: None,
         }
     }
 
@@ -126,7 +129,11 @@ impl Env {
     async fn start_operator(&mut self) {
         self.generation += 1;
         let log = self.log_path(self.generation);
-        let child = Command::new(env!("CARGO_BIN_EXE_ldc-operator"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ldc-operator"));
+        if let Some(k) = &self.operator_kubeconfig {
+            cmd.env("KUBECONFIG", k);
+        }
+        let child = cmd
             .args(["--namespace", &self.ns, "--lease-seconds", "4"])
             .arg("--identity")
             .arg(format!("e2e-{}", self.generation))
@@ -237,14 +244,18 @@ impl Env {
     }
 
     async fn wait_ready(&self) -> Topology {
+        self.wait_ready_named("prod", 4).await
+    }
+
+    async fn wait_ready_named(&self, name: &str, cells: u32) -> Topology {
         wait_for("topology Ready with every cell ready", || async {
-            let t = self.api::<Topology>().get("prod").await.ok()?;
+            let t = self.api::<Topology>().get(name).await.ok()?;
             let st = t.status.clone()?;
             let ready = st
                 .conditions
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && st.cells_ready == 4 && st.routing_epoch >= 1).then_some(t)
+            (ready && st.cells_ready == cells && st.routing_epoch >= 1).then_some(t)
         })
         .await
     }
@@ -680,5 +691,89 @@ async fn operator_restart_is_idempotent() {
         !env.operator_log().contains("ERROR"),
         "{}",
         env.operator_log()
+    );
+}
+
+/// A copy of the test's kubeconfig whose user impersonates `user`.
+fn impersonating_kubeconfig(dir: &std::path::Path, user: &str) -> PathBuf {
+    let src = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    for u in v["users"].as_sequence_mut().expect("users") {
+        u["user"]["as"] = serde_yaml::Value::String(user.into());
+    }
+    let p = dir.join("impersonating.kubeconfig");
+    std::fs::write(&p, serde_yaml::to_string(&v).unwrap()).unwrap();
+    p
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn helm_chart_installs_and_operator_reconciles_with_the_charts_rbac() {
+    let mut env = Env::new("chart").await;
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/ldc");
+    let helm_home = env.dir.path().join("helm");
+    let store = env.store_path();
+    let out = Command::new("helm")
+        .args([
+            "install",
+            "rel",
+            chart,
+            "--namespace",
+            &env.ns,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .args(["--set", &format!("store.spec={}", store.display())])
+        .args([
+            "--set",
+            "store.hostPath=",
+            "--set",
+            "topology.shardCount=12",
+        ])
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .output()
+        .expect("run helm (e2e/run.sh puts it on PATH)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("kubectl cell -n"),
+        "NOTES.txt printed: {stdout}"
+    );
+
+    // Run the operator as the chart's ServiceAccount: its Role must be enough.
+    let sa = format!("system:serviceaccount:{}:rel-operator", env.ns);
+    env.operator_kubeconfig = Some(impersonating_kubeconfig(env.dir.path(), &sa));
+    env.start_operator().await;
+    env.wait_ready_named("ldc", 6).await;
+    let deps = env
+        .api::<Deployment>()
+        .list(&ListParams::default().labels("ldc.dev/topology=ldc"))
+        .await
+        .unwrap();
+    assert_eq!(deps.items.len(), 12, "blue and green for 6 cells");
+    let cm = env.api::<ConfigMap>().get("ldc-routing").await.unwrap();
+    let table = specs::table_from_config_map(&cm).unwrap();
+    assert_eq!((table.epoch, table.shards.len()), (1, 12));
+    assert_eq!(table.cells.len(), 6);
+    let log = env.operator_log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refused something:\n{log}"
+    );
+    // Events were recorded (events.k8s.io is in the Role).
+    let evs: Api<k8s_openapi::api::events::v1::Event> = env.api();
+    let evs = evs.list(&ListParams::default()).await.unwrap();
+    assert!(
+        evs.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RoutingPublished"))
     );
 }

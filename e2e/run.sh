@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The end-to-end suite: a real Kubernetes control plane (e2e/cluster.sh, KWOK nodes), the
+# chart checked with `helm lint` and a server-side dry run, then the operator's e2e tests
+# (operator/tests/e2e.rs). The cluster is always torn down; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+T0=$SECONDS
+NAME=ldc-e2e-$$-$RANDOM
+log() { printf '[run.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+cleanup() {
+    local rc=$?
+    e2e/cluster.sh down "$NAME" >/dev/null 2>&1 || log "WARNING: could not tear down cluster $NAME"
+    if ((rc == 0)); then
+        log "e2e PASSED in $((SECONDS - T0))s"
+    else
+        log "e2e FAILED (exit $rc) after $((SECONDS - T0))s"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log "install the cluster tools (cached)"
+e2e/cluster.sh install
+
+# Build while the cluster starts: both take a while on 2 cores.
+log "build the operator and its tests"
+cargo test -p ldc-operator --test e2e --no-run >/dev/null 2>&1 &
+BUILD=$!
+KUBECONFIG=$(e2e/cluster.sh up "$NAME")
+export KUBECONFIG
+eval "$(e2e/cluster.sh env "$NAME")"
+wait "$BUILD" || cargo test -p ldc-operator --test e2e --no-run # show the error
+log "cluster $NAME up after $((SECONDS - T0))s"
+
+HELM_HOME=$(mktemp -d)
+export HELM_CONFIG_HOME=$HELM_HOME/config HELM_CACHE_HOME=$HELM_HOME/cache HELM_DATA_HOME=$HELM_HOME/data
+log "chart: helm lint, CRDs applied, helm template | kubectl apply --dry-run=server"
+helm lint --strict charts/ldc
+kubectl apply --server-side -f charts/ldc/crds/
+kubectl wait --for=condition=Established crd/topologies.ldc.dev crd/cells.ldc.dev --timeout=60s
+kubectl create namespace ldc-chart-check
+helm template ldc charts/ldc --namespace ldc-chart-check |
+    kubectl apply --dry-run=server --namespace ldc-chart-check -f - >/dev/null
+rm -rf "$HELM_HOME"
+
+log "operator e2e tests"
+cargo test -p ldc-operator --test e2e -- --ignored --test-threads=1
