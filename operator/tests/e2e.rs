@@ -82,7 +82,8 @@ struct Env {
     client: Client,
     ns: String,
     dir: tempfile::TempDir,
-    operator: Option<Child>,
+    /// Operator processes, oldest first.
+    operators: Vec<Child>,
     generation: u32,
     /// KUBECONFIG for the operator (default: the test's own).
     operator_kubeconfig: Option<PathBuf>,
@@ -111,7 +112,7 @@ impl Env {
             client,
             ns,
             dir: tempfile::tempdir().expect("tempdir"),
-            operator: None,
+            operators: Vec::new(),
             generation: 0,
             operator_kubeconfig: None,
         }
@@ -127,6 +128,12 @@ impl Env {
 
     /// Starts an operator for this namespace and waits until it leads.
     async fn start_operator(&mut self) {
+        self.spawn_operator();
+        self.wait_log(self.generation, "READY").await;
+    }
+
+    /// Starts one more operator process (it leads only once it holds the Lease).
+    fn spawn_operator(&mut self) {
         self.generation += 1;
         let log = self.log_path(self.generation);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ldc-operator"));
@@ -137,24 +144,33 @@ impl Env {
             .args(["--namespace", &self.ns, "--lease-seconds", "4"])
             .arg("--identity")
             .arg(format!("e2e-{}", self.generation))
-            .env("LDC_LOG", "info,kube=warn")
+            .env("LDC_LOG", "info,ldc_operator::controller=debug,kube=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start ldc-operator");
-        self.operator = Some(child);
-        wait_for("the operator to lead", || async {
-            std::fs::read_to_string(&log)
-                .ok()?
-                .contains("READY")
-                .then_some(())
-        })
+        self.operators.push(child);
+    }
+
+    /// Waits until operator `generation`'s log contains `needle`.
+    async fn wait_log(&self, generation: u32, needle: &str) {
+        let log = self.log_path(generation);
+        wait_for(
+            &format!("operator {generation} to log {needle:?}"),
+            || async {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .contains(needle)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
-    fn stop_operator(&mut self) {
-        if let Some(mut c) = self.operator.take() {
-            // SIGKILL: a crash, not a clean shutdown.
+    /// SIGKILLs the oldest operator: a crash, not a clean shutdown.
+    fn kill_oldest_operator(&mut self) {
+        if !self.operators.is_empty() {
+            let mut c = self.operators.remove(0);
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -309,7 +325,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        self.stop_operator();
+        while !self.operators.is_empty() {
+            self.kill_oldest_operator();
+        }
         if std::thread::panicking() {
             eprintln!("---- operator log ----\n{}", self.operator_log());
         }
@@ -491,6 +509,23 @@ async fn kubectl_cell_failover_fences_in_store_then_routes() {
     env.start_operator().await;
     env.wait_ready().await;
     env.wait_table("routing table", |t| t.epoch == 1).await;
+    // A router's table, fed by the Kubernetes source (ldc-router feature `kube`).
+    let router_table = ldc_router::TableHandle::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (client, ns, rt) = (env.client.clone(), env.ns.clone(), router_table.clone());
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        ldc_router::kube_source::watch_config_map(client, &ns, "prod-routing", rt, stop).await
+    });
+    let t = router_table.wait_for(WAIT, |t| t.epoch == 1).await;
+    assert_eq!(
+        t.map(|t| t.epoch),
+        Some(1),
+        "router took the published table"
+    );
+    assert_eq!(specs::TABLE_KEY, ldc_router::kube_source::TABLE_KEY);
 
     let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a", "--dry-run"]);
     assert!(ok, "{out}{err}");
@@ -506,6 +541,13 @@ async fn kubectl_cell_failover_fences_in_store_then_routes() {
     let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("routing epoch 1 -> 2"), "{out}");
+    let t = router_table.wait_for(WAIT, |t| t.epoch == 2).await.unwrap();
+    assert_eq!(
+        (t.shards[0].cell.as_str(), t.shards[0].epoch),
+        ("r1-s", 2),
+        "the router follows"
+    );
+    let _ = stop_tx.send(());
 
     // Fence: the store moved the shards with epoch + 1 ...
     let map = env.store_map();
@@ -578,6 +620,23 @@ async fn kubectl_cell_failover_fences_in_store_then_routes() {
     assert!(
         ok && out.contains("switchover r2-a --to r2-s"),
         "{out}{err}"
+    );
+
+    // Disaster recovery: region r2 moves to r1 (dry run first, then for real).
+    let (ok, out, err) = env.kubectl_cell(&["dr", "cutover", "--from", "r2", "--dry-run"]);
+    assert!(
+        ok && out.contains("dry run") && out.contains("6 shards [6-11]"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = env.kubectl_cell(&["dr", "cutover", "--from", "r2", "--to", "r1"]);
+    assert!(ok, "{out}{err}");
+    let map = env.store_map();
+    assert!(map.owned_by("r2-s").is_empty());
+    assert!((6..12).all(|s| map.owners[s].epoch == 3 && map.owners[s].cell.starts_with("r1-")));
+    let t = env.table().await.unwrap();
+    assert!(
+        (6..12).all(|s| t.shards[s].epoch == 3),
+        "published with the store's epochs"
     );
 }
 
@@ -670,15 +729,13 @@ async fn operator_restart_is_idempotent() {
     let before = snapshot(&env).await;
     let map_before = env.store_map();
 
-    env.stop_operator();
-    env.start_operator().await;
-    // Let the new leader reconcile everything at least once.
-    wait_for("the new operator to reconcile", || async {
-        let log = std::fs::read_to_string(env.log_path(env.generation)).ok()?;
-        log.contains("READY").then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Leader election: a second operator waits while the first holds the Lease ...
+    env.spawn_operator();
+    env.wait_log(2, "another operator leads").await;
+    // ... and takes over when the first crashes, then reconciles everything once more.
+    env.kill_oldest_operator();
+    env.wait_log(2, "READY").await;
+    env.wait_log(2, "reconciled").await;
 
     let after = snapshot(&env).await;
     assert_eq!(

@@ -54,12 +54,15 @@
 //! * `server`: [`serve`], the accept loop (HTTP/1.1 + HTTP/2 on one port) and the active
 //!   health checker.
 //! * [`metrics`]: the Prometheus metrics.
+//! * `kube_source` (feature `kube`): follows the operator's routing ConfigMap.
 #![forbid(unsafe_code)]
 
 mod admin;
 pub mod balance;
 pub mod body;
 pub mod grpc;
+#[cfg(feature = "kube")]
+pub mod kube_source;
 pub mod metrics;
 mod proxy;
 mod server;
