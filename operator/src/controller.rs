@@ -449,7 +449,8 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             let Some(Some(s)) = since.get(&cname) else {
                 continue;
             };
-            if owned.is_empty() {
+            let ever_ready = c.status.as_ref().is_some_and(|s| s.ever_ready);
+            if !model::auto_failover_candidate(owned.len(), ever_ready) {
                 continue;
             }
             match model::failover_due(*s, now, delay) {
@@ -656,6 +657,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         st.ready_green = r.green;
         st.green_percent = format!("{}%", f64::from(c.spec.traffic.green_weight_bp) / 100.0);
         st.not_ready_since = since[&cname].map(|t| t.to_string());
+        st.ever_ready |= healthy;
         let (reason, msg) = if healthy {
             (
                 "PodsReady",

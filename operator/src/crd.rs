@@ -343,6 +343,10 @@ pub struct CellStatus {
     /// RFC 3339 time since when the cell's serving pods have all been not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ready_since: Option<String>,
+    /// Whether the cell has ever been ready. A cell that never was (first rollout, slow
+    /// image pull) is reported but not failed over automatically.
+    #[serde(default)]
+    pub ever_ready: bool,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -134,6 +134,12 @@ pub fn not_ready_since(
     }
 }
 
+/// Whether `cell` is a candidate for automatic failover: it owns shards and has been ready
+/// before (a cell still rolling out for the first time is not failed, only reported).
+pub fn auto_failover_candidate(owned_shards: usize, ever_ready: bool) -> bool {
+    owned_shards > 0 && ever_ready
+}
+
 /// Whether an automatic failover is due: `Ok(())` when the cell has been unhealthy for at
 /// least `delay`, otherwise `Err(time left)`.
 pub fn failover_due(since: Timestamp, now: Timestamp, delay: Duration) -> Result<(), Duration> {
@@ -421,6 +427,12 @@ mod tests {
         let delay = Duration::from_secs(10);
         assert_eq!(failover_due(since, t5, delay), Err(Duration::from_secs(5)));
         assert_eq!(failover_due(since, t10, delay), Ok(()));
+        assert!(auto_failover_candidate(3, true));
+        assert!(
+            !auto_failover_candidate(3, false),
+            "never ready: first rollout"
+        );
+        assert!(!auto_failover_candidate(0, true), "nothing to move");
     }
 
     #[test]
