@@ -27,12 +27,12 @@ e2e/cluster.sh install
 
 # Build while the cluster starts: both take a while on 2 cores.
 log "build the operator and its tests"
-cargo test -p ldc-operator --test e2e --no-run >/dev/null 2>&1 &
+cargo test --workspace --test e2e --no-run >/dev/null 2>&1 &
 BUILD=$!
 KUBECONFIG=$(e2e/cluster.sh up "$NAME")
 export KUBECONFIG
 eval "$(e2e/cluster.sh env "$NAME")"
-wait "$BUILD" || cargo test -p ldc-operator --test e2e --no-run # show the error
+wait "$BUILD" || cargo test --workspace --test e2e --no-run # show the error
 log "cluster $NAME up after $((SECONDS - T0))s"
 
 HELM_HOME=$(mktemp -d)
@@ -47,4 +47,4 @@ helm template ldc charts/ldc --namespace ldc-chart-check |
 rm -rf "$HELM_HOME"
 
 log "operator e2e tests"
-cargo test -p ldc-operator --test e2e -- --ignored --test-threads=1
+cargo test --workspace --test e2e -- --ignored --test-threads=1
