@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use ldc_cell::control::{self, CellRuntime};
+use ldc_core::planner::shard_ranges as ranges;
 use ldc_core::planner::{self, Health, Plan, ShardMap, Topology};
 use serde_json::json;
 
@@ -49,29 +50,6 @@ async fn load(g: &Global) -> Result<State> {
         Ok(s)
     })
     .await
-}
-
-/// "0-24,30" for a sorted shard list.
-pub fn ranges(shards: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < shards.len() {
-        let mut j = i;
-        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            shards[i].to_string()
-        } else {
-            format!("{}-{}", shards[i], shards[j])
-        });
-        i = j + 1;
-    }
-    if out.is_empty() {
-        "-".into()
-    } else {
-        out.join(",")
-    }
 }
 
 fn print_plan(out: Output, plan: &Plan, dry_run: bool) {

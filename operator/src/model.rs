@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
+pub use ldc_core::planner::shard_ranges as ranges;
 use ldc_core::planner::{self, CellInfo, Command, Health, Plan, ShardMap};
 use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable, ShardRoute};
 use thiserror::Error;
@@ -183,29 +184,6 @@ pub fn describe_command(c: &Command) -> String {
         Command::Switchover { cell, to } => format!("switchover {cell} --to {to}"),
         Command::DrCutover { from, to: None } => format!("dr cutover --from {from}"),
         Command::DrCutover { from, to: Some(t) } => format!("dr cutover --from {from} --to {t}"),
-    }
-}
-
-/// "0-24,30" for a sorted shard list ("-" when empty).
-pub fn ranges(shards: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < shards.len() {
-        let mut j = i;
-        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            shards[i].to_string()
-        } else {
-            format!("{}-{}", shards[i], shards[j])
-        });
-        i = j + 1;
-    }
-    if out.is_empty() {
-        "-".into()
-    } else {
-        out.join(",")
     }
 }
 
