@@ -16,15 +16,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::payments::*;
 use common::*;
-use ldc_core::proto::{self, PaymentKind, PaymentStatus, payments_client::PaymentsClient};
+use ldc_core::proto::{self, payments_client::PaymentsClient};
 use ldc_core::routing::{Colour, colour_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 /// One platform at a time: each is 13 processes on a small machine.
@@ -32,188 +30,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SHARDS: u32 = 100;
 const CELL: &str = "r1-a";
-
-#[derive(Debug, Clone)]
-struct Acked {
-    user: String,
-    key: String,
-    kind: PaymentKind,
-    amount: i64,
-    to: Option<String>,
-    payment_id: String,
-}
-
-/// Continuous payments by a few workers until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<Acked>>>,
-    /// Calls answered with an error (each later retried with the same key).
-    failed_attempts: Arc<AtomicU64>,
-    /// Payments never acknowledged (the last answer was an error).
-    failed_payments: Arc<AtomicU64>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(c: &PaymentsClient<Channel>, users: &[String], workers: usize) -> Load {
-        let l = Load {
-            stop: Arc::default(),
-            acked: Arc::default(),
-            failed_attempts: Arc::default(),
-            failed_payments: Arc::default(),
-            workers: Vec::new(),
-        };
-        let mut handles = Vec::new();
-        for w in 0..workers {
-            let (c, users, stop, acked, attempts, failed) = (
-                c.clone(),
-                users.to_vec(),
-                l.stop.clone(),
-                l.acked.clone(),
-                l.failed_attempts.clone(),
-                l.failed_payments.clone(),
-            );
-            handles.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let i = (w * 7 + n as usize) % users.len();
-                    let u = users[i].clone();
-                    let key = format!("w{w}-{n}");
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    let (kind, amount, to, r) = if n.is_multiple_of(3) {
-                        let m = proto::TopUpRequest {
-                            user_id: u.clone(),
-                            amount: 7,
-                            currency: "EUR".into(),
-                            idempotency_key: key.clone(),
-                        };
-                        let r = call_until(deadline, || {
-                            attempts.fetch_add(1, Ordering::Relaxed);
-                            let mut c = c.clone();
-                            let r = req(&u, m.clone());
-                            async move { c.top_up(r).await }
-                        })
-                        .await;
-                        (PaymentKind::TopUp, 7, None, r)
-                    } else {
-                        let to = users[(i + 5) % users.len()].clone();
-                        let m = proto::TransferRequest {
-                            user_id: u.clone(),
-                            to_user_id: to.clone(),
-                            amount: 3,
-                            currency: "EUR".into(),
-                            idempotency_key: key.clone(),
-                        };
-                        let r = call_until(deadline, || {
-                            attempts.fetch_add(1, Ordering::Relaxed);
-                            let mut c = c.clone();
-                            let r = req(&u, m.clone());
-                            async move { c.transfer(r).await }
-                        })
-                        .await;
-                        (PaymentKind::TransferOut, 3, Some(to), r)
-                    };
-                    // The successful call is not a failed attempt.
-                    match r {
-                        Ok(p) => {
-                            attempts.fetch_sub(1, Ordering::Relaxed);
-                            acked.lock().unwrap().push(Acked {
-                                user: u,
-                                key,
-                                kind,
-                                amount,
-                                to,
-                                payment_id: p.payment_id,
-                            });
-                        }
-                        Err(s) => {
-                            eprintln!("payment {key} of {u} failed: {s:?}");
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }));
-        }
-        Load {
-            workers: handles,
-            ..l
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Waits until `more` further payments are acknowledged: the load really ran across
-    /// whatever just changed.
-    async fn wait_progress(&self, more: usize, timeout: Duration) {
-        let target = self.acked() + more;
-        let deadline = Instant::now() + timeout;
-        while self.acked() < target {
-            assert!(
-                Instant::now() < deadline,
-                "load made no progress: {} of {target} payments acknowledged",
-                self.acked()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn stop(self) -> (Vec<Acked>, u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.workers {
-            w.await.unwrap();
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        (
-            acked,
-            self.failed_attempts.load(Ordering::Relaxed),
-            self.failed_payments.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// A plain HTTP/1.0 GET (metrics and admin endpoints); returns the body.
-async fn http_get(addr: &str, path: &str) -> String {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let resp = tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| panic!("GET http://{addr}{path} timed out"))
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET http://{addr}{path}: {head}"
-    );
-    body.to_string()
-}
-
-/// Sum of a Prometheus counter over the series whose labels include every `labels` pair.
-fn counter(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let rest = series.strip_prefix(name)?;
-            if !(rest.is_empty() || rest.starts_with('{')) {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
+/// Longest wait for every cross-cell credit to be delivered before reconciling.
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// The router's table epoch (from its `/table` admin endpoint).
 async fn router_epoch(router: &str) -> u64 {
@@ -320,150 +138,6 @@ async fn serving_colour(
     }
 }
 
-/// Every acknowledged payment applied exactly once, each transfer credited once, money
-/// conserved, and a replay of each payment with its key returns the first result.
-async fn verify(
-    data: &std::path::Path,
-    c: &PaymentsClient<Channel>,
-    users: &[String],
-    acked: &[Acked],
-) {
-    let report = wait_settled(data, Duration::from_secs(30));
-    assert_eq!(report["clean"], true, "reconcile: {report:#}");
-    let mut per_user: BTreeMap<&str, Vec<&Acked>> = BTreeMap::new();
-    for a in acked {
-        per_user.entry(a.user.as_str()).or_default().push(a);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut ids = HashSet::new();
-    for (user, list) in &per_user {
-        for a in list {
-            assert!(
-                ids.insert(a.payment_id.clone()),
-                "two acknowledgements share payment id {}",
-                a.payment_id
-            );
-            let m = proto::GetPaymentRequest {
-                user_id: user.to_string(),
-                payment_id: a.payment_id.clone(),
-            };
-            let p = call_until(deadline, || {
-                let mut c = c.clone();
-                let r = req(user, m.clone());
-                async move { c.get_payment(r).await }
-            })
-            .await
-            .unwrap_or_else(|s| panic!("acknowledged payment {} lost: {s:?}", a.payment_id));
-            assert_eq!((p.kind, p.amount), (a.kind as i32, a.amount));
-            if a.kind == PaymentKind::TransferOut {
-                assert_eq!(
-                    p.status,
-                    PaymentStatus::Completed as i32,
-                    "transfer {} not completed",
-                    a.payment_id
-                );
-            }
-        }
-        let m = proto::ListEntriesRequest {
-            user_id: user.to_string(),
-            after_seq: 0,
-            limit: 10_000,
-        };
-        let entries = call_until(deadline, || {
-            let mut c = c.clone();
-            let r = req(user, m.clone());
-            async move { c.list_entries(r).await }
-        })
-        .await
-        .unwrap();
-        let own = entries
-            .entries
-            .iter()
-            .filter(|e| {
-                e.kind == PaymentKind::TopUp as i32 || e.kind == PaymentKind::TransferOut as i32
-            })
-            .count();
-        assert_eq!(
-            own,
-            list.len() + 1,
-            "user {user}: ledger has {own} own payments, {} were acknowledged (+1 funding)",
-            list.len()
-        );
-    }
-    let sent = acked
-        .iter()
-        .filter(|a| a.kind == PaymentKind::TransferOut)
-        .count();
-    let mut credits = 0;
-    for u in users {
-        let m = proto::ListEntriesRequest {
-            user_id: u.clone(),
-            after_seq: 0,
-            limit: 10_000,
-        };
-        let e = call_until(deadline, || {
-            let mut c = c.clone();
-            let r = req(u, m.clone());
-            async move { c.list_entries(r).await }
-        })
-        .await
-        .unwrap();
-        credits += e
-            .entries
-            .iter()
-            .filter(|e| e.kind == PaymentKind::TransferIn as i32)
-            .count();
-    }
-    assert_eq!(
-        credits, sent,
-        "every acknowledged transfer is credited exactly once"
-    );
-    // Idempotent replays: the same key gives the first result and applies nothing.
-    for a in acked.iter().step_by(7) {
-        let p = match a.kind {
-            PaymentKind::TopUp => {
-                let m = proto::TopUpRequest {
-                    user_id: a.user.clone(),
-                    amount: a.amount,
-                    currency: "EUR".into(),
-                    idempotency_key: a.key.clone(),
-                };
-                call_until(deadline, || {
-                    let mut c = c.clone();
-                    let r = req(&a.user, m.clone());
-                    async move { c.top_up(r).await }
-                })
-                .await
-            }
-            _ => {
-                let m = proto::TransferRequest {
-                    user_id: a.user.clone(),
-                    to_user_id: a.to.clone().unwrap(),
-                    amount: a.amount,
-                    currency: "EUR".into(),
-                    idempotency_key: a.key.clone(),
-                };
-                call_until(deadline, || {
-                    let mut c = c.clone();
-                    let r = req(&a.user, m.clone());
-                    async move { c.transfer(r).await }
-                })
-                .await
-            }
-        }
-        .unwrap_or_else(|s| panic!("replay of {} failed: {s:?}", a.key));
-        assert_eq!(p.payment_id, a.payment_id, "replay of {} differs", a.key);
-    }
-    let report = wait_settled(data, Duration::from_secs(30));
-    assert_eq!(report["clean"], true, "reconcile after replays: {report:#}");
-}
-
-async fn fund(c: &PaymentsClient<Channel>, users: &[String]) {
-    for u in users {
-        open_and_fund(c, u, 100_000).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
     let _serial = SERIAL.lock().await;
@@ -507,7 +181,12 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
             green_seen += usize::from(got == Colour::Green);
         }
     }
-    let (acked, failed_attempts, failed_payments) = load.stop().await;
+    let LoadResult {
+        acked,
+        failed_attempts,
+        failed_payments,
+    } = load.stop().await;
+    let failed_attempts = failed_attempts.len();
     eprintln!(
         "traffic shift: {} payments acknowledged, {failed_attempts} failed attempts, {green_seen} green answers checked",
         acked.len()
@@ -548,7 +227,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
         })
         .collect();
     assert_eq!(steps, [(0, 100), (100, 5000), (5000, 10_000), (10_000, 0)]);
-    verify(&data, &c, &users, &acked).await;
+    verify(&|| wait_settled(&data, SETTLE), &c, &users, &acked, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,7 +279,12 @@ async fn switchover_with_a_stale_router_table_is_invisible_to_clients() {
     assert!(moved_after > moved_before, "no request met a moved answer");
     assert_eq!(platform.cell(CELL)["shards"].as_array().unwrap().len(), 0);
 
-    let (acked, failed_attempts, failed_payments) = load.stop().await;
+    let LoadResult {
+        acked,
+        failed_attempts,
+        failed_payments,
+    } = load.stop().await;
+    let failed_attempts = failed_attempts.len();
     eprintln!(
         "switchover: {} payments acknowledged, {failed_attempts} failed attempts, {} moved retries",
         acked.len(),
@@ -611,7 +295,7 @@ async fn switchover_with_a_stale_router_table_is_invisible_to_clients() {
         failed_attempts, 0,
         "a moved answer must be retried by the router, not seen by the client"
     );
-    verify(&data, &c, &users, &acked).await;
+    verify(&|| wait_settled(&data, SETTLE), &c, &users, &acked, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,7 +352,12 @@ async fn green_process_killed_at_50_percent_is_ejected_and_replays_hide_it() {
     }
     assert!(!alive(green_pid as u32));
     load.wait_progress(60, Duration::from_secs(30)).await;
-    let (acked, failed_attempts, failed_payments) = load.stop().await;
+    let LoadResult {
+        acked,
+        failed_attempts,
+        failed_payments,
+    } = load.stop().await;
+    let failed_attempts = failed_attempts.len();
     let m = http_get(&platform.router, "/metrics").await;
     let ejections = counter(&m, "ldc_router_ejections_total", &[]);
     eprintln!(
@@ -677,5 +366,5 @@ async fn green_process_killed_at_50_percent_is_ejected_and_replays_hide_it() {
     );
     assert!(ejections >= 1.0, "the dead endpoint was never ejected");
     assert_eq!(failed_payments, 0, "a payment was not acknowledged");
-    verify(&data, &c, &users, &acked).await;
+    verify(&|| wait_settled(&data, SETTLE), &c, &users, &acked, 0).await;
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ldc_core::proto::{self, payments_client::PaymentsClient};
 use tonic::transport::Channel;
 
+pub mod payments;
+
 pub fn ldc() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ldc"));
     c.env("LDC_LOG", "warn,ldc=info");
@@ -172,17 +174,7 @@ where
     loop {
         match f().await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::Unknown
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::ResourceExhausted
-                        | tonic::Code::Internal
-                ) && Instant::now() < deadline =>
-            {
+            Err(s) if payments::retryable(s.code()) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(s) => return Err(s),
@@ -220,20 +212,34 @@ pub async fn open_and_fund(c: &PaymentsClient<Channel>, user: &str, amount: i64)
 }
 
 pub fn reconcile(data: &Path) -> serde_json::Value {
+    reconcile_store(&["--data-dir".as_ref(), data.as_os_str()])
+}
+
+/// `ldc GLOBAL... reconcile -o json` (GLOBAL names the store: `--data-dir D`, `--store S`).
+pub fn reconcile_store(global: &[&std::ffi::OsStr]) -> serde_json::Value {
     let out = ldc()
-        .arg("--data-dir")
-        .arg(data)
+        .args(global)
         .args(["reconcile", "-o", "json"])
         .output()
         .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ldc reconcile: bad JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Waits until every outbox message is delivered and settled; returns the last report.
 pub fn wait_settled(data: &Path, timeout: Duration) -> serde_json::Value {
+    wait_settled_store(&["--data-dir".as_ref(), data.as_os_str()], timeout)
+}
+
+pub fn wait_settled_store(global: &[&std::ffi::OsStr], timeout: Duration) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = reconcile(data);
+        let r = reconcile_store(global);
         let pending: u64 = r["report"]["currencies"]
             .as_object()
             .map(|m| {
