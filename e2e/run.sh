@@ -9,8 +9,20 @@ T0=$SECONDS
 NAME=ldc-e2e-$$-$RANDOM
 log() { printf '[run.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# Every process the tests start inherits LDC_E2E_RUN; teardown kills what is left.
+kill_strays() {
+    local p
+    for p in /proc/[0-9]*; do
+        [[ ${p#/proc/} == "$$" ]] && continue
+        if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "LDC_E2E_RUN=$NAME"; then
+            kill -9 "${p#/proc/}" 2>/dev/null || true
+        fi
+    done
+}
+
 cleanup() {
     local rc=$?
+    kill_strays
     e2e/cluster.sh down "$NAME" >/dev/null 2>&1 || log "WARNING: could not tear down cluster $NAME"
     if ((rc == 0)); then
         log "e2e PASSED in $((SECONDS - T0))s"
@@ -46,5 +58,6 @@ helm template ldc charts/ldc --namespace ldc-chart-check |
     kubectl apply --dry-run=server --namespace ldc-chart-check -f - >/dev/null
 rm -rf "$HELM_HOME"
 
-log "operator e2e tests"
-cargo test --workspace --test e2e -- --ignored --test-threads=1
+log "e2e tests: operator (operator/tests/e2e.rs), then payments through the router (tests/e2e.rs)"
+# --nocapture: the payments suite prints its timing table (also in target/e2e-report.txt).
+LDC_E2E_RUN=$NAME cargo test --workspace --test e2e -- --ignored --test-threads=1 --nocapture

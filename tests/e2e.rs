@@ -1,0 +1,1084 @@
+//! Payments through the router while the platform is operated on a real Kubernetes
+//! control plane (issue 5). Run by `e2e/run.sh`, which starts the cluster
+//! (`e2e/cluster.sh`: API server, etcd, controller manager, KWOK nodes) and exports
+//! KUBECONFIG; `cargo test` alone skips it (`#[ignore]`).
+//!
+//! The world is built the way a user builds it: `helm install` of `charts/ldc`, then
+//! `kubectl cell` for every operation. Pods under KWOK run no containers, so this suite
+//! plays the kubelet for the data plane: for each Deployment the chart and the operator
+//! created (the router, a blue and a green process per cell) it starts one local process
+//! with that Deployment's own command, arguments and environment, bound to the loopback
+//! address that stands for the pod's IP. The cluster's DNS names (`<cell>-<colour>.<ns>.svc`,
+//! `<release>-router`) resolve through a hosts file bind-mounted over `/etc/hosts` in a
+//! private mount namespace of each process (`unshare --mount`, root only), so routing
+//! tables and relay addresses stay exactly as the operator publishes them. The operator
+//! runs as a local process too, with the chart's ServiceAccount (impersonated), so the
+//! chart's RBAC is what it gets. When the suite kills a process it also marks that
+//! process's pods not ready, as a kubelet would.
+//!
+//! Scenarios, in order, each under continuous payments (tests/common/payments.rs):
+//! traffic shift 0 → 10 → 100% → abort; failover of a cell whose processes were killed;
+//! switchover back to the repaired cell; DR cutover of a whole region; the operator leader
+//! killed while a region fails back. After each: every acknowledged payment present once,
+//! none applied twice, transfers credited once, `ldc reconcile` clean. Timings — requests
+//! failed and the time from the fault to the affected users' first successful payment
+//! (RTO) — are printed as a table and written to `target/e2e-report.txt`, never asserted.
+//! Finally `helm upgrade` and `helm uninstall`, which must leave nothing behind.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::payments::*;
+use common::*;
+use ldc_core::routing::RoutingTable;
+use serde_json::{Value, json};
+
+const RELEASE: &str = "rel";
+const TOPOLOGY: &str = "ldc";
+const SHARDS: u32 = 24;
+const CELLS: [(&str, &str); 6] = [
+    ("r1-a", "r1"),
+    ("r1-b", "r1"),
+    ("r1-s", "r1"),
+    ("r2-a", "r2"),
+    ("r2-b", "r2"),
+    ("r2-s", "r2"),
+];
+const WAIT: Duration = Duration::from_secs(120);
+/// Payments in flight at once.
+const WORKERS: usize = 4;
+
+/// A binary of this workspace, built next to `ldc` by `cargo test --workspace`.
+fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_ldc")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (`cargo test --workspace --test e2e --no-run`)",
+        p.display()
+    );
+    p
+}
+
+fn output(mut c: Command, what: &str) -> (bool, String, String) {
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `WAIT` naming `what`.
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One local process standing for the pods of one Deployment.
+struct Proc {
+    name: String,
+    /// The "pod IP": a loopback address of its own.
+    ip: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    hosts: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// The process the Deployment `dep` would run in a pod with IP `ip`: its container's
+    /// command (the image's entrypoint is `ldc`), arguments and environment, with the
+    /// wildcard listen addresses bound to `ip` and downward-API fields filled in.
+    fn from_deployment(dep: &Value, ip: &str, ns: &str, dir: &Path, hosts: &Path) -> Proc {
+        let name = dep["metadata"]["name"].as_str().unwrap();
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        Proc::from_container(name, c, ip, ns, dir, hosts)
+    }
+
+    /// The process of one container spec (`name` names the pod or Deployment).
+    fn from_container(name: &str, c: &Value, ip: &str, ns: &str, dir: &Path, hosts: &Path) -> Proc {
+        let name = name.to_string();
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let command = strings(&c["command"]);
+        let program = bin(command.first().map_or("ldc", String::as_str));
+        let args: Vec<String> = command
+            .iter()
+            .skip(1)
+            .cloned()
+            .chain(strings(&c["args"]))
+            .map(|a| a.replace("0.0.0.0:", &format!("{ip}:")))
+            .collect();
+        let pod = format!("{name}-{}", ip.replace('.', "-"));
+        let env = c["env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                            Some("metadata.namespace") => ns.to_string(),
+                            Some("metadata.name") => pod.clone(),
+                            Some(other) => panic!("{name}: unsupported fieldRef {other}"),
+                            None => e["value"].as_str().unwrap_or_default().to_string(),
+                        };
+                        (e["name"].as_str().unwrap().to_string(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Proc {
+            log: dir.join(format!("{name}.log")),
+            name,
+            ip: ip.into(),
+            program,
+            args,
+            env,
+            hosts: hosts.into(),
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(&self.hosts)
+            .arg(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} (needs util-linux unshare): {e}", self.name));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let c = self.child.as_ref().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
+    }
+
+    fn addr(&self, port: u16) -> String {
+        format!("{}:{port}", self.ip)
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until `addr` accepts TCP connections (the process is serving).
+async fn wait_listening(p: &Proc, port: u16) {
+    let addr = p.addr(port);
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        assert!(
+            t0.elapsed() < WAIT,
+            "{} never listened on {addr}:\n{}",
+            p.name,
+            p.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One row of the timing table.
+struct Row {
+    scenario: &'static str,
+    seconds: f64,
+    acked: usize,
+    failed_attempts: usize,
+    failed_payments: u64,
+    recovery: Option<Recovery>,
+}
+
+/// The namespace, the cluster objects and the local processes of one run.
+struct World {
+    ns: String,
+    dir: tempfile::TempDir,
+    hosts: PathBuf,
+    /// Second octet of every loopback address of this run.
+    net: u8,
+    cells: BTreeMap<(String, &'static str), Proc>,
+    router: Option<Proc>,
+    operators: Vec<Proc>,
+    rows: Vec<Row>,
+}
+
+impl World {
+    fn new() -> World {
+        let pid = std::process::id();
+        let ns = format!("e2e-pay-{pid}");
+        let dir = tempfile::tempdir().unwrap();
+        let net = 20 + (pid % 200) as u8;
+        let mut hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        hosts.push_str("\n# LDC e2e: the cluster's service names, as its DNS would answer\n");
+        let w = World {
+            hosts: dir.path().join("hosts"),
+            ns,
+            dir,
+            net,
+            cells: BTreeMap::new(),
+            router: None,
+            operators: Vec::new(),
+            rows: Vec::new(),
+        };
+        for (i, (cell, _)) in CELLS.iter().enumerate() {
+            for colour in ["blue", "green"] {
+                let ip = w.cell_ip(i, colour);
+                writeln!(hosts, "{ip} {cell}-{colour}.{}.svc", w.ns).unwrap();
+            }
+        }
+        let rip = w.router_ip();
+        writeln!(
+            hosts,
+            "{rip} {RELEASE}-router {RELEASE}-router.{}.svc",
+            w.ns
+        )
+        .unwrap();
+        std::fs::write(&w.hosts, hosts).unwrap();
+        w
+    }
+
+    fn cell_ip(&self, index: usize, colour: &str) -> String {
+        let last = if colour == "blue" { 1 } else { 2 };
+        format!("127.{}.{}.{last}", self.net, index + 1)
+    }
+
+    fn router_ip(&self) -> String {
+        format!("127.{}.100.1", self.net)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store.db")
+    }
+
+    fn router_addr(&self) -> String {
+        self.router.as_ref().unwrap().addr(7400)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let mut c = Command::new("kubectl");
+        c.arg("-n").arg(&self.ns).args(args);
+        output(c, "kubectl")
+    }
+
+    fn get(&self, args: &[&str]) -> Value {
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        let (ok, out, err) = self.kubectl(&a);
+        assert!(ok, "kubectl {a:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// `kubectl cell ARGS` (kubectl finds the plugin on PATH, as for a user).
+    fn kubectl_cell(&self, args: &[&str]) -> String {
+        let mut c = self.kubectl_cell_command(args);
+        c.stdin(Stdio::null());
+        let (ok, out, err) = output(c, "kubectl cell");
+        assert!(ok, "kubectl cell {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    fn kubectl_cell_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("kubectl");
+        let path = format!(
+            "{}:{}",
+            bin("kubectl-cell").parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        c.env("PATH", path)
+            .args(["cell", "-n", &self.ns, "--timeout", "90s"])
+            .args(args);
+        c
+    }
+
+    fn helm(&self, args: &[&str]) -> (bool, String, String) {
+        let home = self.dir.path().join("helm");
+        let mut c = Command::new("helm");
+        c.args(args)
+            .args(["--namespace", &self.ns])
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        output(c, "helm (e2e/run.sh puts it on PATH)")
+    }
+
+    fn table(&self) -> Option<RoutingTable> {
+        let (ok, out, _) = self.kubectl(&["get", "configmap", "ldc-routing", "-o", "json"]);
+        if !ok {
+            return None;
+        }
+        let cm: Value = serde_json::from_str(&out).ok()?;
+        serde_json::from_str(cm["data"]["routing.json"].as_str()?).ok()
+    }
+
+    fn topology(&self) -> Value {
+        self.get(&["topology", TOPOLOGY])
+    }
+
+    /// The router's own table (its `/table` admin endpoint).
+    async fn router_table(&self) -> Value {
+        serde_json::from_str(&http_get(&self.router_addr(), "/table").await).unwrap()
+    }
+
+    async fn wait_router_epoch(&self, epoch: u64) {
+        let t0 = Instant::now();
+        while self.router_table().await["epoch"].as_u64().unwrap_or(0) < epoch {
+            assert!(
+                t0.elapsed() < WAIT,
+                "router never took routing epoch {epoch}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts an operator the way the chart's Deployment runs it, as its ServiceAccount.
+    fn start_operator(&mut self) {
+        let dep = self.get(&["deployment", &format!("{RELEASE}-operator")]);
+        let n = self.operators.len() + 1;
+        let ip = format!("127.{}.200.{n}", self.net);
+        let mut p = Proc::from_deployment(&dep, &ip, &self.ns, self.dir.path(), &self.hosts);
+        p.name = format!("operator-{n}");
+        p.log = self.dir.path().join(format!("operator-{n}.log"));
+        let sa = format!("system:serviceaccount:{}:{RELEASE}-operator", self.ns);
+        let kc = impersonating_kubeconfig(self.dir.path(), &sa);
+        p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
+        // The operator reaches only the API server (on the host's loopback): it needs its
+        // kubeconfig, not the cluster's DNS names.
+        p.start_with_kubeconfig();
+        self.operators.push(p);
+    }
+
+    fn operator_log(&self) -> String {
+        self.operators
+            .iter()
+            .map(|p| format!("---- {} ----\n{}", p.name, p.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn wait_operator_log(&self, n: usize, needle: &str) {
+        let log = self.operators[n - 1].log.clone();
+        wait_for(&format!("operator {n} to log {needle:?}"), || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains(needle)
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Starts the router and every cell colour with replicas, from their Deployments.
+    async fn start_data_plane(&mut self) {
+        let dep = self.get(&["deployment", &format!("{RELEASE}-router")]);
+        let mut r = Proc::from_deployment(
+            &dep,
+            &self.router_ip(),
+            &self.ns,
+            self.dir.path(),
+            &self.hosts,
+        );
+        r.start();
+        wait_listening(&r, 7400).await;
+        self.router = Some(r);
+        let deps = self.get(&["deployments", "-l", &format!("ldc.dev/topology={TOPOLOGY}")]);
+        for d in deps["items"].as_array().unwrap() {
+            let labels = &d["metadata"]["labels"];
+            let cell = labels["ldc.dev/cell"].as_str().unwrap().to_string();
+            let colour = match labels["ldc.dev/colour"].as_str().unwrap() {
+                "blue" => "blue",
+                _ => "green",
+            };
+            if d["spec"]["replicas"].as_i64().unwrap_or(0) == 0 {
+                continue;
+            }
+            let index = CELLS.iter().position(|(c, _)| *c == cell).unwrap();
+            let ip = self.cell_ip(index, colour);
+            let mut p = Proc::from_deployment(d, &ip, &self.ns, self.dir.path(), &self.hosts);
+            p.start();
+            self.cells.insert((cell, colour), p);
+        }
+        assert_eq!(self.cells.len(), 12, "a blue and a green process per cell");
+        for p in self.cells.values() {
+            wait_listening(p, 7500).await;
+        }
+    }
+
+    fn kill_cell(&mut self, cell: &str) {
+        for ((c, _), p) in self.cells.iter_mut() {
+            if c == cell {
+                p.kill();
+            }
+        }
+    }
+
+    async fn restart_cell(&mut self, cell: &str) {
+        for ((c, _), p) in self.cells.iter_mut() {
+            if c == cell {
+                p.start();
+            }
+        }
+        for ((c, _), p) in self.cells.iter() {
+            if c == cell {
+                wait_listening(p, 7500).await;
+            }
+        }
+    }
+
+    /// What a kubelet reports when a cell's processes die or come back: its pods' Ready.
+    fn set_pods_ready(&self, cell: &str, ready: bool) {
+        let pods = self.get(&["pods", "-l", &format!("ldc.dev/cell={cell}")]);
+        let items = pods["items"].as_array().unwrap();
+        assert!(!items.is_empty(), "cell {cell} has no pods");
+        let status = if ready { "True" } else { "False" };
+        let patch = json!({"status": {"conditions": [
+            {"type": "Ready", "status": status, "reason": "E2eKubelet"},
+            {"type": "ContainersReady", "status": status, "reason": "E2eKubelet"},
+        ]}})
+        .to_string();
+        for p in items {
+            let name = p["metadata"]["name"].as_str().unwrap();
+            let (ok, _, err) = self.kubectl(&[
+                "patch",
+                "pod",
+                name,
+                "--subresource=status",
+                "--type=strategic",
+                "-p",
+                &patch,
+            ]);
+            assert!(ok, "patch pod {name} status: {err}");
+        }
+    }
+
+    /// Waits until the operator counts `n` ready cells.
+    async fn wait_cells_ready(&self, n: u64) {
+        wait_for(&format!("{n} cells ready"), || {
+            (self.topology()["status"]["cellsReady"].as_u64() == Some(n)).then_some(())
+        })
+        .await;
+    }
+
+    fn settle(&self) -> Value {
+        let store = self.store();
+        wait_settled_store(
+            &["--store".as_ref(), store.as_os_str()],
+            Duration::from_secs(60),
+        )
+    }
+
+    fn users_of(&self, users: &[String], pred: impl Fn(&str) -> bool) -> HashSet<String> {
+        let t = self.table().expect("routing table");
+        users
+            .iter()
+            .filter(|u| {
+                let s = ldc_core::shard::shard_of(u, SHARDS) as usize;
+                pred(&t.shards[s].cell)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Ends a scenario: stops the load, verifies exactly-once over everything so far and
+    /// records a row of the timing table.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &mut self,
+        scenario: &'static str,
+        load: Load,
+        started: Instant,
+        fault: Option<(Instant, &HashSet<String>)>,
+        c: &ldc_core::proto::payments_client::PaymentsClient<tonic::transport::Channel>,
+        users: &[String],
+        all: &mut Vec<Acked>,
+    ) {
+        if let Some((at, affected)) = fault {
+            load.wait_recovered(affected, at, WAIT).await;
+        }
+        let r = load.stop().await;
+        let seconds = started.elapsed().as_secs_f64();
+        let recovery = fault.map(|(at, affected)| recovery(&r.acked, affected, at));
+        let row = Row {
+            scenario,
+            seconds,
+            acked: r.acked.len(),
+            failed_attempts: r.failed_attempts.len(),
+            failed_payments: r.failed_payments,
+            recovery,
+        };
+        eprintln!("{}", format_row(&row));
+        assert_eq!(
+            r.failed_payments, 0,
+            "{scenario}: payments were never acknowledged"
+        );
+        let fresh = all.len();
+        all.extend(r.acked);
+        verify(&|| self.settle(), c, users, all, fresh).await;
+        self.rows.push(row);
+    }
+}
+
+impl Proc {
+    /// Like `start`, but keeps the KUBECONFIG of `env` (the operator needs the API server).
+    fn start_with_kubeconfig(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        self.child = Some(child);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.operator_log());
+            if let Some(r) = &self.router {
+                eprintln!("---- router ----\n{}", r.log_tail());
+            }
+        }
+        self.cells.clear();
+        self.router = None;
+        self.operators.clear();
+        // Best effort: e2e/run.sh tears the whole cluster down anyway.
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", &self.ns, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn format_row(r: &Row) -> String {
+    let (users, median, max) = match r.recovery {
+        Some(rec) => (
+            format!("{}/{}", rec.recovered, rec.users),
+            format!("{:.2}", rec.median.as_secs_f64()),
+            format!("{:.2}", rec.max.as_secs_f64()),
+        ),
+        None => ("-".into(), "-".into(), "-".into()),
+    };
+    format!(
+        "| {:<44} | {:>6.1} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |",
+        r.scenario, r.seconds, r.acked, r.failed_attempts, r.failed_payments, users, median, max
+    )
+}
+
+/// A copy of the test's kubeconfig whose user impersonates `user`.
+fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
+    let src = std::env::var("KUBECONFIG").expect("KUBECONFIG (run e2e/run.sh)");
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    for u in v["users"].as_sequence_mut().expect("users") {
+        u["user"]["as"] = serde_yaml::Value::String(user.into());
+    }
+    let p = dir.join(format!("{}.kubeconfig", user.replace(':', "-")));
+    std::fs::write(&p, serde_yaml::to_string(&v).unwrap()).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: e2e/run.sh"]
+async fn payments_through_the_router_survive_every_operation() {
+    let (_, uid, _) = output(
+        {
+            let mut c = Command::new("id");
+            c.arg("-u");
+            c
+        },
+        "id -u",
+    );
+    assert_eq!(
+        uid.trim(),
+        "0",
+        "the e2e data plane bind-mounts a hosts file in its own mount namespace: run as root"
+    );
+    let mut w = World::new();
+    let (ok, _, err) = w.kubectl(&["create", "namespace", &w.ns.clone()]);
+    assert!(ok, "create namespace: {err}");
+
+    // ---- helm install: CRDs established, topology Ready.
+    let t0 = Instant::now();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ldc");
+    let store = format!("store.spec={}", w.store().display());
+    let values = [
+        "--set",
+        &store,
+        "--set",
+        "store.hostPath=",
+        "--set",
+        &format!("topology.shardCount={SHARDS}"),
+        "--set",
+        "topology.failover.automatic=false",
+        "--set",
+        "topology.replicas.blue=1",
+        "--set",
+        "topology.replicas.green=1",
+        "--set",
+        "router.replicas=1",
+        "--set",
+        "operator.leaseSeconds=4",
+    ];
+    let mut install = vec!["install", RELEASE, chart, "--wait", "--timeout", "180s"];
+    install.extend_from_slice(&values);
+    let (ok, out, err) = w.helm(&install);
+    assert!(ok, "helm install: {out}{err}");
+    assert!(
+        out.contains("kubectl cell"),
+        "NOTES.txt tells what to do next: {out}"
+    );
+    for crd in ["topologies.ldc.dev", "cells.ldc.dev"] {
+        let (ok, _, err) = w.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{crd}"),
+            "--timeout=60s",
+        ]);
+        assert!(ok, "CRD {crd} not established: {err}");
+    }
+    w.start_operator();
+    w.wait_operator_log(1, "READY").await;
+    wait_for("topology Ready", || {
+        let t = w.topology();
+        let ready = t["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        (ready && t["status"]["routingEpoch"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    w.start_data_plane().await;
+    let installed = t0.elapsed();
+
+    // ---- users on every serving cell, funded through the router.
+    let c = client(&w.router_addr()).await;
+    let users: Vec<String> = (0..48).map(|i| format!("pay-{i}")).collect();
+    for cell in ["r1-a", "r1-b", "r2-a", "r2-b"] {
+        assert!(
+            w.users_of(&users, |c| c == cell).len() >= 3,
+            "too few test users on {cell}; pick other names"
+        );
+    }
+    fund(&c, &users).await;
+    let mut all: Vec<Acked> = Vec::new();
+    eprintln!(
+        "platform installed and serving after {:.1}s; scenarios:\n| {:<44} | {:>6} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |",
+        installed.as_secs_f64(),
+        "scenario",
+        "secs",
+        "acked",
+        "failed",
+        "lost",
+        "users",
+        "RTO p50",
+        "RTO max"
+    );
+
+    // ---- 1. traffic shift 0 -> 10 -> 100 -> abort on r1-a: no request may fail.
+    let start = Instant::now();
+    let load = Load::start_tagged(&c, &users, WORKERS, "shift-");
+    load.wait_progress(20, WAIT).await;
+    let green_metrics = w.cells[&("r1-a".to_string(), "green")].addr(9100);
+    let green_before = counter(
+        &http_get(&green_metrics, "/metrics").await,
+        "ldc_cell_requests_total",
+        &[],
+    );
+    for (args, bp) in [
+        (&["--green", "10"][..], 1000u64),
+        (&["--green", "100"][..], 10_000),
+        (&["--abort"][..], 0),
+    ] {
+        let mut a = vec!["traffic-shift", "r1-a"];
+        a.extend_from_slice(args);
+        w.kubectl_cell(&a);
+        let t = w.table().unwrap();
+        assert_eq!(u64::from(t.cells["r1-a"].green_weight_bp), bp);
+        w.wait_router_epoch(t.epoch).await;
+        load.wait_progress(20, WAIT).await;
+        if bp == 10_000 {
+            let green_now = counter(
+                &http_get(&green_metrics, "/metrics").await,
+                "ldc_cell_requests_total",
+                &[],
+            );
+            assert!(
+                green_now > green_before,
+                "r1-a green served nothing at 100%"
+            );
+        }
+    }
+    w.finish(
+        "traffic-shift r1-a 0→10→100%→abort",
+        load,
+        start,
+        None,
+        &c,
+        &users,
+        &mut all,
+    )
+    .await;
+
+    // ---- 2. failover of a cell whose processes were killed.
+    let affected = w.users_of(&users, |c| c == "r1-b");
+    let before = w.table().unwrap();
+    let start = Instant::now();
+    let load = Load::start_tagged(&c, &users, WORKERS, "failover-");
+    load.wait_progress(20, WAIT).await;
+    w.kill_cell("r1-b");
+    let fault = Instant::now();
+    w.set_pods_ready("r1-b", false);
+    w.kubectl_cell(&["failover", "r1-b"]);
+    let after = w.table().unwrap();
+    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        if b.cell == "r1-b" {
+            assert_eq!(
+                (a.cell.as_str(), a.epoch),
+                ("r1-s", b.epoch + 1),
+                "shard {s}"
+            );
+        } else {
+            assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
+        }
+    }
+    load.wait_progress(40, WAIT).await;
+    w.finish(
+        "failover r1-b (processes killed)",
+        load,
+        start,
+        Some((fault, &affected)),
+        &c,
+        &users,
+        &mut all,
+    )
+    .await;
+
+    // ---- 3. the cell repaired; switchover back, planned: no request may fail.
+    w.restart_cell("r1-b").await;
+    w.set_pods_ready("r1-b", true);
+    w.wait_cells_ready(6).await;
+    let start = Instant::now();
+    let load = Load::start_tagged(&c, &users, WORKERS, "switchover-");
+    load.wait_progress(20, WAIT).await;
+    let fault = Instant::now();
+    w.kubectl_cell(&["switchover", "r1-s", "--to", "r1-b"]);
+    let t = w.table().unwrap();
+    assert!(
+        t.shards.iter().all(|s| s.cell != "r1-s"),
+        "r1-s still owns shards"
+    );
+    load.wait_progress(40, WAIT).await;
+    w.finish(
+        "switchover r1-s → r1-b (planned)",
+        load,
+        start,
+        Some((fault, &affected)),
+        &c,
+        &users,
+        &mut all,
+    )
+    .await;
+
+    // ---- 4. region r2 lost: DR cutover to r1.
+    let affected = w.users_of(&users, |c| c.starts_with("r2-"));
+    let start = Instant::now();
+    let load = Load::start_tagged(&c, &users, WORKERS, "dr-");
+    load.wait_progress(20, WAIT).await;
+    for (cell, region) in CELLS {
+        if region == "r2" {
+            w.kill_cell(cell);
+        }
+    }
+    let fault = Instant::now();
+    for (cell, region) in CELLS {
+        if region == "r2" {
+            w.set_pods_ready(cell, false);
+        }
+    }
+    w.kubectl_cell(&["dr", "cutover", "--from", "r2", "--to", "r1"]);
+    let t = w.table().unwrap();
+    assert!(
+        t.shards.iter().all(|s| s.cell.starts_with("r1-")),
+        "r2 still owns shards"
+    );
+    load.wait_progress(40, WAIT).await;
+    w.finish(
+        "dr cutover r2 → r1 (region killed)",
+        load,
+        start,
+        Some((fault, &affected)),
+        &c,
+        &users,
+        &mut all,
+    )
+    .await;
+
+    // ---- 5. region r2 back; failing back, the operator leader is killed mid-operation.
+    for (cell, region) in CELLS {
+        if region == "r2" {
+            w.restart_cell(cell).await;
+            w.set_pods_ready(cell, true);
+        }
+    }
+    w.wait_cells_ready(6).await;
+    w.start_operator();
+    w.wait_operator_log(2, "another operator leads").await;
+    let before = w.table().unwrap();
+    let history_before = w.topology()["status"]["history"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let start = Instant::now();
+    let load = Load::start_tagged(&c, &users, WORKERS, "handover-");
+    load.wait_progress(20, WAIT).await;
+    // The leader freezes (SIGSTOP) just before the command, so the operation is certainly
+    // in flight when it dies (SIGKILL): the standby must take the Lease and finish it once.
+    w.operators[0].signal(nix::sys::signal::Signal::SIGSTOP);
+    let mut cmd = w.kubectl_cell_command(&["dr", "cutover", "--from", "r1", "--to", "r2"]);
+    let pending = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the cutover recorded as pending", || {
+        (!w.topology()["status"]["pendingOperation"].is_null()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        w.table().unwrap().epoch,
+        before.epoch,
+        "a frozen leader acted"
+    );
+    w.operators[0].kill();
+    let fault = Instant::now();
+    let affected: HashSet<String> = users.iter().cloned().collect();
+    let out = tokio::task::spawn_blocking(move || pending.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl cell dr cutover with the leader killed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        w.operator_log()
+    );
+    let after = w.table().unwrap();
+    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        assert!(a.cell.starts_with("r2-"), "shard {s} still on {}", a.cell);
+        assert_eq!(a.epoch, b.epoch + 1, "shard {s}: moved exactly once");
+    }
+    let history = w.topology()["status"]["history"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        history.len(),
+        history_before + 1,
+        "one operation recorded once: {history:#?}"
+    );
+    load.wait_progress(40, WAIT).await;
+    w.finish(
+        "dr failback r1 → r2, operator leader killed",
+        load,
+        start,
+        Some((fault, &affected)),
+        &c,
+        &users,
+        &mut all,
+    )
+    .await;
+
+    // ---- The report.
+    let mut report = format!(
+        "LDC e2e: payments through the router on a real control plane ({} payments, {WORKERS} clients)\n\
+         | {:<44} | {:>6} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |\n",
+        all.len(),
+        "scenario",
+        "secs",
+        "acked",
+        "failed",
+        "lost",
+        "users",
+        "RTO p50",
+        "RTO max"
+    );
+    for r in &w.rows {
+        writeln!(report, "{}", format_row(r)).unwrap();
+    }
+    report.push_str(
+        "failed = attempts answered with an error (each retried with its idempotency key); \
+         lost = payments never acknowledged; users = affected users that paid again; \
+         RTO = seconds from the fault (or command) to an affected user's first successful \
+         payment begun after it.\n",
+    );
+    eprintln!("\n{report}");
+    let target = Path::new(env!("CARGO_BIN_EXE_ldc"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("e2e-report.txt");
+    std::fs::write(&target, &report).unwrap();
+
+    // ---- helm upgrade, then helm uninstall leaves nothing behind.
+    let mut upgrade = vec!["upgrade", RELEASE, chart, "--wait", "--timeout", "180s"];
+    upgrade.extend_from_slice(&values);
+    upgrade.extend_from_slice(&["--set", "router.replicas=2"]);
+    let epoch = w.table().unwrap().epoch;
+    let (ok, out, err) = w.helm(&upgrade);
+    assert!(ok, "helm upgrade: {out}{err}");
+    let r = w.get(&["deployment", &format!("{RELEASE}-router")]);
+    assert_eq!(r["spec"]["replicas"], 2);
+    assert_eq!(
+        w.table().unwrap().epoch,
+        epoch,
+        "an upgrade changes no routing"
+    );
+
+    // Uninstall: Helm first runs the chart's pre-delete hook, a bare Pod; as the kubelet,
+    // run its container (with its own ServiceAccount) and report the pod Succeeded.
+    let home = w.dir.path().join("helm");
+    let uninstall = Command::new("helm")
+        .args([
+            "uninstall",
+            RELEASE,
+            "--wait",
+            "--timeout",
+            "120s",
+            "--namespace",
+            &w.ns,
+        ])
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hook = format!("{RELEASE}-teardown");
+    let pod = wait_for("the pre-delete hook pod", || {
+        let (ok, out, _) = w.kubectl(&["get", "pod", &hook, "-o", "json"]);
+        ok.then(|| serde_json::from_str::<Value>(&out).unwrap())
+    })
+    .await;
+    let ip = format!("127.{}.201.1", w.net);
+    let c = &pod["spec"]["containers"][0];
+    let mut p = Proc::from_container(&hook, c, &ip, &w.ns, w.dir.path(), &w.hosts);
+    let sa = pod["spec"]["serviceAccountName"].as_str().unwrap();
+    let kc = impersonating_kubeconfig(
+        w.dir.path(),
+        &format!("system:serviceaccount:{}:{sa}", w.ns),
+    );
+    p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
+    p.start_with_kubeconfig();
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let s = p.child.take().unwrap().wait().unwrap();
+        (s, p.log_tail())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "teardown hook failed:\n{log}\n{}",
+        w.operator_log()
+    );
+    let (ok, _, err) = w.kubectl(&[
+        "patch",
+        "pod",
+        &hook,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Succeeded"}}"#,
+    ]);
+    assert!(ok, "report the hook pod Succeeded: {err}");
+    let out = tokio::task::spawn_blocking(move || uninstall.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = w.kubectl(&[
+            "get",
+            "topologies,cells,deployments,services,configmaps,serviceaccounts,roles,rolebindings,leases,pods",
+            "-o",
+            "name",
+        ]);
+        let left: Vec<String> = out
+            .lines()
+            .filter(|l| !matches!(*l, "configmap/kube-root-ca.crt" | "serviceaccount/default"))
+            .map(String::from)
+            .collect();
+        if ok && left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "helm uninstall left behind: {left:?} {err}\n{}",
+            w.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
