@@ -109,13 +109,24 @@ impl Proc {
     /// wildcard listen addresses bound to `ip` and downward-API fields filled in.
     fn from_deployment(dep: &Value, ip: &str, ns: &str, dir: &Path, hosts: &Path) -> Proc {
         let name = dep["metadata"]["name"].as_str().unwrap();
-        let c = &dep["spec"]["template"]["spec"]["containers"][0];
-        Proc::from_container(name, c, ip, ns, dir, hosts)
+        Proc::from_pod_spec(name, &dep["spec"]["template"]["spec"], ip, ns, dir, hosts)
     }
 
-    /// The process of one container spec (`name` names the pod or Deployment).
-    fn from_container(name: &str, c: &Value, ip: &str, ns: &str, dir: &Path, hosts: &Path) -> Proc {
+    /// The process of a pod spec's (first) container (`name`: the pod or Deployment).
+    fn from_pod_spec(
+        name: &str,
+        spec: &Value,
+        ip: &str,
+        ns: &str,
+        dir: &Path,
+        hosts: &Path,
+    ) -> Proc {
         let name = name.to_string();
+        let c = &spec["containers"][0];
+        let spec_sa = spec["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
                 .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
@@ -139,6 +150,7 @@ impl Proc {
                         let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                             Some("metadata.namespace") => ns.to_string(),
                             Some("metadata.name") => pod.clone(),
+                            Some("spec.serviceAccountName") => spec_sa.clone(),
                             Some(other) => panic!("{name}: unsupported fieldRef {other}"),
                             None => e["value"].as_str().unwrap_or_default().to_string(),
                         };
@@ -174,6 +186,7 @@ impl Proc {
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("KUBECONFIG")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -579,6 +592,7 @@ impl Proc {
         let child = Command::new(&self.program)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1019,8 +1033,7 @@ async fn payments_through_the_router_survive_every_operation() {
     })
     .await;
     let ip = format!("127.{}.201.1", w.net);
-    let c = &pod["spec"]["containers"][0];
-    let mut p = Proc::from_container(&hook, c, &ip, &w.ns, w.dir.path(), &w.hosts);
+    let mut p = Proc::from_pod_spec(&hook, &pod["spec"], &ip, &w.ns, w.dir.path(), &w.hosts);
     let sa = pod["spec"]["serviceAccountName"].as_str().unwrap();
     let kc = impersonating_kubeconfig(
         w.dir.path(),

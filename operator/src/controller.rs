@@ -224,6 +224,28 @@ fn error_policy(topo: Arc<Topology>, e: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(3))
 }
 
+/// Lifts a cell's "owns shards" finalizer (optimistic lock on what was read).
+async fn release_cell(cells: &Api<Cell>, c: &Cell) -> Result<(), Error> {
+    if !c.finalizers().iter().any(|f| f == CELL_FINALIZER) {
+        return Ok(());
+    }
+    let fins: Vec<String> = c
+        .finalizers()
+        .iter()
+        .filter(|f| *f != CELL_FINALIZER)
+        .cloned()
+        .collect();
+    let patch = json!({"metadata": {"finalizers": fins, "resourceVersion": c.resource_version()}});
+    cells
+        .patch(
+            &c.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
 /// One reconcile of a Topology (behind its finalizer).
 pub async fn reconcile(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = topo.namespace().ok_or(Error::NoNamespace)?;
@@ -232,6 +254,16 @@ pub async fn reconcile(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action,
         match event {
             FinalizerEvent::Apply(t) => apply(t, ctx.clone()).await,
             FinalizerEvent::Cleanup(t) => {
+                // The whole platform goes (e.g. `helm uninstall`): without their topology
+                // the cells' "owns shards" finalizers protect nothing, so they are lifted,
+                // even on cells that still own shards; the store keeps who owns what.
+                let cells: Api<Cell> = Api::namespaced(ctx.client.clone(), &ns);
+                let name = t.name_any();
+                for c in cells.list(&ListParams::default()).await? {
+                    if c.spec.topology == name {
+                        release_cell(&cells, &c).await?;
+                    }
+                }
                 ctx.event(
                     &*t,
                     EventType::Normal,
@@ -690,16 +722,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             && c.finalizers().iter().any(|f| f == CELL_FINALIZER)
         {
             if owned.is_empty() {
-                let fins: Vec<String> = c
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != CELL_FINALIZER)
-                    .cloned()
-                    .collect();
-                let patch = json!({"metadata": {"finalizers": fins, "resourceVersion": c.resource_version()}});
-                cells_api
-                    .patch(&cname, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+                release_cell(&cells_api, c).await?;
             } else {
                 ctx.event(c, EventType::Warning, "StillOwnsShards", format!(
                     "cell {cname} owns {} shards; it is kept until they move (`kubectl cell switchover {cname} --to CELL`)",

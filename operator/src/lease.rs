@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::api::PostParams;
@@ -21,6 +21,9 @@ pub struct LeaseConfig {
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    /// Owner of a Lease this operator creates (the chart's operator ServiceAccount), so
+    /// `helm uninstall` garbage-collects it with the release instead of leaving it behind.
+    pub owner: Option<OwnerReference>,
 }
 
 /// Whether `me` may take (or keep) a lease in `spec` at `now`: it is free, ours, or expired.
@@ -70,6 +73,7 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(cfg.name.clone()),
+                    owner_references: cfg.owner.clone().map(|o| vec![o]),
                     ..Default::default()
                 },
                 spec: Some(spec_for(None, cfg, now)),
@@ -173,6 +177,7 @@ mod tests {
             name: "l".into(),
             identity: "me".into(),
             duration: Duration::from_secs(15),
+            owner: None,
         };
         let taken = spec_for(Some(&held_by("other", "2025-01-01T00:00:04Z")), &cfg, now);
         assert_eq!(taken.lease_transitions, Some(1));

@@ -26,6 +26,7 @@ pub mod lease;
 pub mod model;
 pub mod plugin;
 pub mod specs;
+pub mod teardown;
 
 use kube::CustomResourceExt;
 

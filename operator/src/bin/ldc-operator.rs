@@ -1,5 +1,6 @@
 //! `ldc-operator`: runs the reconciler for one namespace once it holds the leader Lease,
-//! or prints the CRDs (`ldc-operator crd`), which is how the chart's YAML is generated.
+//! prints the CRDs (`ldc-operator crd`, which is how the chart's YAML is generated), or
+//! tears a release's resources down before `helm uninstall` (`ldc-operator teardown`).
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -7,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Api, Client, ResourceExt};
 use ldc_operator::{controller, lease};
 
 #[derive(Parser, Debug)]
@@ -27,12 +30,26 @@ struct Cli {
     /// Identity in the Lease (default: the pod name, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// ServiceAccount that owns the Lease (the chart passes the pod's own), so the Lease
+    /// goes with the release on `helm uninstall`.
+    #[arg(long, env = "LDC_SERVICE_ACCOUNT")]
+    lease_owner: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Delete the Topologies and Cells matching --selector and wait until the running
+    /// operator has let them go (the chart's pre-delete hook on `helm uninstall`).
+    Teardown {
+        /// Label selector of the release's resources.
+        #[arg(long)]
+        selector: String,
+        /// How long to wait for them to be gone.
+        #[arg(long, default_value_t = 120)]
+        timeout_seconds: u64,
+    },
 }
 
 async fn shutdown_signal() {
@@ -64,6 +81,38 @@ async fn main() -> Result<()> {
     let namespace = cli
         .namespace
         .unwrap_or_else(|| client.default_namespace().to_string());
+    if let Some(Cmd::Teardown {
+        selector,
+        timeout_seconds,
+    }) = cli.cmd
+    {
+        let n = ldc_operator::teardown::run(
+            &client,
+            &namespace,
+            &selector,
+            Duration::from_secs(timeout_seconds),
+        )
+        .await?;
+        eprintln!("teardown: {n} resources deleted in {namespace} ({selector}) and gone");
+        return Ok(());
+    }
+    let owner = match &cli.lease_owner {
+        Some(sa) => {
+            let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+            let sa = sas
+                .get(sa)
+                .await
+                .with_context(|| format!("cannot read ServiceAccount {sa} (the Lease's owner)"))?;
+            Some(OwnerReference {
+                api_version: "v1".into(),
+                kind: "ServiceAccount".into(),
+                name: sa.name_any(),
+                uid: sa.uid().context("ServiceAccount without uid")?,
+                ..Default::default()
+            })
+        }
+        None => None,
+    };
     let identity = cli.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -72,6 +121,7 @@ async fn main() -> Result<()> {
         name: cli.lease_name,
         identity: identity.clone(),
         duration: Duration::from_secs(cli.lease_seconds.max(3)),
+        owner,
     };
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     tracing::info!(%namespace, %identity, "waiting for the leader lease");
