@@ -243,14 +243,38 @@ async fn wait_listening(p: &Proc, port: u16) {
     }
 }
 
+/// One scenario under way: its load, and what the table will report.
+struct Scenario {
+    name: &'static str,
+    load: Load,
+    started: Instant,
+    /// When the fault (or the operation) began, and the users it affects.
+    fault: Option<(Instant, HashSet<String>)>,
+    /// How long the operation took, from its command (or the fault) until `kubectl cell`
+    /// returned, i.e. until the routing table carrying it was published.
+    op: Option<Duration>,
+}
+
 /// One row of the timing table.
 struct Row {
     scenario: &'static str,
     seconds: f64,
+    op: Option<Duration>,
     acked: usize,
     failed_attempts: usize,
     failed_payments: u64,
     recovery: Option<Recovery>,
+}
+
+const HEADER: [&str; 9] = [
+    "scenario", "secs", "op s", "acked", "failed", "lost", "users", "RTO p50", "RTO max",
+];
+
+fn format_cells(c: [&str; 9]) -> String {
+    format!(
+        "| {:<44} | {:>5} | {:>5} | {:>6} | {:>6} | {:>4} | {:>5} | {:>7} | {:>7} |",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+    )
 }
 
 /// The namespace, the cluster objects and the local processes of one run.
@@ -542,37 +566,44 @@ impl World {
             .collect()
     }
 
-    /// Ends a scenario: stops the load, verifies exactly-once over everything so far and
-    /// records a row of the timing table.
-    #[allow(clippy::too_many_arguments)]
-    async fn finish(
-        &mut self,
-        scenario: &'static str,
-        load: Load,
-        started: Instant,
-        fault: Option<(Instant, &HashSet<String>)>,
-        c: &ldc_core::proto::payments_client::PaymentsClient<tonic::transport::Channel>,
-        users: &[String],
-        all: &mut Vec<Acked>,
-    ) {
-        if let Some((at, affected)) = fault {
-            load.wait_recovered(affected, at, WAIT).await;
+    /// Starts a scenario: continuous payments, running before anything changes.
+    async fn begin(&self, name: &'static str, c: &Client, users: &[String]) -> Scenario {
+        let load = Load::start_tagged(c, users, WORKERS, &format!("{}-", self.rows.len()));
+        load.wait_progress(20, WAIT).await;
+        Scenario {
+            name,
+            load,
+            started: Instant::now(),
+            fault: None,
+            op: None,
         }
-        let r = load.stop().await;
-        let seconds = started.elapsed().as_secs_f64();
-        let recovery = fault.map(|(at, affected)| recovery(&r.acked, affected, at));
+    }
+
+    /// Ends a scenario: waits until every affected user paid again, stops the load,
+    /// verifies exactly-once over everything so far and records a row of the table.
+    async fn finish(&mut self, s: Scenario, c: &Client, users: &[String], all: &mut Vec<Acked>) {
+        s.load.wait_progress(40, WAIT).await;
+        if let Some((at, affected)) = &s.fault {
+            s.load.wait_recovered(affected, *at, WAIT).await;
+        }
+        let r = s.load.stop().await;
         let row = Row {
-            scenario,
-            seconds,
+            scenario: s.name,
+            seconds: s.started.elapsed().as_secs_f64(),
+            op: s.op,
             acked: r.acked.len(),
             failed_attempts: r.failed_attempts.len(),
             failed_payments: r.failed_payments,
-            recovery,
+            recovery: s
+                .fault
+                .as_ref()
+                .map(|(at, affected)| recovery(&r.acked, affected, *at)),
         };
         eprintln!("{}", format_row(&row));
         assert_eq!(
             r.failed_payments, 0,
-            "{scenario}: payments were never acknowledged"
+            "{}: payments were never acknowledged",
+            s.name
         );
         let fresh = all.len();
         all.extend(r.acked);
@@ -580,6 +611,8 @@ impl World {
         self.rows.push(row);
     }
 }
+
+type Client = ldc_core::proto::payments_client::PaymentsClient<tonic::transport::Channel>;
 
 impl Proc {
     /// Like `start`, but keeps the KUBECONFIG of `env` (the operator needs the API server).
@@ -623,18 +656,26 @@ impl Drop for World {
 }
 
 fn format_row(r: &Row) -> String {
+    let secs = |d: Duration| format!("{:.2}", d.as_secs_f64());
     let (users, median, max) = match r.recovery {
         Some(rec) => (
             format!("{}/{}", rec.recovered, rec.users),
-            format!("{:.2}", rec.median.as_secs_f64()),
-            format!("{:.2}", rec.max.as_secs_f64()),
+            secs(rec.median),
+            secs(rec.max),
         ),
         None => ("-".into(), "-".into(), "-".into()),
     };
-    format!(
-        "| {:<44} | {:>6.1} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |",
-        r.scenario, r.seconds, r.acked, r.failed_attempts, r.failed_payments, users, median, max
-    )
+    format_cells([
+        r.scenario,
+        &format!("{:.1}", r.seconds),
+        &r.op.map_or("-".into(), secs),
+        &r.acked.to_string(),
+        &r.failed_attempts.to_string(),
+        &r.failed_payments.to_string(),
+        &users,
+        &median,
+        &max,
+    ])
 }
 
 /// A copy of the test's kubeconfig whose user impersonates `user`.
@@ -735,28 +776,25 @@ async fn payments_through_the_router_survive_every_operation() {
     fund(&c, &users).await;
     let mut all: Vec<Acked> = Vec::new();
     eprintln!(
-        "platform installed and serving after {:.1}s; scenarios:\n| {:<44} | {:>6} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |",
+        "platform installed and serving after {:.1}s; scenarios:\n{}",
         installed.as_secs_f64(),
-        "scenario",
-        "secs",
-        "acked",
-        "failed",
-        "lost",
-        "users",
-        "RTO p50",
-        "RTO max"
+        format_cells(HEADER)
     );
 
     // ---- 1. traffic shift 0 -> 10 -> 100 -> abort on r1-a: no request may fail.
-    let start = Instant::now();
-    let load = Load::start_tagged(&c, &users, WORKERS, "shift-");
-    load.wait_progress(20, WAIT).await;
+    let mut sc = w
+        .begin("traffic-shift r1-a 0→10→100%→abort", &c, &users)
+        .await;
     let green_metrics = w.cells[&("r1-a".to_string(), "green")].addr(9100);
-    let green_before = counter(
-        &http_get(&green_metrics, "/metrics").await,
-        "ldc_cell_requests_total",
-        &[],
-    );
+    let green_served = || async {
+        counter(
+            &http_get(&green_metrics, "/metrics").await,
+            "ldc_cell_requests_total",
+            &[],
+        )
+    };
+    let green_before = green_served().await;
+    let t0 = Instant::now();
     for (args, bp) in [
         (&["--green", "10"][..], 1000u64),
         (&["--green", "100"][..], 10_000),
@@ -768,40 +806,29 @@ async fn payments_through_the_router_survive_every_operation() {
         let t = w.table().unwrap();
         assert_eq!(u64::from(t.cells["r1-a"].green_weight_bp), bp);
         w.wait_router_epoch(t.epoch).await;
-        load.wait_progress(20, WAIT).await;
+        sc.load.wait_progress(20, WAIT).await;
         if bp == 10_000 {
-            let green_now = counter(
-                &http_get(&green_metrics, "/metrics").await,
-                "ldc_cell_requests_total",
-                &[],
-            );
             assert!(
-                green_now > green_before,
+                green_served().await > green_before,
                 "r1-a green served nothing at 100%"
             );
         }
     }
-    w.finish(
-        "traffic-shift r1-a 0→10→100%→abort",
-        load,
-        start,
-        None,
-        &c,
-        &users,
-        &mut all,
-    )
-    .await;
+    sc.op = Some(t0.elapsed());
+    w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 2. failover of a cell whose processes were killed.
     let affected = w.users_of(&users, |c| c == "r1-b");
     let before = w.table().unwrap();
-    let start = Instant::now();
-    let load = Load::start_tagged(&c, &users, WORKERS, "failover-");
-    load.wait_progress(20, WAIT).await;
+    let mut sc = w
+        .begin("failover r1-b (processes killed)", &c, &users)
+        .await;
     w.kill_cell("r1-b");
     let fault = Instant::now();
     w.set_pods_ready("r1-b", false);
     w.kubectl_cell(&["failover", "r1-b"]);
+    sc.op = Some(fault.elapsed());
+    sc.fault = Some((fault, affected.clone()));
     let after = w.table().unwrap();
     for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
         if b.cell == "r1-b" {
@@ -814,49 +841,31 @@ async fn payments_through_the_router_survive_every_operation() {
             assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
         }
     }
-    load.wait_progress(40, WAIT).await;
-    w.finish(
-        "failover r1-b (processes killed)",
-        load,
-        start,
-        Some((fault, &affected)),
-        &c,
-        &users,
-        &mut all,
-    )
-    .await;
+    w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 3. the cell repaired; switchover back, planned: no request may fail.
     w.restart_cell("r1-b").await;
     w.set_pods_ready("r1-b", true);
     w.wait_cells_ready(6).await;
-    let start = Instant::now();
-    let load = Load::start_tagged(&c, &users, WORKERS, "switchover-");
-    load.wait_progress(20, WAIT).await;
-    let fault = Instant::now();
+    let mut sc = w
+        .begin("switchover r1-s → r1-b (planned)", &c, &users)
+        .await;
+    let t0 = Instant::now();
     w.kubectl_cell(&["switchover", "r1-s", "--to", "r1-b"]);
+    sc.op = Some(t0.elapsed());
+    sc.fault = Some((t0, affected));
     let t = w.table().unwrap();
     assert!(
         t.shards.iter().all(|s| s.cell != "r1-s"),
         "r1-s still owns shards"
     );
-    load.wait_progress(40, WAIT).await;
-    w.finish(
-        "switchover r1-s → r1-b (planned)",
-        load,
-        start,
-        Some((fault, &affected)),
-        &c,
-        &users,
-        &mut all,
-    )
-    .await;
+    w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 4. region r2 lost: DR cutover to r1.
     let affected = w.users_of(&users, |c| c.starts_with("r2-"));
-    let start = Instant::now();
-    let load = Load::start_tagged(&c, &users, WORKERS, "dr-");
-    load.wait_progress(20, WAIT).await;
+    let mut sc = w
+        .begin("dr cutover r2 → r1 (region killed)", &c, &users)
+        .await;
     for (cell, region) in CELLS {
         if region == "r2" {
             w.kill_cell(cell);
@@ -869,22 +878,14 @@ async fn payments_through_the_router_survive_every_operation() {
         }
     }
     w.kubectl_cell(&["dr", "cutover", "--from", "r2", "--to", "r1"]);
+    sc.op = Some(fault.elapsed());
+    sc.fault = Some((fault, affected));
     let t = w.table().unwrap();
     assert!(
         t.shards.iter().all(|s| s.cell.starts_with("r1-")),
         "r2 still owns shards"
     );
-    load.wait_progress(40, WAIT).await;
-    w.finish(
-        "dr cutover r2 → r1 (region killed)",
-        load,
-        start,
-        Some((fault, &affected)),
-        &c,
-        &users,
-        &mut all,
-    )
-    .await;
+    w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 5. region r2 back; failing back, the operator leader is killed mid-operation.
     for (cell, region) in CELLS {
@@ -897,12 +898,9 @@ async fn payments_through_the_router_survive_every_operation() {
     w.start_operator();
     w.wait_operator_log(2, "another operator leads").await;
     let before = w.table().unwrap();
-    let history_before = w.topology()["status"]["history"]
-        .as_array()
-        .map_or(0, Vec::len);
-    let start = Instant::now();
-    let load = Load::start_tagged(&c, &users, WORKERS, "handover-");
-    load.wait_progress(20, WAIT).await;
+    let mut sc = w
+        .begin("dr failback r1 → r2, operator leader killed", &c, &users)
+        .await;
     // The leader freezes (SIGSTOP) just before the command, so the operation is certainly
     // in flight when it dies (SIGKILL): the standby must take the Lease and finish it once.
     w.operators[0].signal(nix::sys::signal::Signal::SIGSTOP);
@@ -912,8 +910,10 @@ async fn payments_through_the_router_survive_every_operation() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the cutover recorded as pending", || {
-        (!w.topology()["status"]["pendingOperation"].is_null()).then_some(())
+    let op_id = wait_for("the cutover recorded as pending", || {
+        w.topology()["status"]["pendingOperation"]["id"]
+            .as_str()
+            .map(String::from)
     })
     .await;
     assert_eq!(
@@ -923,10 +923,11 @@ async fn payments_through_the_router_survive_every_operation() {
     );
     w.operators[0].kill();
     let fault = Instant::now();
-    let affected: HashSet<String> = users.iter().cloned().collect();
     let out = tokio::task::spawn_blocking(move || pending.wait_with_output().unwrap())
         .await
         .unwrap();
+    sc.op = Some(fault.elapsed());
+    sc.fault = Some((fault, users.iter().cloned().collect()));
     assert!(
         out.status.success(),
         "kubectl cell dr cutover with the leader killed: {}{}\n{}",
@@ -939,46 +940,34 @@ async fn payments_through_the_router_survive_every_operation() {
         assert!(a.cell.starts_with("r2-"), "shard {s} still on {}", a.cell);
         assert_eq!(a.epoch, b.epoch + 1, "shard {s}: moved exactly once");
     }
-    let history = w.topology()["status"]["history"]
+    let history = w.topology()["status"]["history"].clone();
+    let records: Vec<&Value> = history
         .as_array()
         .unwrap()
-        .clone();
+        .iter()
+        .filter(|r| r["id"] == op_id.as_str())
+        .collect();
     assert_eq!(
-        history.len(),
-        history_before + 1,
-        "one operation recorded once: {history:#?}"
+        records.len(),
+        1,
+        "operation {op_id} recorded once: {history:#}"
     );
-    load.wait_progress(40, WAIT).await;
-    w.finish(
-        "dr failback r1 → r2, operator leader killed",
-        load,
-        start,
-        Some((fault, &affected)),
-        &c,
-        &users,
-        &mut all,
-    )
-    .await;
+    assert_eq!(records[0]["result"], "Succeeded", "{history:#}");
+    w.finish(sc, &c, &users, &mut all).await;
 
     // ---- The report.
     let mut report = format!(
-        "LDC e2e: payments through the router on a real control plane ({} payments, {WORKERS} clients)\n\
-         | {:<44} | {:>6} | {:>6} | {:>6} | {:>5} | {:>8} | {:>7} | {:>7} |\n",
+        "LDC e2e: payments through the router on a real control plane ({} payments, {WORKERS} clients)\n{}\n",
         all.len(),
-        "scenario",
-        "secs",
-        "acked",
-        "failed",
-        "lost",
-        "users",
-        "RTO p50",
-        "RTO max"
+        format_cells(HEADER)
     );
     for r in &w.rows {
         writeln!(report, "{}", format_row(r)).unwrap();
     }
     report.push_str(
-        "failed = attempts answered with an error (each retried with its idempotency key); \
+        "secs = the scenario under load; op s = from the command (or the fault) until \
+         `kubectl cell` returned with the new routing table published; \
+         failed = attempts answered with an error (each retried with its idempotency key); \
          lost = payments never acknowledged; users = affected users that paid again; \
          RTO = seconds from the fault (or command) to an affected user's first successful \
          payment begun after it.\n",
