@@ -14,7 +14,7 @@ kill_strays() {
     local p
     for p in /proc/[0-9]*; do
         [[ ${p#/proc/} == "$$" ]] && continue
-        if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "LDC_E2E_RUN=$NAME"; then
+        if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qx "LDC_E2E_RUN=$NAME"; then
             kill -9 "${p#/proc/}" 2>/dev/null || true
         fi
     done
@@ -54,10 +54,13 @@ helm lint --strict charts/ldc
 kubectl apply --server-side -f charts/ldc/crds/
 kubectl wait --for=condition=Established crd/topologies.ldc.dev crd/cells.ldc.dev --timeout=60s
 kubectl create namespace ldc-chart-check
-helm template ldc charts/ldc --namespace ldc-chart-check |
+helm template ldc charts/ldc --namespace ldc-chart-check --no-hooks |
     kubectl apply --dry-run=server --namespace ldc-chart-check -f - >/dev/null
+# The uninstall hook's Pod needs its ServiceAccount to exist: create the hook for real.
+helm template ldc charts/ldc --namespace ldc-chart-check --show-only templates/teardown.yaml |
+    kubectl apply --namespace ldc-chart-check -f - >/dev/null
 rm -rf "$HELM_HOME"
 
-log "e2e tests: operator (operator/tests/e2e.rs), then payments through the router (tests/e2e.rs)"
+log "e2e tests: payments through the router (tests/e2e.rs) and the operator (operator/tests/e2e.rs)"
 # --nocapture: the payments suite prints its timing table (also in target/e2e-report.txt).
 LDC_E2E_RUN=$NAME cargo test --workspace --test e2e -- --ignored --test-threads=1 --nocapture
