@@ -98,7 +98,8 @@ struct Proc {
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
-    hosts: PathBuf,
+    /// The hosts file standing for the cluster's DNS (None: the host's own).
+    hosts: Option<PathBuf>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -166,11 +167,14 @@ impl Proc {
             program,
             args,
             env,
-            hosts: hosts.into(),
+            hosts: Some(hosts.into()),
             child: None,
         }
     }
 
+    /// Starts the process. With a hosts file it runs in a private mount namespace where
+    /// that file is `/etc/hosts` (the cluster's DNS names); the test's KUBECONFIG is never
+    /// inherited, only one its `env` names.
     fn start(&mut self) {
         assert!(self.child.is_none(), "{} already runs", self.name);
         let log = std::fs::OpenOptions::new()
@@ -178,14 +182,21 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new("unshare")
-            .args(["--mount", "--", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
-            .arg(&self.hosts)
-            .arg(&self.program)
+        let mut cmd = match &self.hosts {
+            Some(hosts) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                    .arg(hosts)
+                    .arg(&self.program);
+                c
+            }
+            None => Command::new(&self.program),
+        };
+        let child = cmd
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("KUBECONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -432,7 +443,8 @@ impl World {
         p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
         // The operator reaches only the API server (on the host's loopback): it needs its
         // kubeconfig, not the cluster's DNS names.
-        p.start_with_kubeconfig();
+        p.hosts = None;
+        p.start();
         self.operators.push(p);
     }
 
@@ -613,27 +625,6 @@ impl World {
 }
 
 type Client = ldc_core::proto::payments_client::PaymentsClient<tonic::transport::Channel>;
-
-impl Proc {
-    /// Like `start`, but keeps the KUBECONFIG of `env` (the operator needs the API server).
-    fn start_with_kubeconfig(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.program)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
-        self.child = Some(child);
-    }
-}
 
 impl Drop for World {
     fn drop(&mut self) {
@@ -1029,7 +1020,8 @@ async fn payments_through_the_router_survive_every_operation() {
         &format!("system:serviceaccount:{}:{sa}", w.ns),
     );
     p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
-    p.start_with_kubeconfig();
+    p.hosts = None;
+    p.start();
     let (status, log) = tokio::task::spawn_blocking(move || {
         let s = p.child.take().unwrap().wait().unwrap();
         (s, p.log_tail())
