@@ -259,16 +259,37 @@ pub struct CellServeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum RouterCmd {
-    /// Run a router that polls the local store for the routing table.
-    Serve {
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: String,
-        #[arg(long, hide = true)]
-        die_with_parent: bool,
-        /// Table poll period in milliseconds.
-        #[arg(long, default_value_t = 100)]
-        poll_ms: u64,
-    },
+    /// Run a router: it takes the routing table from the store (polled), or from the
+    /// operator's ConfigMap on Kubernetes (watched), and proxies every call to its cell.
+    Serve(RouterServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterServeArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    #[arg(long, hide = true)]
+    pub die_with_parent: bool,
+    /// Where the routing table comes from.
+    #[arg(long, value_enum, default_value_t = TableSource::Store)]
+    pub table_source: TableSource,
+    /// store: table poll period in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
+    /// kubernetes: the ConfigMap the operator publishes the table to (`<topology>-routing`).
+    #[arg(long, default_value = "ldc-routing")]
+    pub config_map: String,
+    /// kubernetes: its namespace (default: the kubeconfig's or the pod's).
+    #[arg(long, env = "LDC_NAMESPACE")]
+    pub namespace: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableSource {
+    /// Poll the table the operator (or `ldc up`) commits to the store with the ownership.
+    Store,
+    /// Watch the operator's routing ConfigMap through the Kubernetes API.
+    Kubernetes,
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,13 +355,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             cmd: CellCmd::Serve(a),
         } => crate::up::serve_cell(&g, a).await,
         Cmd::Router {
-            cmd:
-                RouterCmd::Serve {
-                    listen,
-                    die_with_parent,
-                    poll_ms,
-                },
-        } => crate::up::serve_router(&g, &listen, die_with_parent, poll_ms).await,
+            cmd: RouterCmd::Serve(a),
+        } => crate::up::serve_router(&g, a).await,
         Cmd::Cell { cmd } => crate::ops::run(&g, cmd).await,
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
         Cmd::Route { users, stdin } => crate::traffic::route(&g, users, stdin).await,

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::cli::{CellServeArgs, Global, UpArgs};
+use crate::cli::{CellServeArgs, Global, RouterServeArgs, TableSource, UpArgs};
 
 /// Where `ldc up` listens, and where clients look when nothing else is said.
 pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
@@ -150,43 +150,60 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `ldc router serve`: a router whose table source is the local store.
-pub async fn serve_router(g: &Global, listen: &str, die: bool, poll_ms: u64) -> Result<ExitCode> {
-    if die {
+/// `ldc router serve`: a router fed by the store (polled) or the operator's ConfigMap.
+pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
+    if a.die_with_parent {
         die_with_parent();
     }
-    let spec = g.store_spec();
-    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    let listen = &a.listen;
     let listener = TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen}; is another `ldc up` running? pick another address with --listen")
     })?;
     let addr = listener.local_addr()?;
-    println!("READY listen={addr} metrics={addr}");
     let registry = prometheus::Registry::new();
     let table = ldc_router::TableHandle::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    match a.table_source {
+        TableSource::Store => {
+            let spec = g.store_spec();
+            let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+            tokio::spawn(ldc_router::poll_store(
+                store,
+                table.clone(),
+                Duration::from_millis(a.poll_ms),
+                stopped(stop_rx.clone()),
+            ));
+        }
+        TableSource::Kubernetes => {
+            let client = kube::Client::try_default().await.context(
+                "cannot reach the Kubernetes API for --table-source kubernetes \
+                 (in-cluster ServiceAccount or KUBECONFIG)",
+            )?;
+            let ns = a
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let (table, stop) = (table.clone(), stopped(stop_rx.clone()));
+            tokio::spawn(async move {
+                ldc_router::kube_source::watch_config_map(client, &ns, &a.config_map, table, stop)
+                    .await
+            });
+        }
+    }
+    println!("READY listen={addr} metrics={addr}");
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let mut poll_rx = stop_rx.clone();
-    tokio::spawn(ldc_router::poll_store(
-        store,
-        table.clone(),
-        Duration::from_millis(poll_ms),
-        async move {
-            let _ = poll_rx.wait_for(|s| *s).await;
-        },
-    ));
-    let mut rx = stop_rx;
     ldc_router::serve(
         listener,
         table,
         ldc_router::RouterConfig::default(),
         registry,
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        },
+        stopped(stop_rx),
     )
     .await
     .map_err(|e| anyhow!("router failed: {e}"))?;

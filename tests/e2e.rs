@@ -11,9 +11,10 @@
 //! address that stands for the pod's IP. The cluster's DNS names (`<cell>-<colour>.<ns>.svc`,
 //! `<release>-router`) resolve through a hosts file bind-mounted over `/etc/hosts` in a
 //! private mount namespace of each process (`unshare --mount`, root only), so routing
-//! tables and relay addresses stay exactly as the operator publishes them. The operator
-//! runs as a local process too, with the chart's ServiceAccount (impersonated), so the
-//! chart's RBAC is what it gets. When the suite kills a process it also marks that
+//! tables and relay addresses stay exactly as the operator publishes them. The operator,
+//! the routers (installed with `router.tableSource=kubernetes`: they watch the operator's
+//! routing ConfigMap) and the uninstall hook run with their pod's ServiceAccount
+//! (impersonated), as the kubelet would mount its token, so the chart's RBAC is what they get. When the suite kills a process it also marks that
 //! process's pods not ready, as a kubelet would.
 //!
 //! Scenarios, in order, each under continuous payments (tests/common/payments.rs):
@@ -128,6 +129,11 @@ impl Proc {
             .as_str()
             .unwrap_or("default")
             .to_string();
+        // Like the kubelet mounting the ServiceAccount's token: a kubeconfig that acts as
+        // the pod's ServiceAccount, unless the pod opts out.
+        let kubeconfig = (spec["automountServiceAccountToken"] != false).then(|| {
+            impersonating_kubeconfig(dir, &format!("system:serviceaccount:{ns}:{spec_sa}"))
+        });
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
                 .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
@@ -160,6 +166,10 @@ impl Proc {
                     .collect()
             })
             .unwrap_or_default();
+        let mut env: Vec<(String, String)> = env;
+        if let Some(k) = kubeconfig {
+            env.push(("KUBECONFIG".into(), k.display().to_string()));
+        }
         Proc {
             log: dir.join(format!("{name}.log")),
             name,
@@ -438,9 +448,6 @@ impl World {
         let mut p = Proc::from_deployment(&dep, &ip, &self.ns, self.dir.path(), &self.hosts);
         p.name = format!("operator-{n}");
         p.log = self.dir.path().join(format!("operator-{n}.log"));
-        let sa = format!("system:serviceaccount:{}:{RELEASE}-operator", self.ns);
-        let kc = impersonating_kubeconfig(self.dir.path(), &sa);
-        p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
         // The operator reaches only the API server (on the host's loopback): it needs its
         // kubeconfig, not the cluster's DNS names.
         p.hosts = None;
@@ -721,6 +728,9 @@ async fn payments_through_the_router_survive_every_operation() {
         "topology.replicas.green=1",
         "--set",
         "router.replicas=1",
+        // Routers watch the operator's ConfigMap (the store source has the local tests).
+        "--set",
+        "router.tableSource=kubernetes",
         "--set",
         "operator.leaseSeconds=4",
     ];
@@ -1014,12 +1024,6 @@ async fn payments_through_the_router_survive_every_operation() {
     .await;
     let ip = format!("127.{}.201.1", w.net);
     let mut p = Proc::from_pod_spec(&hook, &pod["spec"], &ip, &w.ns, w.dir.path(), &w.hosts);
-    let sa = pod["spec"]["serviceAccountName"].as_str().unwrap();
-    let kc = impersonating_kubeconfig(
-        w.dir.path(),
-        &format!("system:serviceaccount:{}:{sa}", w.ns),
-    );
-    p.env.push(("KUBECONFIG".into(), kc.display().to_string()));
     p.hosts = None;
     p.start();
     let (status, log) = tokio::task::spawn_blocking(move || {
