@@ -21,7 +21,11 @@ use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
 /// How long a writer waits for another process's write lock before giving up with `Busy`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// WAL size (pages) at which a committing writer checkpoints itself: a safety net only.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+/// Under steady writes the background PASSIVE checkpoints never let the WAL restart (new
+/// frames keep arriving), so this inline checkpoint is what bounds the WAL; each one stalls
+/// the cell's writer (two fsyncs). 64 Ki pages (256 MiB at 4 KiB) makes them a quarter as
+/// frequent as 16 Ki did: +14% writer throughput in `writer_throughput`.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
 /// Period of the background checkpointer.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// Idle connections kept per store handle.
