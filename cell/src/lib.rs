@@ -127,7 +127,19 @@ pub async fn serve(
         .expect("descriptor set is valid");
 
     tracing::info!(cell = %cfg.cell, colour = %cfg.colour, addr = ?listener.local_addr().ok(), engine = cfg.store.engine(), "cell serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // With our own listener tonic applies no socket options: turn Nagle off ourselves, or a
+    // small response can sit in the kernel waiting for the client's (delayed) ACK.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            if let Ok(s) = &conn
+                && let Err(e) = s.set_nodelay(true)
+            {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            conn
+        },
+    );
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

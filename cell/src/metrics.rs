@@ -19,6 +19,7 @@ pub struct CellMetrics {
     pub latency: HistogramVec,
     pub batch_size: Histogram,
     pub commit_seconds: Histogram,
+    pub sync_seconds: Histogram,
     pub batch_retries: IntCounter,
     pub moved: IntCounter,
     pub outbox_pending: IntGauge,
@@ -65,7 +66,13 @@ impl CellMetrics {
             .unwrap(),
             commit_seconds: Histogram::with_opts(h(HistogramOpts::new(
                 "ldc_cell_batch_seconds",
-                "Time to execute and durably commit one batch",
+                "Time to execute and commit one batch (its sync is ldc_cell_sync_seconds)",
+            )
+            .buckets(latency_buckets())))
+            .unwrap(),
+            sync_seconds: Histogram::with_opts(h(HistogramOpts::new(
+                "ldc_cell_sync_seconds",
+                "Time of one store sync (fsync) that makes committed batches durable",
             )
             .buckets(latency_buckets())))
             .unwrap(),
@@ -109,6 +116,7 @@ impl CellMetrics {
         registry
             .register(Box::new(m.commit_seconds.clone()))
             .unwrap();
+        registry.register(Box::new(m.sync_seconds.clone())).unwrap();
         registry
             .register(Box::new(m.batch_retries.clone()))
             .unwrap();

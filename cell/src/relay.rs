@@ -82,6 +82,9 @@ fn scan_outbox(store: &dyn Store, cell: &str) -> Result<(u32, Vec<Pending>), Pay
         }
     }
     t.rollback()?;
+    // The writer commits batches before they are synced: never send a credit whose debit a
+    // crash could still take back. One sync covers every commit this snapshot can see.
+    store.sync()?;
     Ok((owned, out))
 }
 

@@ -160,7 +160,8 @@ impl CellService {
         let r = async move {
             validate_user("user_id", &user)?;
             let shard = shard_of(&user, this.shard_count);
-            tokio::task::spawn_blocking(move || {
+            let writer = this.writer.clone();
+            let r = tokio::task::spawn_blocking(move || {
                 let mut t = this.store.begin_read()?;
                 let epoch = ledger::fence_read(&mut *t, &this.cell, shard)?;
                 let r = f(&mut *t, &this.ctx(), epoch);
@@ -168,7 +169,11 @@ impl CellService {
                 r
             })
             .await
-            .map_err(|e| PaymentError::Corrupt(format!("read task failed: {e}")))?
+            .map_err(|e| PaymentError::Corrupt(format!("read task failed: {e}")))??;
+            // The snapshot may include batches of this cell that are committed but still
+            // syncing; answer only once they are durable.
+            writer.wait_durable().await?;
+            Ok(r)
         }
         .instrument(span)
         .await;

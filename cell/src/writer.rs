@@ -7,17 +7,32 @@
 //! [`Overlay`] (so a refused payment leaves nothing behind), commits once, and only then
 //! answers every caller. No caller hears "ok" before its payment is on disk.
 //!
+//! The fsync is pipelined: the writer commits a batch without waiting for the sync
+//! ([`Store::begin_unsynced`]) and hands its replies to a syncer thread, which syncs the
+//! store once for every batch committed so far and only then answers their callers. While
+//! batch N syncs, the writer already executes batch N+1 on top of N's committed state.
+//! This is safe because durability follows commit order: the embedded store appends every
+//! commit to one WAL, recovery replays a prefix of it (frames are checksummed in a chain),
+//! and one fsync covers everything written before it. So N+1 can only ever be durable
+//! together with N, no reply leaves before a sync that started after its batch committed,
+//! and if a sync fails the syncer answers every pending caller with an undetermined outcome
+//! and refuses all later work (after a failed fsync the kernel may have dropped the pages;
+//! only a restart, which recovers from what is really on disk, can tell). Reads served by
+//! this process wait for [`Writer::wait_durable`] so they never show a payment that could
+//! still vanish.
+//!
 //! A store error that may leave the transaction unusable (or a commit conflict) aborts the
 //! whole batch; it is retried a bounded number of times, and callers then get a retryable
 //! error. Because every mutating command is idempotent, a retry by the client is safe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ldc_store::overlay::Overlay;
 use ldc_store::{Store, StoreError};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::error::PaymentError;
 use crate::ledger::{self, Command, Ctx, Outcome};
@@ -40,10 +55,22 @@ struct Job {
     reply: Reply,
 }
 
+/// Batches committed but possibly not yet synced, between the writer and the syncer (a
+/// limit on everything: a slow disk slows the writer down instead of queueing forever).
+const UNSYNCED_BATCHES_MAX: usize = 8;
+/// The durable watermark after a failed sync: nothing is durable any more, as far as
+/// anyone in this process may assume.
+const POISONED: u64 = u64::MAX;
+
 /// Handle for submitting commands to the writer thread.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    /// Sequence number of the last batch the writer started to commit (set before the
+    /// commit, so every commit a reader can see has a number at most this).
+    committing: Arc<AtomicU64>,
+    /// Sequence number of the last batch known durable ([`POISONED`] after a failed sync).
+    durable: watch::Receiver<u64>,
 }
 
 pub struct WriterConfig {
@@ -63,11 +90,47 @@ impl Writer {
         outbox: Arc<Notify>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.queue_max);
+        let committing = Arc::new(AtomicU64::new(0));
+        let (durable_tx, durable) = watch::channel(0);
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(UNSYNCED_BATCHES_MAX);
+        let syncer = {
+            let (store, metrics) = (store.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("syncer-{}", cfg.cell))
+                .spawn(move || run_syncer(sync_rx, &*store, durable_tx, &metrics, &outbox))
+                .expect("spawn syncer thread")
+        };
+        let seq = committing.clone();
         let handle = std::thread::Builder::new()
             .name(format!("writer-{}", cfg.cell))
-            .spawn(move || run(rx, store, cfg, metrics, outbox))
+            .spawn(move || {
+                run(rx, store, cfg, metrics, seq, sync_tx);
+                // The writer dropped its end of the channel: the syncer answers what is
+                // left and stops.
+                let _ = syncer.join();
+            })
             .expect("spawn writer thread");
-        (Writer { tx }, handle)
+        (
+            Writer {
+                tx,
+                committing,
+                durable,
+            },
+            handle,
+        )
+    }
+
+    /// Waits until every batch this process had started to commit when called is durable.
+    /// A read calls it after reading, before answering, so it never shows a write that a
+    /// crash could still take back.
+    pub async fn wait_durable(&self) -> Result<(), PaymentError> {
+        let target = self.committing.load(Ordering::SeqCst);
+        let mut rx = self.durable.clone();
+        match rx.wait_for(|d| *d >= target).await {
+            Ok(d) if *d == POISONED => Err(PaymentError::Store(sync_failed())),
+            Ok(_) => Ok(()),
+            Err(_) => Err(PaymentError::ShuttingDown),
+        }
     }
 
     /// Submits a validated command; resolves once it is durably committed (or refused).
@@ -89,14 +152,31 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn sync_failed() -> StoreError {
+    StoreError::Undetermined(
+        "the store failed to sync; this cell process accepts no more writes and must be \
+         restarted (retry with the same idempotency key)"
+            .into(),
+    )
+}
+
+/// A committed (possibly unsynced) batch on its way to the syncer.
+struct Committed {
+    seq: u64,
+    replies: Vec<(Reply, Answer)>,
+    queued_outbox: bool,
+}
+
 fn run(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn Store>,
     cfg: WriterConfig,
     metrics: CellMetrics,
-    outbox: Arc<Notify>,
+    committing: Arc<AtomicU64>,
+    sync_tx: std::sync::mpsc::SyncSender<Committed>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_max);
+    let mut seq = 0u64;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < cfg.batch_max {
@@ -107,24 +187,101 @@ fn run(
         }
         metrics.batch_size.observe(batch.len() as f64);
         let started = Instant::now();
+        seq += 1;
+        // Before the commit: a reader that can see this batch must wait for its sync.
+        committing.store(seq, Ordering::SeqCst);
         let results = process(&*store, &cfg, &mut batch, &metrics);
         metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         let mut queued_outbox = false;
-        for (job, result) in batch.drain(..).zip(results) {
-            if result.is_ok()
-                && matches!(job.cmd, Command::Transfer { .. } | Command::Refund { .. })
-            {
-                queued_outbox = true;
+        let replies = batch
+            .drain(..)
+            .zip(results)
+            .map(|(job, result)| {
+                if result.is_ok()
+                    && matches!(job.cmd, Command::Transfer { .. } | Command::Refund { .. })
+                {
+                    queued_outbox = true;
+                }
+                (job.reply, result)
+            })
+            .collect();
+        // Every batch goes through the syncer, even a failed one, so the durable watermark
+        // advances in order.
+        let c = Committed {
+            seq,
+            replies,
+            queued_outbox,
+        };
+        if let Err(std::sync::mpsc::SendError(c)) = sync_tx.send(c) {
+            // The syncer is gone (it only stops when this thread drops the channel, or
+            // panicked): nothing can be confirmed durable.
+            for (reply, _) in c.replies {
+                let _ = reply.send(Err(PaymentError::Store(sync_failed())));
             }
-            let _ = job.reply.send(result); // the caller may have gone away; that is fine
-        }
-        if queued_outbox {
-            outbox.notify_one();
         }
     }
     tracing::info!(cell = %cfg.cell, "writer stopped");
+}
+
+/// Syncs the store once for every group of committed batches, then answers their callers.
+fn run_syncer(
+    rx: std::sync::mpsc::Receiver<Committed>,
+    store: &dyn Store,
+    durable: watch::Sender<u64>,
+    metrics: &CellMetrics,
+    outbox: &Notify,
+) {
+    let mut poisoned = false;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while let Ok(c) = rx.try_recv() {
+            group.push(c);
+        }
+        let last = group.last().map_or(0, |c| c.seq);
+        // A failed batch committed nothing, but it may follow committed ones; one sync
+        // covers the whole group either way.
+        let synced = if poisoned {
+            Err(sync_failed())
+        } else {
+            let started = Instant::now();
+            let r = store.sync();
+            metrics
+                .sync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            r
+        };
+        match synced {
+            Ok(()) => {
+                durable.send_replace(last);
+                let mut queued_outbox = false;
+                for c in group {
+                    queued_outbox |= c.queued_outbox;
+                    for (reply, answer) in c.replies {
+                        let _ = reply.send(answer); // the caller may have gone away
+                    }
+                }
+                if queued_outbox {
+                    outbox.notify_one();
+                }
+            }
+            Err(e) => {
+                if !poisoned {
+                    tracing::error!(error = %e, "store sync failed; refusing all further writes");
+                }
+                poisoned = true;
+                durable.send_replace(POISONED);
+                for c in group {
+                    // Even a refusal may rest on state that is now in doubt (a balance, an
+                    // idempotency record of an earlier unsynced batch): answer none.
+                    for (reply, _) in c.replies {
+                        let _ = reply.send(Err(PaymentError::Store(sync_failed())));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Why a batch attempt was abandoned.
@@ -187,7 +344,8 @@ fn attempt_batch(
     cfg: &WriterConfig,
     batch: &[Job],
 ) -> Result<Vec<Answer>, Abort> {
-    let mut txn = store.begin().map_err(Abort::Store)?;
+    // Unsynced: the syncer thread makes this commit durable before anyone hears of it.
+    let mut txn = store.begin_unsynced().map_err(Abort::Store)?;
     // Writes of the whole batch are buffered and reach the store once per key at the end:
     // hot keys (a shard's clearing account, an active user's account) are written once per
     // batch instead of once per command.
@@ -240,4 +398,131 @@ fn attempt_batch(
     batch_buf.merge().map_err(Abort::Store)?;
     txn.commit().map_err(Abort::Store)?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use ldc_core::planner::{CellInfo, Topology};
+    use ldc_store::Txn;
+    use ldc_store::sqlite::SqliteStore;
+
+    use super::*;
+    use crate::control;
+
+    /// The embedded store, with a sync that can be held back or made to fail.
+    struct GatedStore {
+        inner: SqliteStore,
+        hold: AtomicBool,
+        fail: AtomicBool,
+    }
+
+    impl Store for GatedStore {
+        fn begin(&self) -> ldc_store::Result<Box<dyn Txn>> {
+            self.inner.begin()
+        }
+        fn begin_read(&self) -> ldc_store::Result<Box<dyn Txn>> {
+            self.inner.begin_read()
+        }
+        fn begin_unsynced(&self) -> ldc_store::Result<Box<dyn Txn>> {
+            self.inner.begin_unsynced()
+        }
+        fn sync(&self) -> ldc_store::Result<()> {
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Undetermined("injected fsync failure".into()));
+            }
+            self.inner.sync()
+        }
+        fn engine(&self) -> &'static str {
+            "gated"
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<GatedStore>, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(GatedStore {
+            inner: SqliteStore::open(&dir.path().join("s.db")).unwrap(),
+            hold: AtomicBool::new(false),
+            fail: AtomicBool::new(false),
+        });
+        let topo = Topology {
+            shard_count: 4,
+            cells: vec![CellInfo {
+                id: "c".into(),
+                region: "r".into(),
+                capacity: None,
+            }],
+        };
+        let mut t = store.begin().unwrap();
+        control::init(&mut *t, &topo, &["c"], 0).unwrap();
+        t.commit().unwrap();
+        let reg = prometheus::Registry::new();
+        let (w, _h) = Writer::start(
+            store.clone(),
+            WriterConfig {
+                cell: "c".into(),
+                shard_count: 4,
+                queue_max: 64,
+                batch_max: 16,
+            },
+            CellMetrics::new(&reg, "c", "blue"),
+            Arc::new(Notify::new()),
+        );
+        (dir, store, w)
+    }
+
+    fn open(user: &str) -> Command {
+        Command::OpenAccount {
+            user: user.into(),
+            currency: "EUR".into(),
+            key: format!("open-{user}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_answer_before_the_sync() {
+        let (_dir, store, w) = setup();
+        store.hold.store(true, Ordering::SeqCst);
+        let w2 = w.clone();
+        let pending = tokio::spawn(async move { w2.submit(open("alice")).await });
+        // The batch commits (unsynced) but its sync is held: no answer, and a read waits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pending.is_finished(), "answered before the sync");
+        let w3 = w.clone();
+        let read = tokio::spawn(async move { w3.wait_durable().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!read.is_finished(), "a read passed an unsynced batch");
+        store.hold.store(false, Ordering::SeqCst);
+        let (outcome, epoch) = pending.await.unwrap().unwrap();
+        assert!(matches!(outcome, Outcome::Account(_)));
+        assert_eq!(epoch, 1);
+        read.await.unwrap().unwrap();
+        // Later batches see the earlier one's state: a replay returns the first answer.
+        let (again, _) = w.submit(open("alice")).await.unwrap();
+        assert_eq!(again, outcome);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_acknowledges_nothing_and_stops_writes() {
+        let (_dir, store, w) = setup();
+        w.submit(open("alice")).await.unwrap();
+        store.fail.store(true, Ordering::SeqCst);
+        let e = w.submit(open("bob")).await.unwrap_err();
+        assert!(
+            matches!(e, PaymentError::Store(StoreError::Undetermined(_))),
+            "{e:?}"
+        );
+        assert!(w.wait_durable().await.is_err());
+        // Even with the disk back, this process confirms nothing more.
+        store.fail.store(false, Ordering::SeqCst);
+        let e = w.submit(open("carol")).await.unwrap_err();
+        assert!(
+            matches!(e, PaymentError::Store(StoreError::Undetermined(_))),
+            "{e:?}"
+        );
+    }
 }

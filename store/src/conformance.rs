@@ -21,6 +21,7 @@ pub fn run_all(store: Arc<dyn Store>, prefix: &str) {
     rollback_and_drop_discard(&*store, &format!("{prefix}/rb"));
     read_your_writes_and_snapshot(&*store, &format!("{prefix}/ryw"));
     overlay_isolation(&*store, &format!("{prefix}/ov"));
+    unsynced_commit_then_sync(&*store, &format!("{prefix}/us"));
     concurrent_increments_are_serialisable(store, &format!("{prefix}/inc"));
 }
 
@@ -54,6 +55,36 @@ pub fn put_get_delete(store: &dyn Store, p: &str) {
         "overwrite lost"
     );
     assert_eq!(t.get(&k(p, "b")).unwrap(), None, "delete not applied");
+    t.rollback().unwrap();
+}
+
+/// An unsynced commit is visible to the next transactions at once (group commit executes
+/// the next batch on top of it), a rollback of one leaves nothing, `sync` succeeds, and
+/// an ordinary transaction afterwards still commits.
+pub fn unsynced_commit_then_sync(store: &dyn Store, p: &str) {
+    let mut t = store.begin_unsynced().unwrap();
+    t.put(&k(p, "a"), b"1").unwrap();
+    t.commit().unwrap();
+    let mut t = store.begin_unsynced().unwrap();
+    assert_eq!(
+        t.get(&k(p, "a")).unwrap().as_deref(),
+        Some(&b"1"[..]),
+        "an unsynced commit must be visible to the next write transaction"
+    );
+    t.put(&k(p, "b"), b"2").unwrap();
+    t.rollback().unwrap();
+    store.sync().unwrap();
+    let mut t = store.begin().unwrap();
+    assert_eq!(
+        t.get(&k(p, "b")).unwrap(),
+        None,
+        "rolled back write visible"
+    );
+    t.put(&k(p, "c"), b"3").unwrap();
+    t.commit().unwrap();
+    let mut t = store.begin_read().unwrap();
+    assert_eq!(t.get(&k(p, "a")).unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(t.get(&k(p, "c")).unwrap().as_deref(), Some(&b"3"[..]));
     t.rollback().unwrap();
 }
 

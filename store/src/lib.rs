@@ -95,6 +95,21 @@ pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn Txn>>;
     /// Starts a read-only transaction on a consistent snapshot.
     fn begin_read(&self) -> Result<Box<dyn Txn>>;
+    /// Starts a read-write transaction whose `commit` may return before the writes are
+    /// durable: they are visible to later transactions at once and durable after the next
+    /// [`Store::sync`] that starts after `commit` returned. Group commit uses it to execute
+    /// the next batch while the previous one syncs; it must not tell anyone about such a
+    /// commit before that `sync` returned. Engines whose commit is always durable (TiKV)
+    /// keep the default, a plain [`Store::begin`].
+    fn begin_unsynced(&self) -> Result<Box<dyn Txn>> {
+        self.begin()
+    }
+    /// Makes every transaction committed before this call durable (see
+    /// [`Store::begin_unsynced`]). An error means the durability of those commits is
+    /// unknown; the caller must not acknowledge them.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     /// A short name for logs and metrics (`sqlite`, `tikv`).
     fn engine(&self) -> &'static str;
 }
