@@ -135,6 +135,10 @@ for u in picked:
     # GetBalanceRequest { user_id = 1 (string) }.
     pb = b"\x0a" + bytes([len(u)]) + u.encode()
     open(f"{work}/body-{u}", "wb").write(b"\x00" + len(pb).to_bytes(4, "big") + pb)
+    # The first endpoint of the user's cell and colour: the no-proxy baseline hits it
+    # directly.
+    ep = next(r["endpoints"][0] for r in routes if r["user"] == u)
+    open(f"{work}/direct-{u}", "w").write(ep + "\n")
 print("load users: " + ", ".join(f"{u} ({r['cell']}/{r['colour']})" for u in picked for r in routes if r["user"] == u))
 PY
 "$NGINX" -t -c "$WORK/nginx.conf" -p "$WORK" >/dev/null 2>&1 || { "$NGINX" -t -c "$WORK/nginx.conf" -p "$WORK"; exit 1; }
@@ -170,7 +174,8 @@ for c in json.load(sys.stdin)["cells"]:
 print(int(total))'
 }
 
-# run NAME ADDR PIDS...: h2load against ADDR, one process per load user, all at once.
+# run NAME ADDR PIDS...: h2load against ADDR, one process per load user, all at once
+# (ADDR "direct": each user's own cell endpoint, no proxy).
 run() {
   local name=$1 addr=$2; shift 2
   local per=$((CONNECTIONS / LOAD_USERS)); [ "$per" -ge 1 ] || per=1
@@ -179,9 +184,11 @@ run() {
   ok0=$(grpc_ok)
   cpu0=$(cpu_ticks "$@")
   while read -r u; do
+    local a=$addr
+    [ "$addr" != direct ] || a=$(cat "$WORK/direct-$u")
     h2load -D "$SECONDS_EACH" --warm-up-time "$WARMUP" -c "$per" -m "$STREAMS" -t 1 \
       -d "$WORK/body-$u" -H "content-type: application/grpc" -H "te: trailers" -H "x-ldc-user: $u" \
-      --log-file "$WORK/$name-$u.log" "http://$addr/ldc.v1.Payments/GetBalance" > "$WORK/$name-$u.out" 2>&1 &
+      --log-file "$WORK/$name-$u.log" "http://$a/ldc.v1.Payments/GetBalance" > "$WORK/$name-$u.out" 2>&1 &
     hp+=($!)
   done < "$WORK/load-users"
   wait "${hp[@]}"
@@ -194,6 +201,9 @@ NGINX_PIDS=("$(cat "$WORK/nginx.pid")")
 NGINX_PIDS+=($(pgrep -P "${NGINX_PIDS[0]}"))
 run router "$ROUTER" "$ROUTER_PID"
 run nginx "127.0.0.1:$NGINX_PORT" "${NGINX_PIDS[@]}"
+# The ceiling: the same load straight to the cells. If it is not well above both proxies,
+# the cells or h2load (sharing the 2 cores) bound the comparison, not the proxies.
+[ "${DIRECT:-1}" = 0 ] || run direct direct
 
 python3 - "$WORK" "$(getconf CLK_TCK)" "$SECONDS_EACH" "$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" <<'PY'
 import glob, re, sys
@@ -203,7 +213,7 @@ for line in open(f"{work}/cpu"):
     name, ticks, ok = line.split()
     cpu[name] = (int(ticks), int(ok))
 res = {}
-for name in ("router", "nginx"):
+for name in [n for n in ("router", "nginx", "direct") if n in cpu]:
     rps = 0.0; done = 0; ok2xx = 0; errors = 0
     for out in glob.glob(f"{work}/{name}-*.out"):
         t = open(out).read()
@@ -228,6 +238,9 @@ print()
 print(f"{'':26}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'CPU us/req':>12}{'gRPC OK':>10}{'h2load errors':>15}")
 for label, x in ((f"ldc-router", r), (f"nginx {nginx_version} grpc_pass", n)):
     print(f"{label:26}{x['rps']:>12.0f}{x['p50']:>9.2f}{x['p99']:>9.2f}{x['p999']:>10.2f}{x['cpu']:>12.1f}{x['ok']:>10}{x['errors']:>15}")
+if "direct" in res:
+    x = res["direct"]
+    print(f"{'direct to cells (no proxy)':26}{x['rps']:>12.0f}{x['p50']:>9.2f}{x['p99']:>9.2f}{x['p999']:>10.2f}{'-':>12}{x['ok']:>10}{x['errors']:>15}")
 print()
 print(f"throughput router / nginx: {r['rps'] / n['rps']:.2f}x   (target >= 1.5x)")
 print(f"p99        router / nginx: {r['p99'] / n['p99']:.2f}x   (target <= 0.5x)")

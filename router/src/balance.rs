@@ -19,12 +19,17 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 use rand::Rng;
 
+use crate::upstream::Upstream;
+
 /// One upstream endpoint (`host:port`) and what the router knows about it.
 #[derive(Debug)]
 pub struct Endpoint {
     addr: String,
+    /// `addr` as a URI authority (`None` if it is not a valid one), parsed once.
+    authority: Option<http::uri::Authority>,
     in_flight: AtomicUsize,
     health: Mutex<Health>,
+    upstream: Upstream,
 }
 
 #[derive(Debug, Default)]
@@ -38,14 +43,26 @@ impl Endpoint {
     fn new(addr: &str) -> Endpoint {
         Endpoint {
             addr: addr.to_string(),
+            authority: addr.parse().ok(),
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
+            upstream: Upstream::default(),
         }
     }
 
     /// The endpoint's address, `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The endpoint's address as a URI authority; `None` if it is not `host:port`.
+    pub fn authority(&self) -> Option<&http::uri::Authority> {
+        self.authority.as_ref()
+    }
+
+    /// The endpoint's HTTP/2 connections.
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// Requests in flight to this endpoint.
@@ -127,10 +144,13 @@ impl Balancer {
             let mut map = self.endpoints.lock().expect("lock");
             addrs
                 .iter()
-                .map(|a| {
-                    map.entry(a.clone())
+                .map(|a| match map.get(a.as_str()) {
+                    Some(e) => e.clone(),
+                    // Allocates the key only the first time (not per request).
+                    None => map
+                        .entry(a.clone())
                         .or_insert_with(|| Arc::new(Endpoint::new(a)))
-                        .clone()
+                        .clone(),
                 })
                 .filter(|e| e.is_available(now))
                 .collect()

@@ -53,6 +53,8 @@
 //! * `admin`: `/healthz`, `/readyz`, `/metrics`, `/table` on the same listener.
 //! * `server`: [`serve`], the accept loop (HTTP/1.1 + HTTP/2 on one port) and the active
 //!   health checker.
+//! * `upstream`: the HTTP/2 connections to each endpoint (a few per endpoint, shared by
+//!   all requests, no pool lookup per request).
 //! * [`metrics`]: the Prometheus metrics.
 //! * `kube_source` (feature `kube`): follows the operator's routing ConfigMap.
 #![forbid(unsafe_code)]
@@ -67,6 +69,7 @@ pub mod metrics;
 mod proxy;
 mod server;
 pub mod table;
+mod upstream;
 
 use std::time::Duration;
 

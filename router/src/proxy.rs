@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use ldc_core::routing::{Colour, RouteError, RoutingTable, colour_for};
 use ldc_core::{COLOUR_HEADER, REQUEST_ID_HEADER, SHARD_HEADER, USER_HEADER};
 use tracing::Instrument;
@@ -22,6 +22,7 @@ use crate::body::{Completion, ReplayBody, RespBody, UpstreamBody, buffer};
 use crate::grpc::{self, Code, Moved};
 use crate::metrics::RouterMetrics;
 use crate::table::TableHandle;
+use crate::upstream::SendError;
 
 /// What every request handler shares.
 pub(crate) struct Shared {
@@ -29,7 +30,6 @@ pub(crate) struct Shared {
     pub config: RouterConfig,
     pub metrics: RouterMetrics,
     pub balancer: Balancer,
-    pub client: Client<HttpConnector, ReplayBody>,
     pub registry: prometheus::Registry,
 }
 
@@ -55,20 +55,21 @@ impl Fail {
         }
     }
 
-    fn at(mut self, d: &Decision) -> Fail {
-        self.cell = Some(d.cell.clone());
+    fn at(mut self, d: &Decision<'_>) -> Fail {
+        self.cell = Some(d.cell.to_string());
         self.colour = Some(d.colour);
         self
     }
 }
 
-/// Where a request goes.
+/// Where a request goes; borrows from the routing table it was decided with (no copies
+/// per request).
 #[derive(Debug, Clone)]
-struct Decision {
+struct Decision<'t> {
     shard: u32,
-    cell: String,
+    cell: &'t str,
     colour: Colour,
-    endpoints: Vec<String>,
+    endpoints: &'t [String],
     table_epoch: u64,
 }
 
@@ -83,7 +84,7 @@ struct RouteKey {
 /// The request line and headers, kept to build each attempt.
 struct Head {
     method: Method,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     headers: HeaderMap,
 }
 
@@ -162,7 +163,8 @@ async fn route(
         path_and_query: parts
             .uri
             .path_and_query()
-            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string()),
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
         headers: forward_headers(parts.headers),
     };
 
@@ -219,9 +221,9 @@ async fn route(
     Ok(respond(s, resp, guard, &second, started, deadline))
 }
 
-fn record(span: &tracing::Span, d: &Decision) {
+fn record(span: &tracing::Span, d: &Decision<'_>) {
     span.record("shard", d.shard);
-    span.record("cell", d.cell.as_str());
+    span.record("cell", d.cell);
     span.record("colour", d.colour.as_str());
 }
 
@@ -357,7 +359,7 @@ fn forward_headers(mut h: HeaderMap) -> HeaderMap {
 
 /// Routes with `table`. A forced colour the cell does not allow is ignored (the split
 /// decides): a stray test header must never break production traffic.
-fn decide(table: &RoutingTable, key: &RouteKey) -> Result<Decision, Fail> {
+fn decide<'t>(table: &'t RoutingTable, key: &RouteKey) -> Result<Decision<'t>, Fail> {
     let routed = match (&key.user, key.shard) {
         (Some(u), _) => table.route_user(u, key.forced),
         (None, Some(s)) => table.route_shard(s, None, key.forced),
@@ -377,9 +379,9 @@ fn decide(table: &RoutingTable, key: &RouteKey) -> Result<Decision, Fail> {
     match routed {
         Ok(r) => Ok(Decision {
             shard: r.shard,
-            cell: r.cell.to_string(),
+            cell: r.cell,
             colour: r.colour,
-            endpoints: r.endpoints.to_vec(),
+            endpoints: r.endpoints,
             table_epoch: table.epoch,
         }),
         // The shard count is fixed per platform, so a shard number beyond it names
@@ -401,17 +403,17 @@ fn decide(table: &RoutingTable, key: &RouteKey) -> Result<Decision, Fail> {
 /// owner. If it still names the cell that refused, the cell's own answer is better
 /// information (it read the ownership record): route to the owner it named, if the table
 /// describes that cell. The owner fences every write, so a stale hint is still safe.
-fn decide_after_moved(
-    table: &RoutingTable,
+fn decide_after_moved<'t>(
+    table: &'t RoutingTable,
     key: &RouteKey,
-    refused: &Decision,
+    refused: &Decision<'_>,
     moved: &Moved,
-) -> Result<Decision, Fail> {
+) -> Result<Decision<'t>, Fail> {
     let d = decide(table, key)?;
     if d.cell != refused.cell || moved.owner == refused.cell {
         return Ok(d);
     }
-    let Some(owner) = table.cells.get(&moved.owner) else {
+    let Some((owner_name, owner)) = table.cells.get_key_value(&moved.owner) else {
         return Ok(d);
     };
     let colour = match (key.forced, &key.user) {
@@ -423,9 +425,9 @@ fn decide_after_moved(
     tracing::info!(owner = %moved.owner, "table still names the refusing cell; following the cell's moved hint");
     Ok(Decision {
         shard: d.shard,
-        cell: moved.owner.clone(),
+        cell: owner_name.as_str(),
         colour,
-        endpoints: owner.endpoints(colour).to_vec(),
+        endpoints: owner.endpoints(colour),
         table_epoch: table.epoch,
     })
 }
@@ -435,7 +437,7 @@ fn decide_after_moved(
 async fn refresh(
     s: &Shared,
     old: &Arc<RoutingTable>,
-    refused: &Decision,
+    refused: &Decision<'_>,
     moved: &Moved,
     deadline: tokio::time::Instant,
 ) -> Arc<RoutingTable> {
@@ -470,25 +472,35 @@ async fn send(
     s: &Shared,
     head: &Head,
     body: ReplayBody,
-    d: &Decision,
+    d: &Decision<'_>,
     deadline: tokio::time::Instant,
 ) -> Result<(Response<Incoming>, InFlight), Fail> {
     let ep = pick(s, d)?;
     tracing::Span::current().record("endpoint", ep.addr());
-    let uri: Uri = format!("http://{}{}", ep.addr(), head.path_and_query)
-        .parse()
-        .map_err(|e| {
-            Fail::new(
-                Code::Internal,
-                "bad_endpoint",
-                format!(
-                    "cell {} lists endpoint {:?}, which is not host:port: {e}",
-                    d.cell,
-                    ep.addr()
-                ),
-            )
-            .at(d)
-        })?;
+    let authority = ep.authority().cloned().ok_or_else(|| {
+        Fail::new(
+            Code::Internal,
+            "bad_endpoint",
+            format!(
+                "cell {} lists endpoint {:?}, which is not host:port",
+                d.cell,
+                ep.addr()
+            ),
+        )
+        .at(d)
+    })?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(head.path_and_query.clone());
+    let uri = Uri::from_parts(uri).map_err(|e| {
+        Fail::new(
+            Code::Internal,
+            "bad_endpoint",
+            format!("cell {} endpoint {:?}: {e}", d.cell, ep.addr()),
+        )
+        .at(d)
+    })?;
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
     *req.uri_mut() = uri;
@@ -496,12 +508,13 @@ async fn send(
     *req.headers_mut() = head.headers.clone();
 
     let guard = ep.start();
-    match tokio::time::timeout_at(deadline, s.client.request(req)).await {
+    let sent = ep.upstream().send(ep.addr(), s.config.connect_timeout, req);
+    match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(resp)) => {
             s.balancer.restore(&ep);
             Ok((resp, guard))
         }
-        Ok(Err(e)) if e.is_connect() => {
+        Ok(Err(SendError::Connect(e))) => {
             s.balancer.eject(&ep, Instant::now());
             Err(Fail::new(
                 Code::Unavailable,
@@ -512,12 +525,12 @@ async fn send(
                     d.cell,
                     d.colour,
                     ep.addr(),
-                    error_chain(&e)
+                    e
                 ),
             )
             .at(d))
         }
-        Ok(Err(e)) => Err(Fail::new(
+        Ok(Err(SendError::Upstream(e))) => Err(Fail::new(
             Code::Unavailable,
             "upstream",
             format!(
@@ -545,7 +558,7 @@ async fn send(
     }
 }
 
-fn pick(s: &Shared, d: &Decision) -> Result<Arc<Endpoint>, Fail> {
+fn pick(s: &Shared, d: &Decision<'_>) -> Result<Arc<Endpoint>, Fail> {
     if d.endpoints.is_empty() {
         return Err(Fail::new(
             Code::Unavailable,
@@ -558,7 +571,7 @@ fn pick(s: &Shared, d: &Decision) -> Result<Arc<Endpoint>, Fail> {
         .at(d));
     }
     s.balancer
-        .pick(&d.endpoints, Instant::now(), &mut rand::rng())
+        .pick(d.endpoints, Instant::now(), &mut rand::rng())
         .ok_or_else(|| {
             Fail::new(
                 Code::Unavailable,
@@ -581,14 +594,14 @@ fn respond(
     s: &Shared,
     resp: Response<Incoming>,
     guard: InFlight,
-    d: &Decision,
+    d: &Decision<'_>,
     started: Instant,
     deadline: tokio::time::Instant,
 ) -> Response<RespBody> {
     let (parts, body) = resp.into_parts();
     let mut completion = Completion::new(
         s.metrics.clone(),
-        d.cell.clone(),
+        d.cell.to_string(),
         d.colour.as_str(),
         started,
         Some(guard),

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use http::{Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -41,18 +40,6 @@ pub async fn serve(
         table.metrics().table_epoch.set(t.epoch as i64);
     }
 
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    let client = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .http2_keep_alive_timeout(Duration::from_secs(10))
-        .build(connector);
-
     let shared = Arc::new(Shared {
         balancer: Balancer::new(
             config.ejection_base,
@@ -61,7 +48,6 @@ pub async fn serve(
         ),
         table,
         metrics,
-        client,
         registry,
         config: config.clone(),
     });
