@@ -199,7 +199,7 @@ pub enum CellCmd {
 #[command(group(
     clap::ArgGroup::new("action")
         .required(true)
-        .args(["green", "pause", "resume", "promote", "abort"]),
+        .args(["green", "pause", "resume", "promote", "abort", "undo"]),
 ))]
 pub struct TrafficShiftArgs {
     pub cell: String,
@@ -218,6 +218,9 @@ pub struct TrafficShiftArgs {
     /// Send every user back to blue (0%); allowed even when paused, and ends the pause.
     #[arg(long)]
     pub abort: bool,
+    /// Return to the weight and pause state before the last change (again: toggles back).
+    #[arg(long)]
+    pub undo: bool,
     /// Print before -> after and change nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -15,7 +15,9 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use ldc_cell::control;
-use ldc_core::routing::{BP_MAX, RoutingTable};
+use ldc_core::routing::RoutingTable;
+pub use ldc_core::traffic::{Action, Change, Facts, fmt_pct, pct_to_bp};
+use ldc_core::traffic::{Decision, decide, reverse_warning};
 use ldc_store::{Kv, prefix_end};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -40,152 +42,6 @@ pub struct TrafficState {
     pub paused: bool,
     #[serde(default)]
     pub history: Vec<Change>,
-}
-
-/// One entry of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
-    pub at_unix_ms: u64,
-    /// `user@host` of whoever ran the command.
-    pub by: String,
-    pub action: String,
-    pub before_bp: u16,
-    pub after_bp: u16,
-    pub paused_before: bool,
-    pub paused_after: bool,
-    /// Epoch of the routing table this change published (unchanged for pause/resume).
-    pub routing_epoch: u64,
-}
-
-/// What an operator asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Set(u16),
-    Pause,
-    Resume,
-    Promote,
-    Abort,
-}
-
-impl Action {
-    fn name(self) -> &'static str {
-        match self {
-            Action::Set(_) => "shift",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-            Action::Promote => "promote",
-            Action::Abort => "abort",
-        }
-    }
-}
-
-/// The facts a decision depends on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Facts {
-    pub weight_bp: u16,
-    pub paused: bool,
-    pub owns_shards: bool,
-    /// Whether the colour has a running process (an endpoint in the cell's runtime record).
-    pub blue_up: bool,
-    pub green_up: bool,
-}
-
-/// The decided change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Decision {
-    pub before_bp: u16,
-    pub after_bp: u16,
-    pub paused_before: bool,
-    pub paused_after: bool,
-    /// Nothing would change.
-    pub noop: bool,
-    pub warnings: Vec<String>,
-}
-
-/// `--green PCT` in basis points: 0..=100 with at most two decimals (0.5 -> 50 bp).
-pub fn pct_to_bp(pct: f64) -> Result<u16, String> {
-    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
-        return Err(format!(
-            "--green {pct} is out of range: give a percentage between 0 and 100"
-        ));
-    }
-    let bp = pct * 100.0;
-    let rounded = bp.round();
-    if (bp - rounded).abs() > 1e-6 {
-        return Err(format!(
-            "--green {pct} has more than two decimals; the split is in basis points (0.01%)"
-        ));
-    }
-    Ok(rounded as u16)
-}
-
-/// "0.5%", "1%", "50%", "99.99%".
-pub fn fmt_pct(bp: u16) -> String {
-    let s = format!("{}.{:02}", bp / 100, bp % 100);
-    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
-}
-
-/// Decides a traffic change (pure). Refusals are `Err` with a message that says what to do.
-pub fn decide(cell: &str, action: Action, f: &Facts) -> Result<Decision, String> {
-    let mut d = Decision {
-        before_bp: f.weight_bp,
-        after_bp: f.weight_bp,
-        paused_before: f.paused,
-        paused_after: f.paused,
-        noop: false,
-        warnings: Vec::new(),
-    };
-    match action {
-        Action::Pause => d.paused_after = true,
-        Action::Resume => d.paused_after = false,
-        // Abort always wins: it is the way out of a bad release, paused or not, and it
-        // ends the release (the pause with it).
-        Action::Abort => {
-            d.after_bp = 0;
-            d.paused_after = false;
-        }
-        Action::Set(_) | Action::Promote if f.paused => {
-            return Err(format!(
-                "cell {cell} is paused at green {}; run `ldc cell traffic-shift {cell} --resume` \
-                 first, or `--abort` to send every user back to blue",
-                fmt_pct(f.weight_bp)
-            ));
-        }
-        Action::Set(bp) if bp > BP_MAX => {
-            return Err(format!(
-                "green weight {bp} bp is out of range (0..={BP_MAX})"
-            ));
-        }
-        Action::Set(bp) => d.after_bp = bp,
-        Action::Promote => d.after_bp = BP_MAX,
-    }
-    d.noop = d.after_bp == d.before_bp && d.paused_after == d.paused_before;
-    if d.noop {
-        return Ok(d);
-    }
-    if !f.owns_shards {
-        if d.after_bp != d.before_bp {
-            d.warnings.push(format!(
-                "cell {cell} owns no shards: the new weight takes effect when it owns some"
-            ));
-        }
-    } else if action != Action::Abort {
-        // A colour that starts carrying traffic must be running, or the controller would
-        // see the cell's traffic-carrying colour down and fail the cell over.
-        if d.after_bp > 0 && d.before_bp == 0 && !f.green_up {
-            return Err(format!(
-                "cell {cell} has no running green process, so it cannot take traffic; \
-                 is `ldc up` running? (`ldc cell status` shows the processes)"
-            ));
-        }
-        if d.after_bp < BP_MAX && d.before_bp == BP_MAX && !f.blue_up {
-            return Err(format!(
-                "cell {cell} has no running blue process, so it cannot take traffic back; \
-                 is `ldc up` running? (`ldc cell status` shows the processes)"
-            ));
-        }
-    }
-    Ok(d)
 }
 
 /// Reads every cell's traffic record.
@@ -281,7 +137,7 @@ enum Outcome {
 
 /// `ldc cell traffic-shift`.
 pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
-    let action = match (a.green, a.pause, a.resume, a.promote, a.abort) {
+    let action = match (a.green, a.pause, a.resume, a.promote, a.abort || a.undo) {
         (Some(pct), ..) => match pct_to_bp(pct) {
             Ok(bp) => Action::Set(bp),
             Err(e) => {
@@ -292,8 +148,9 @@ pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
         (None, true, ..) => Action::Pause,
         (None, _, true, ..) => Action::Resume,
         (None, _, _, true, _) => Action::Promote,
+        (None, _, _, _, true) if a.undo => Action::Undo,
         (None, _, _, _, true) => Action::Abort,
-        _ => bail!("say what to do: --green PCT, --pause, --resume, --promote or --abort"),
+        _ => bail!("say what to do: --green PCT, --pause, --resume, --promote, --abort or --undo"),
     };
     let spec = g.store_spec();
     let cell = a.cell.clone();
@@ -335,9 +192,14 @@ pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
             owns_shards: map.count_owned(&cell) > 0,
             blue_up: !rt.blue.is_empty(),
             green_up: !rt.green.is_empty(),
+            last: state.history.last().cloned(),
+            conflict: None,
         };
-        let decision = match decide(&cell, action, &facts) {
-            Ok(d) => d,
+        let decision = match decide("ldc cell", &cell, action, &facts) {
+            Ok(mut d) => {
+                d.warnings.extend(reverse_warning(&cell, &d, &facts));
+                d
+            }
             Err(msg) => {
                 t.rollback()?;
                 return Ok(Outcome::Refused(msg));
@@ -550,80 +412,6 @@ pub async fn route(g: &Global, mut users: Vec<String>, stdin: bool) -> Result<Ex
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn facts(weight_bp: u16, paused: bool) -> Facts {
-        Facts {
-            weight_bp,
-            paused,
-            owns_shards: true,
-            blue_up: true,
-            green_up: true,
-        }
-    }
-
-    #[test]
-    fn percent_to_basis_points() {
-        assert_eq!(pct_to_bp(0.0), Ok(0));
-        assert_eq!(pct_to_bp(0.5), Ok(50));
-        assert_eq!(pct_to_bp(1.0), Ok(100));
-        assert_eq!(pct_to_bp(33.33), Ok(3333));
-        assert_eq!(pct_to_bp(100.0), Ok(10_000));
-        assert!(pct_to_bp(100.01).is_err());
-        assert!(pct_to_bp(-1.0).is_err());
-        assert!(pct_to_bp(f64::NAN).is_err());
-        assert!(pct_to_bp(0.125).is_err());
-        assert_eq!(fmt_pct(50), "0.5%");
-        assert_eq!(fmt_pct(100), "1%");
-        assert_eq!(fmt_pct(9999), "99.99%");
-        assert_eq!(fmt_pct(0), "0%");
-    }
-
-    #[test]
-    fn shifts_pause_and_abort() {
-        let d = decide("c", Action::Set(100), &facts(0, false)).unwrap();
-        assert_eq!((d.before_bp, d.after_bp, d.noop), (0, 100, false));
-        let d = decide("c", Action::Promote, &facts(5000, false)).unwrap();
-        assert_eq!(d.after_bp, BP_MAX);
-        // Paused: shifts and promote are refused, abort is not (and ends the pause).
-        assert!(
-            decide("c", Action::Set(200), &facts(100, true))
-                .unwrap_err()
-                .contains("--resume")
-        );
-        assert!(decide("c", Action::Promote, &facts(100, true)).is_err());
-        let d = decide("c", Action::Abort, &facts(100, true)).unwrap();
-        assert_eq!((d.after_bp, d.paused_after), (0, false));
-        let d = decide("c", Action::Resume, &facts(100, true)).unwrap();
-        assert_eq!((d.after_bp, d.paused_after), (100, false));
-        // No change is a no-op, not an error.
-        assert!(
-            decide("c", Action::Set(100), &facts(100, false))
-                .unwrap()
-                .noop
-        );
-        assert!(decide("c", Action::Pause, &facts(100, true)).unwrap().noop);
-        assert!(decide("c", Action::Abort, &facts(0, false)).unwrap().noop);
-        assert!(decide("c", Action::Set(10_001), &facts(0, false)).is_err());
-    }
-
-    #[test]
-    fn refuses_a_colour_that_is_not_running_and_warns_without_shards() {
-        let mut f = facts(0, false);
-        f.green_up = false;
-        assert!(decide("c", Action::Set(100), &f).is_err());
-        // Abort needs nothing running.
-        f.weight_bp = 100;
-        assert!(decide("c", Action::Abort, &f).is_ok());
-        let mut f = facts(BP_MAX, false);
-        f.blue_up = false;
-        assert!(decide("c", Action::Set(5000), &f).is_err());
-        assert_eq!(decide("c", Action::Abort, &f).unwrap().after_bp, 0);
-        let mut f = facts(0, false);
-        f.owns_shards = false;
-        f.green_up = false;
-        let d = decide("c", Action::Set(100), &f).unwrap();
-        assert_eq!(d.warnings.len(), 1);
-    }
 
     #[test]
     fn times() {

@@ -442,6 +442,11 @@ impl World {
 
     /// Starts an operator the way the chart's Deployment runs it, as its ServiceAccount.
     fn start_operator(&mut self) {
+        self.start_operator_with(&[]);
+    }
+
+    /// The same, with extra environment (e.g. a failpoint).
+    fn start_operator_with(&mut self, extra: &[(&str, &str)]) {
         let dep = self.get(&["deployment", &format!("{RELEASE}-operator")]);
         let n = self.operators.len() + 1;
         let ip = format!("127.{}.200.{n}", self.net);
@@ -451,6 +456,8 @@ impl World {
         // The operator reaches only the API server (on the host's loopback): it needs its
         // kubeconfig, not the cluster's DNS names.
         p.hosts = None;
+        p.env
+            .extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         p.start();
         self.operators.push(p);
     }
@@ -782,9 +789,10 @@ async fn payments_through_the_router_survive_every_operation() {
         format_cells(HEADER)
     );
 
-    // ---- 1. traffic shift 0 -> 10 -> 100 -> abort on r1-a: no request may fail.
+    // ---- 1. a release of r1-a: 10%, pause (a shift is refused), resume, 100%, undo (back
+    // to 10%), abort. No request may fail; every change is in the cell's audit trail.
     let mut sc = w
-        .begin("traffic-shift r1-a 0→10→100%→abort", &c, &users)
+        .begin("traffic-shift r1-a 10→pause→100→undo→abort", &c, &users)
         .await;
     let green_metrics = w.cells[&("r1-a".to_string(), "green")].addr(9100);
     let green_served = || async {
@@ -798,12 +806,27 @@ async fn payments_through_the_router_survive_every_operation() {
     let t0 = Instant::now();
     for (args, bp) in [
         (&["--green", "10"][..], 1000u64),
+        (&["--pause"][..], 1000),
+        (&["--resume"][..], 1000),
         (&["--green", "100"][..], 10_000),
+        (&["--undo"][..], 1000),
         (&["--abort"][..], 0),
     ] {
         let mut a = vec!["traffic-shift", "r1-a"];
         a.extend_from_slice(args);
         w.kubectl_cell(&a);
+        if args == ["--pause"] {
+            // Paused: a shift is refused with what to do, and nothing changes.
+            let (ok, out, err) = output(
+                w.kubectl_cell_command(&["traffic-shift", "r1-a", "--green", "50"]),
+                "kubectl cell",
+            );
+            assert!(!ok, "a shift of a paused release went through: {out}");
+            assert!(err.contains("paused") && err.contains("--resume"), "{err}");
+            let cell = w.get(&["cell", "r1-a"]);
+            assert_eq!(cell["spec"]["traffic"]["paused"], true);
+            assert_eq!(cell["spec"]["traffic"]["greenWeightBp"], 1000);
+        }
         let t = w.table().unwrap();
         assert_eq!(u64::from(t.cells["r1-a"].green_weight_bp), bp);
         w.wait_router_epoch(t.epoch).await;
@@ -816,6 +839,24 @@ async fn payments_through_the_router_survive_every_operation() {
         }
     }
     sc.op = Some(t0.elapsed());
+    let trail: Vec<Value> = serde_json::from_str(
+        w.get(&["cell", "r1-a"])["metadata"]["annotations"]["ldc.dev/traffic-history"]
+            .as_str()
+            .expect("the cell carries its traffic audit trail"),
+    )
+    .unwrap();
+    let actions: Vec<&str> = trail
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["shift", "pause", "resume", "shift", "undo", "abort"],
+        "{trail:#?}"
+    );
+    assert!(trail.iter().all(|c| !c["by"].as_str().unwrap().is_empty()));
+    let h = w.kubectl_cell(&["history"]);
+    assert!(h.contains("undo") && h.contains("r1-a"), "{h}");
     w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 2. failover of a cell whose processes were killed.
@@ -878,8 +919,23 @@ async fn payments_through_the_router_survive_every_operation() {
             w.set_pods_ready(cell, false);
         }
     }
-    w.kubectl_cell(&["dr", "cutover", "--from", "r2", "--to", "r1"]);
+    let before_cutover = w.table().unwrap();
+    let out = w.kubectl_cell(&["dr", "cutover", "--from", "r2", "--to", "r1"]);
+    assert!(
+        out.contains("reverse: `kubectl cell revert") && out.contains("once r2-"),
+        "the plan names its reverse, possible once r2 is back: {out}"
+    );
     sc.op = Some(fault.elapsed());
+    let cutover_id = w.topology()["status"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|r| r["command"] == "dr cutover --from r2 --to r1")
+        .expect("the cutover is in the history")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     sc.fault = Some((fault, affected));
     let t = w.table().unwrap();
     assert!(
@@ -888,7 +944,8 @@ async fn payments_through_the_router_survive_every_operation() {
     );
     w.finish(sc, &c, &users, &mut all).await;
 
-    // ---- 5. region r2 back; failing back, the operator leader is killed mid-operation.
+    // ---- 5. region r2 back; failing back (the cutover reverted: r2's shards go home, r1's
+    // stay), the operator leader is killed mid-operation.
     for (cell, region) in CELLS {
         if region == "r2" {
             w.restart_cell(cell).await;
@@ -900,12 +957,12 @@ async fn payments_through_the_router_survive_every_operation() {
     w.wait_operator_log(2, "another operator leads").await;
     let before = w.table().unwrap();
     let mut sc = w
-        .begin("dr failback r1 → r2, operator leader killed", &c, &users)
+        .begin("revert dr cutover, operator leader killed", &c, &users)
         .await;
     // The leader freezes (SIGSTOP) just before the command, so the operation is certainly
     // in flight when it dies (SIGKILL): the standby must take the Lease and finish it once.
     w.operators[0].signal(nix::sys::signal::Signal::SIGSTOP);
-    let mut cmd = w.kubectl_cell_command(&["dr", "cutover", "--from", "r1", "--to", "r2"]);
+    let mut cmd = w.kubectl_cell_command(&["revert", &cutover_id]);
     let pending = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -931,15 +988,25 @@ async fn payments_through_the_router_survive_every_operation() {
     sc.fault = Some((fault, users.iter().cloned().collect()));
     assert!(
         out.status.success(),
-        "kubectl cell dr cutover with the leader killed: {}{}\n{}",
+        "kubectl cell revert with the leader killed: {}{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         w.operator_log()
     );
     let after = w.table().unwrap();
-    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
-        assert!(a.cell.starts_with("r2-"), "shard {s} still on {}", a.cell);
-        assert_eq!(a.epoch, b.epoch + 1, "shard {s}: moved exactly once");
+    for (s, ((home, b), a)) in before_cutover
+        .shards
+        .iter()
+        .zip(&before.shards)
+        .zip(&after.shards)
+        .enumerate()
+    {
+        assert_eq!(a.cell, home.cell, "shard {s} is not back home");
+        if home.cell.starts_with("r2-") {
+            assert_eq!(a.epoch, b.epoch + 1, "shard {s}: moved back exactly once");
+        } else {
+            assert_eq!(a.epoch, b.epoch, "shard {s} of r1 moved");
+        }
     }
     let history = w.topology()["status"]["history"].clone();
     let records: Vec<&Value> = history
@@ -954,6 +1021,71 @@ async fn payments_through_the_router_survive_every_operation() {
         "operation {op_id} recorded once: {history:#}"
     );
     assert_eq!(records[0]["result"], "Succeeded", "{history:#}");
+    w.finish(sc, &c, &users, &mut all).await;
+
+    // ---- 6. the operator crashes between fence and publish: the ownership change is
+    // committed in the store, the routing table not yet published. The next leader must
+    // publish it and record the operation once, without moving anything again.
+    w.operators[1].kill();
+    w.start_operator_with(&[("LDC_FAILPOINT", "after-fence")]);
+    w.wait_operator_log(3, "leading").await;
+    let before = w.table().unwrap();
+    let affected = w.users_of(&users, |c| c == "r2-a");
+    let mut sc = w
+        .begin("switchover r2-a → r2-s, crash after fence", &c, &users)
+        .await;
+    let t0 = Instant::now();
+    let pending = w
+        .kubectl_cell_command(&["switchover", "r2-a", "--to", "r2-s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = w.operators[2].child.as_mut().unwrap();
+    let code = wait_for("the operator to hit the failpoint and exit", || {
+        child.try_wait().unwrap()
+    })
+    .await;
+    assert_eq!(code.code(), Some(86), "{}", w.operator_log());
+    assert_eq!(
+        w.table().unwrap().epoch,
+        before.epoch,
+        "the crashed operator published"
+    );
+    w.start_operator();
+    w.wait_operator_log(4, "leading").await;
+    let out = tokio::task::spawn_blocking(move || pending.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    sc.op = Some(t0.elapsed());
+    sc.fault = Some((t0, affected));
+    assert!(
+        out.status.success(),
+        "kubectl cell switchover across a crash after the fence: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        w.operator_log()
+    );
+    let after = w.table().unwrap();
+    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        if b.cell == "r2-a" {
+            assert_eq!(
+                (a.cell.as_str(), a.epoch),
+                ("r2-s", b.epoch + 1),
+                "shard {s}"
+            );
+        } else {
+            assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
+        }
+    }
+    let history = w.topology()["status"]["history"].clone();
+    let n = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["command"] == "switchover r2-a --to r2-s")
+        .count();
+    assert_eq!(n, 1, "recorded once: {history:#}");
     w.finish(sc, &c, &users, &mut all).await;
 
     // ---- The report.

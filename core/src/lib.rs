@@ -10,6 +10,8 @@
 //! * [`planner`]: the pure decision of who owns which shard after a failover, switchover or
 //!   disaster-recovery cutover. Both drivers (`ldc up`'s controller and the operator) call
 //!   it, so a plan printed by `--dry-run` is exactly the plan executed.
+//! * [`traffic`]: the blue/green release decision (shift, pause, promote, abort, undo),
+//!   so `ldc cell traffic-shift` and `kubectl cell traffic-shift` behave the same.
 //! * [`proto`]: the gRPC wire protocol (`proto/ldc/v1/payments.proto`).
 //!
 //! Nothing here does I/O.
@@ -19,6 +21,7 @@ pub mod codec;
 pub mod planner;
 pub mod routing;
 pub mod shard;
+pub mod traffic;
 
 /// The gRPC wire protocol, generated from `proto/ldc/v1/payments.proto`.
 pub mod proto {

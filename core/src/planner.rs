@@ -107,6 +107,87 @@ pub fn shard_ranges(shards: &[u32]) -> String {
     }
 }
 
+/// Parses what [`shard_ranges`] prints ("0-24,30"; "-" or "" is empty).
+pub fn parse_shard_ranges(s: &str) -> Result<Vec<u32>, String> {
+    let s = s.trim();
+    if s.is_empty() || s == "-" {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let bad = || format!("bad shard range {part:?} in {s:?}; expected e.g. 0-24,30");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.trim().parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+/// The command that undoes `plan`: every moved shard back to the cell it came from.
+pub fn reverse_of(plan: &Plan, op: &str) -> Command {
+    let mut back: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for m in &plan.moves {
+        back.entry(m.from.clone()).or_default().push(m.shard);
+    }
+    for v in back.values_mut() {
+        v.sort_unstable();
+    }
+    Command::Revert {
+        op: op.to_string(),
+        back,
+    }
+}
+
+/// Whether `plan` can be undone once it has run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseCheck {
+    /// The command that undoes it.
+    pub command: Command,
+    /// Cells the shards would go back to that are not healthy now: the reverse works once
+    /// they are (a failover's reverse waits for the failed cell to recover).
+    pub waits_for: Vec<String>,
+}
+
+/// Checks, before `plan` runs, that its reverse will be possible: plans the reverse on the
+/// map after `plan`, assuming the cells it empties recover (except those in `gone`, e.g.
+/// being deleted, which never will). An error says why the move could not be undone.
+pub fn check_reverse(
+    topo: &Topology,
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+    plan: &Plan,
+    op: &str,
+    gone: &BTreeSet<String>,
+) -> Result<ReverseCheck, PlanError> {
+    let command = reverse_of(plan, op);
+    let Command::Revert { back, .. } = &command else {
+        unreachable!("reverse_of returns a revert")
+    };
+    let mut assumed = health.clone();
+    let mut waits_for = Vec::new();
+    for cell in back.keys() {
+        if gone.contains(cell) {
+            return Err(PlanError::TargetGone(cell.clone()));
+        }
+        if !is_healthy(health, cell) {
+            waits_for.push(cell.clone());
+            assumed.insert(cell.clone(), Health::Healthy);
+        }
+    }
+    plan_inner(topo, &plan.apply(map), &assumed, &command)?;
+    Ok(ReverseCheck { command, waits_for })
+}
+
 /// What the health checks say about a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -127,6 +208,11 @@ pub enum Command {
     /// Move every shard owned in region `from` to the healthy cells of `to` (or of every
     /// other region).
     DrCutover { from: String, to: Option<String> },
+    /// Move shards back to named cells: the reverse of operation `op` (see [`reverse_of`]).
+    Revert {
+        op: String,
+        back: BTreeMap<String, Vec<u32>>,
+    },
 }
 
 /// One shard changing owner.
@@ -210,6 +296,10 @@ pub enum PlanError {
     ShardCountMismatch { map: usize, topology: u32 },
     #[error("shard {shard} is owned by {cell:?}, which is not in the topology")]
     OwnerNotInTopology { shard: u32, cell: String },
+    #[error("shard {shard} does not exist (the topology has {shard_count} shards)")]
+    NoSuchShard { shard: u32, shard_count: u32 },
+    #[error("cell {0} is being deleted, so shards could never move back to it")]
+    TargetGone(String),
 }
 
 fn is_healthy(health: &BTreeMap<String, Health>, cell: &str) -> bool {
@@ -219,6 +309,15 @@ fn is_healthy(health: &BTreeMap<String, Health>, cell: &str) -> bool {
 /// Makes a plan. `health` lists what the health checks say; a cell absent from it is
 /// treated as unhealthy (never move shards to a cell nobody has seen).
 pub fn plan(
+    topo: &Topology,
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+    command: &Command,
+) -> Result<Plan, PlanError> {
+    plan_inner(topo, map, health, command)
+}
+
+fn plan_inner(
     topo: &Topology,
     map: &ShardMap,
     health: &BTreeMap<String, Health>,
@@ -244,6 +343,9 @@ pub fn plan(
     }
 
     let (shards, targets): (Vec<u32>, Vec<&CellInfo>) = match command {
+        Command::Revert { op, back } => {
+            return plan_revert(topo, map, health, command, op, back, load);
+        }
         Command::Failover { cell } => {
             let info = topo
                 .cell(cell)
@@ -370,6 +472,66 @@ pub fn plan(
             epoch_after: owner.epoch + 1,
         });
     }
+    Ok(Plan {
+        command: command.clone(),
+        moves,
+    })
+}
+
+/// Each named shard goes back to its named cell; shards already there stay put.
+fn plan_revert(
+    topo: &Topology,
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+    command: &Command,
+    op: &str,
+    back: &BTreeMap<String, Vec<u32>>,
+    mut load: BTreeMap<&str, u32>,
+) -> Result<Plan, PlanError> {
+    let mut moves = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (cell, shards) in back {
+        let info = topo
+            .cell(cell)
+            .ok_or_else(|| PlanError::UnknownCell(cell.clone()))?;
+        if !is_healthy(health, cell) {
+            return Err(PlanError::TargetUnhealthy(cell.clone()));
+        }
+        for &shard in shards {
+            let owner = map
+                .owners
+                .get(shard as usize)
+                .ok_or(PlanError::NoSuchShard {
+                    shard,
+                    shard_count: topo.shard_count,
+                })?;
+            if owner.cell == *cell || !seen.insert(shard) {
+                continue;
+            }
+            let l = load.get_mut(cell.as_str()).expect("cell in topology");
+            if info.capacity.is_some_and(|cap| *l >= cap) {
+                return Err(PlanError::OverCapacity {
+                    cell: cell.clone(),
+                    capacity: info.capacity.unwrap_or(0),
+                    shards: *l + 1,
+                });
+            }
+            *l += 1;
+            moves.push(Move {
+                shard,
+                from: owner.cell.clone(),
+                to: cell.clone(),
+                epoch_before: owner.epoch,
+                epoch_after: owner.epoch + 1,
+            });
+        }
+    }
+    if moves.is_empty() {
+        return Err(PlanError::NothingToMove(format!(
+            "the revert of {op} (every shard is already back)"
+        )));
+    }
+    moves.sort_by_key(|m| m.shard);
     Ok(Plan {
         command: command.clone(),
         moves,
@@ -629,6 +791,152 @@ mod tests {
                 to: t.map(Into::into)
             }),
         ]
+    }
+
+    #[test]
+    fn revert_moves_each_shard_back_and_checks_before() {
+        let t = topo();
+        let h = all_healthy(&t);
+        let map = initial();
+        let p = plan(
+            &t,
+            &map,
+            &h,
+            &Command::DrCutover {
+                from: "r1".into(),
+                to: None,
+            },
+        )
+        .unwrap();
+        let none = BTreeSet::new();
+        let rc = check_reverse(&t, &map, &h, &p, "op-1", &none).unwrap();
+        assert!(rc.waits_for.is_empty());
+        let after = p.apply(&map);
+        let back = plan(&t, &after, &h, &rc.command).unwrap();
+        let restored = back.apply(&after);
+        for (a, b) in map.owners.iter().zip(&restored.owners) {
+            assert_eq!(a.cell, b.cell);
+        }
+        // Every shard that moved twice is two epochs on; the others never moved.
+        assert!(back.moves.iter().all(|m| m.epoch_after == 3));
+        // A revert of what is already back has nothing to do.
+        assert!(matches!(
+            plan(&t, &restored, &h, &rc.command),
+            Err(PlanError::NothingToMove(_))
+        ));
+        // A failed cell: the reverse waits for it; a cell being deleted: no reverse.
+        let mut h2 = h.clone();
+        h2.insert("r1-a".into(), Health::Unhealthy);
+        let f = plan(
+            &t,
+            &map,
+            &h2,
+            &Command::Failover {
+                cell: "r1-a".into(),
+            },
+        )
+        .unwrap();
+        let rc = check_reverse(&t, &map, &h2, &f, "op-2", &none).unwrap();
+        assert_eq!(rc.waits_for, vec!["r1-a".to_string()]);
+        assert!(matches!(
+            plan(&t, &f.apply(&map), &h2, &rc.command),
+            Err(PlanError::TargetUnhealthy(_))
+        ));
+        let gone = BTreeSet::from(["r1-a".to_string()]);
+        assert_eq!(
+            check_reverse(&t, &map, &h2, &f, "op-2", &gone).unwrap_err(),
+            PlanError::TargetGone("r1-a".into())
+        );
+        // A lowered capacity makes the reverse impossible, and the check says so first.
+        let mut small = t.clone();
+        small.cells[0].capacity = Some(2);
+        assert!(matches!(
+            check_reverse(&small, &map, &h2, &f, "op-2", &none),
+            Err(PlanError::OverCapacity { .. })
+        ));
+        // Ranges round-trip.
+        for v in [vec![], vec![3], vec![0, 1, 2, 7, 9, 10]] {
+            assert_eq!(parse_shard_ranges(&shard_ranges(&v)).unwrap(), v);
+        }
+        assert!(parse_shard_ranges("3-1").is_err());
+        assert!(parse_shard_ranges("a").is_err());
+    }
+
+    fn arb_capacities() -> impl Strategy<Value = Vec<Option<u32>>> {
+        prop::collection::vec(prop::option::of(2u32..8), 6)
+    }
+
+    proptest! {
+        /// With capacities, N+1 and reverses: capacity is never exceeded, a failover goes
+        /// to the region's standby when one can take everything, a shard never has two
+        /// owners at one epoch over the whole run, and every plan's reverse (checked
+        /// before) brings each moved shard back.
+        #[test]
+        fn capacity_standby_epochs_and_reverse(
+            caps in arb_capacities(),
+            steps in prop::collection::vec((arb_command(), prop::collection::vec(any::<bool>(), 6), any::<bool>()), 1..25),
+        ) {
+            let mut t = topo();
+            for (c, cap) in t.cells.iter_mut().zip(caps) {
+                // Never below what the initial map gives a cell (3 shards).
+                c.capacity = cap.map(|k| k.max(3));
+            }
+            let mut map = initial();
+            let mut seen: BTreeMap<(usize, u64), String> = BTreeMap::new();
+            let mut record = |m: &ShardMap| -> Result<(), TestCaseError> {
+                for (i, o) in m.owners.iter().enumerate() {
+                    let prev = seen.entry((i, o.epoch)).or_insert_with(|| o.cell.clone());
+                    prop_assert_eq!(&*prev, &o.cell, "shard {} has two owners at epoch {}", i, o.epoch);
+                }
+                Ok(())
+            };
+            record(&map)?;
+            for (n, (cmd, healthy, revert)) in steps.into_iter().enumerate() {
+                let h: BTreeMap<String, Health> = t.cells.iter().zip(healthy)
+                    .map(|(c, ok)| (c.id.clone(), if ok { Health::Healthy } else { Health::Unhealthy }))
+                    .collect();
+                let Ok(p) = plan(&t, &map, &h, &cmd) else { continue };
+                let next = p.apply(&map);
+                for c in &t.cells {
+                    if let Some(cap) = c.capacity {
+                        let before = map.count_owned(&c.id);
+                        let after = next.count_owned(&c.id);
+                        prop_assert!(after <= cap.max(before), "{} over capacity {}: {}", c.id, cap, after);
+                    }
+                }
+                if let Command::Failover { cell } = &cmd {
+                    let region = &t.cell(cell).unwrap().region;
+                    let k = map.count_owned(cell);
+                    let standby_exists = t.cells.iter().any(|c| &c.region == region && c.id != *cell
+                        && h.get(&c.id) == Some(&Health::Healthy) && map.count_owned(&c.id) == 0
+                        && c.capacity.is_none_or(|cap| cap >= k));
+                    if standby_exists {
+                        prop_assert_eq!(p.targets().len(), 1, "N+1: one standby takes a failed cell");
+                        let to = *p.targets().keys().next().unwrap();
+                        prop_assert_eq!(map.count_owned(to), 0);
+                    }
+                }
+                let id = format!("op-{n}");
+                let rc = check_reverse(&t, &map, &h, &p, &id, &BTreeSet::new());
+                prop_assert!(rc.is_ok(), "reverse impossible: {:?}", rc);
+                map = next;
+                record(&map)?;
+                if revert {
+                    let mut all = h.clone();
+                    for c in &t.cells {
+                        all.insert(c.id.clone(), Health::Healthy);
+                    }
+                    let back = plan(&t, &map, &all, &rc.unwrap().command).unwrap();
+                    let restored = back.apply(&map);
+                    for m in &p.moves {
+                        prop_assert_eq!(&restored.owners[m.shard as usize].cell, &m.from);
+                        prop_assert_eq!(restored.owners[m.shard as usize].epoch, m.epoch_after + 1);
+                    }
+                    map = restored;
+                    record(&map)?;
+                }
+            }
+        }
     }
 
     proptest! {

@@ -162,8 +162,8 @@ pub struct OperationRequest {
     /// Unique id; the outcome is recorded in `status.history` under it.
     #[schemars(length(min = 1, max = 128))]
     pub id: String,
-    /// failover, switchover or dr-cutover.
-    #[schemars(regex(pattern = r"^(failover|switchover|dr-cutover)$"))]
+    /// failover, switchover, dr-cutover or revert.
+    #[schemars(regex(pattern = r"^(failover|switchover|dr-cutover|revert)$"))]
     pub kind: String,
     /// failover / switchover: the cell whose shards move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +177,9 @@ pub struct OperationRequest {
     /// dr-cutover: the region that receives (default: every other region).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_region: Option<String>,
+    /// revert: the id of the operation (in `status.history`) whose moves are undone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_of: Option<String>,
     #[serde(default)]
     pub requested_by: String,
     #[serde(default)]
@@ -197,6 +200,9 @@ pub struct OperationRecord {
     pub shards_moved: u32,
     /// Routing table epoch that carries the change (0 when nothing was published).
     pub routing_epoch: u64,
+    /// Where the moved shards came from (cell -> shard ranges): what a revert moves back.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub moved_from: std::collections::BTreeMap<String, String>,
     pub requested_by: String,
     pub finished_at: String,
 }
@@ -315,7 +321,18 @@ pub struct Traffic {
     /// Whether the `x-ldc-colour` header may force a colour (testing a release).
     #[serde(default)]
     pub allow_forced_colour: bool,
+    /// A paused release: `kubectl cell traffic-shift` refuses weight changes (except
+    /// `--abort`) until `--resume`.
+    #[serde(default)]
+    pub paused: bool,
 }
+
+/// Annotation on a Cell holding its traffic audit trail (JSON list of
+/// [`ldc_core::traffic::Change`], newest last, at most [`TRAFFIC_HISTORY_MAX`]). Written by
+/// `kubectl cell traffic-shift` in the same optimistic-locked patch as the change itself.
+pub const TRAFFIC_HISTORY_ANNOTATION: &str = "ldc.dev/traffic-history";
+/// Most entries kept in a cell's traffic audit trail.
+pub const TRAFFIC_HISTORY_MAX: usize = 20;
 
 /// What the operator observed about one cell.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

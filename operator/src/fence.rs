@@ -10,6 +10,7 @@
 //!
 //! Everything here is synchronous (store transactions are); callers use `spawn_blocking`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ldc_cell::control::{self, ControlError};
@@ -54,6 +55,23 @@ pub struct AppliedOp {
     pub shards_moved: u32,
     pub routing_epoch: u64,
     pub summary: String,
+    /// Where the moved shards came from (cell -> ranges), so the move can be reverted.
+    #[serde(default)]
+    pub moved_from: BTreeMap<String, String>,
+}
+
+/// A plan's moved shards by the cell they left, as ranges (`{"r1-a": "0-5"}`).
+pub fn moved_from(plan: &Plan) -> BTreeMap<String, String> {
+    let mut by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for m in &plan.moves {
+        by.entry(m.from.clone()).or_default().push(m.shard);
+    }
+    by.into_iter()
+        .map(|(c, mut v)| {
+            v.sort_unstable();
+            (c, ldc_core::planner::shard_ranges(&v))
+        })
+        .collect()
 }
 
 /// The outcome of one [`commit_step`].
@@ -180,7 +198,12 @@ pub fn commit_step(
                 None => {
                     // Fence: every moved shard must still be where the plan saw it.
                     control::apply_plan(kv, plan)?;
-                    fresh_op = Some((key, plan.moves.len() as u32, summary.to_string()));
+                    fresh_op = Some((
+                        key,
+                        plan.moves.len() as u32,
+                        summary.to_string(),
+                        moved_from(plan),
+                    ));
                 }
             }
         }
@@ -193,11 +216,12 @@ pub fn commit_step(
             }
             None => (prev.expect("unchanged implies a previous table"), false),
         };
-        if let Some((key, shards_moved, summary)) = fresh_op {
+        if let Some((key, shards_moved, summary, moved_from)) = fresh_op {
             let rec = AppliedOp {
                 shards_moved,
                 routing_epoch: table.epoch,
                 summary,
+                moved_from,
             };
             kv.put(&key, &serde_json::to_vec(&rec).expect("record encodes"))?;
             record = Some(rec);

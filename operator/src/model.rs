@@ -14,7 +14,7 @@ use ldc_core::planner::{self, CellInfo, Command, Health, Plan, ShardMap};
 use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable, ShardRoute};
 use thiserror::Error;
 
-use crate::crd::{Cell, CellRole, Condition, OperationRequest, Topology};
+use crate::crd::{Cell, CellRole, Condition, OperationRecord, OperationRequest, Topology};
 use crate::specs::{self, LABEL_CELL, LABEL_COLOUR};
 
 /// Why an operation request cannot become a planner command.
@@ -22,8 +22,14 @@ use crate::specs::{self, LABEL_CELL, LABEL_COLOUR};
 pub enum RequestError {
     #[error("operation {kind} needs `{field}`")]
     Missing { kind: String, field: &'static str },
-    #[error("unknown operation kind {0:?}; use failover, switchover or dr-cutover")]
+    #[error("unknown operation kind {0:?}; use failover, switchover, dr-cutover or revert")]
     UnknownKind(String),
+    #[error("no operation {0} in the topology's history; `kubectl cell history` lists them")]
+    NoSuchOperation(String),
+    #[error("operation {0} moved no shard (or failed), so there is nothing to revert")]
+    NothingToRevert(String),
+    #[error("the history record is corrupt: {0}")]
+    BadRecord(String),
 }
 
 /// The planner's view of the topology: every cell of the topology (ordered by name).
@@ -153,8 +159,33 @@ pub fn failover_due(since: Timestamp, now: Timestamp, delay: Duration) -> Result
     }
 }
 
-/// The planner command an operation request asks for.
-pub fn command_of(op: &OperationRequest) -> Result<Command, RequestError> {
+/// The command that reverts operation `id`, from its record in `history`.
+pub fn revert_command(history: &[OperationRecord], id: &str) -> Result<Command, RequestError> {
+    let rec = history
+        .iter()
+        .find(|h| h.id == id)
+        .ok_or_else(|| RequestError::NoSuchOperation(id.to_string()))?;
+    if rec.result != "Succeeded" || rec.moved_from.is_empty() {
+        return Err(RequestError::NothingToRevert(id.to_string()));
+    }
+    let mut back = BTreeMap::new();
+    for (cell, ranges) in &rec.moved_from {
+        back.insert(
+            cell.clone(),
+            planner::parse_shard_ranges(ranges).map_err(RequestError::BadRecord)?,
+        );
+    }
+    Ok(Command::Revert {
+        op: id.to_string(),
+        back,
+    })
+}
+
+/// The planner command an operation request asks for (`history` resolves reverts).
+pub fn command_of(
+    op: &OperationRequest,
+    history: &[OperationRecord],
+) -> Result<Command, RequestError> {
     let need = |v: &Option<String>, field: &'static str| {
         v.clone().ok_or_else(|| RequestError::Missing {
             kind: op.kind.clone(),
@@ -173,6 +204,7 @@ pub fn command_of(op: &OperationRequest) -> Result<Command, RequestError> {
             from: need(&op.from_region, "fromRegion")?,
             to: op.to_region.clone(),
         }),
+        "revert" => revert_command(history, &need(&op.revert_of, "revertOf")?),
         other => Err(RequestError::UnknownKind(other.to_string())),
     }
 }
@@ -184,6 +216,7 @@ pub fn describe_command(c: &Command) -> String {
         Command::Switchover { cell, to } => format!("switchover {cell} --to {to}"),
         Command::DrCutover { from, to: None } => format!("dr cutover --from {from}"),
         Command::DrCutover { from, to: Some(t) } => format!("dr cutover --from {from} --to {t}"),
+        Command::Revert { op, .. } => format!("revert {op}"),
     }
 }
 
@@ -422,19 +455,68 @@ mod tests {
             to: None,
             from_region: None,
             to_region: None,
+            revert_of: None,
             requested_by: String::new(),
             requested_at: String::new(),
         };
         assert_eq!(
-            command_of(&op),
+            command_of(&op, &[]),
             Err(RequestError::Missing {
                 kind: "switchover".into(),
                 field: "to"
             })
         );
         op.to = Some("r1-a".into());
-        let c = command_of(&op).unwrap();
+        let c = command_of(&op, &[]).unwrap();
         assert_eq!(describe_command(&c), "switchover r1-s --to r1-a");
+
+        // A revert resolves the recorded operation's moves from the history.
+        let rec = |id: &str, result: &str, moved: &[(&str, &str)]| OperationRecord {
+            id: id.into(),
+            command: "dr cutover --from r2".into(),
+            result: result.into(),
+            message: String::new(),
+            shards_moved: 3,
+            routing_epoch: 4,
+            moved_from: moved
+                .iter()
+                .map(|(c, r)| (c.to_string(), r.to_string()))
+                .collect(),
+            requested_by: String::new(),
+            finished_at: String::new(),
+        };
+        let history = vec![
+            rec("ok", "Succeeded", &[("r2-a", "6-8"), ("r2-b", "9,11")]),
+            rec("failed", "Failed", &[]),
+            rec("corrupt", "Succeeded", &[("r2-a", "8-6")]),
+        ];
+        op.kind = "revert".into();
+        op.revert_of = Some("ok".into());
+        assert_eq!(
+            command_of(&op, &history).unwrap(),
+            Command::Revert {
+                op: "ok".into(),
+                back: BTreeMap::from([
+                    ("r2-a".to_string(), vec![6, 7, 8]),
+                    ("r2-b".to_string(), vec![9, 11])
+                ])
+            }
+        );
+        op.revert_of = Some("failed".into());
+        assert_eq!(
+            command_of(&op, &history),
+            Err(RequestError::NothingToRevert("failed".into()))
+        );
+        op.revert_of = Some("nope".into());
+        assert_eq!(
+            command_of(&op, &history),
+            Err(RequestError::NoSuchOperation("nope".into()))
+        );
+        op.revert_of = Some("corrupt".into());
+        assert!(matches!(
+            command_of(&op, &history),
+            Err(RequestError::BadRecord(_))
+        ));
     }
 
     #[test]

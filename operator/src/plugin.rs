@@ -9,16 +9,21 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ldc_core::planner::{self, Command, Health, Owner, Plan, ShardMap};
-use ldc_core::routing::{BP_MAX, RoutingTable};
+use ldc_core::routing::RoutingTable;
+use ldc_core::traffic::{self, Action, Change, Facts};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::crd::{Cell, OperationRecord, OperationRequest, Topology};
+use crate::crd::{
+    Cell, OperationRecord, OperationRequest, TRAFFIC_HISTORY_ANNOTATION, TRAFFIC_HISTORY_MAX,
+    Topology,
+};
 use crate::model;
 use crate::specs;
 
@@ -38,8 +43,16 @@ pub enum PluginError {
     Busy(String),
     #[error("no cell {0}")]
     UnknownCell(String),
-    #[error("green weight must be 0..=100 percent, got {0}")]
-    BadPercent(f64),
+    #[error("{0}")]
+    TrafficRefused(String),
+    #[error("this move could not be undone: {0}; fix that first, or pass --force to move anyway")]
+    Irreversible(planner::PlanError),
+    #[error(transparent)]
+    Request(#[from] model::RequestError),
+    #[error(
+        "the traffic audit trail on cell {0} is corrupt ({1}); fix or remove annotation ldc.dev/traffic-history"
+    )]
+    CorruptTrail(String, String),
     #[error("gave up after {0:?} waiting for the operator: {1}")]
     Timeout(Duration, String),
     #[error("the operator refused {command}: {message}")]
@@ -54,35 +67,20 @@ pub enum Verb {
     Move {
         command: Command,
         dry_run: bool,
+        /// Act even if the move could not be undone.
+        force: bool,
+    },
+    /// Undo an earlier move (by its id in the history).
+    Revert {
+        op: String,
+        dry_run: bool,
+        force: bool,
     },
     Traffic {
         cell: String,
-        shift: Shift,
+        action: Action,
         dry_run: bool,
     },
-}
-
-/// A traffic change.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Shift {
-    /// Set the green share (percent, 0..=100, two decimals).
-    Green(f64),
-    /// Back to 0% green.
-    Abort,
-    /// All users to green.
-    Promote,
-}
-
-impl Shift {
-    /// The weight in basis points.
-    pub fn weight_bp(self) -> Result<u16, PluginError> {
-        match self {
-            Shift::Abort => Ok(0),
-            Shift::Promote => Ok(BP_MAX),
-            Shift::Green(p) if (0.0..=100.0).contains(&p) => Ok((p * 100.0).round() as u16),
-            Shift::Green(p) => Err(PluginError::BadPercent(p)),
-        }
-    }
 }
 
 /// Where and how long.
@@ -202,6 +200,7 @@ pub fn request_for(command: &Command, id: String, by: String, at: String) -> Ope
         to: None,
         from_region: None,
         to_region: None,
+        revert_of: None,
         requested_by: by,
         requested_at: at,
     };
@@ -220,6 +219,10 @@ pub fn request_for(command: &Command, id: String, by: String, at: String) -> Ope
             r.from_region = Some(from.clone());
             r.to_region = to.clone();
         }
+        Command::Revert { op, .. } => {
+            r.kind = "revert".into();
+            r.revert_of = Some(op.clone());
+        }
     }
     r
 }
@@ -234,42 +237,128 @@ pub async fn run(client: &Client, t: &Target, verb: Verb) -> Result<String, Plug
     let name = topo.name_any();
     match verb {
         Verb::Status => status(client, t, &topo).await,
-        Verb::History => Ok(history(&topo, t.json)),
-        Verb::Move { command, dry_run } => {
+        Verb::History => {
             let cells = cells(client, t, &name).await?;
-            let table = published_table(client, &t.namespace, &name)
-                .await?
-                .ok_or_else(|| PluginError::NoTable(specs::routing_config_map_name(&name)))?;
-            let plan = preview(&topo, &cells, &table, &command)?;
-            let mut out = format!(
-                "{}plan for {} (from routing epoch {}):\n  {}\n",
-                if dry_run { "dry run: " } else { "" },
-                model::describe_command(&command),
-                table.epoch,
-                model::describe_plan(&plan)
-            );
-            if dry_run {
-                if t.json {
-                    return Ok(json!({"dryRun": true, "plan": plan}).to_string());
-                }
-                return Ok(out);
-            }
-            let rec = record_and_wait(client, t, &topo, &command).await?;
-            if t.json {
-                return Ok(json!({"dryRun": false, "plan": plan, "result": rec}).to_string());
-            }
-            out.push_str(&format!(
-                "applied by the operator: {} ({} shards moved); routing epoch {} -> {}\n",
-                rec.message, rec.shards_moved, table.epoch, rec.routing_epoch
-            ));
-            Ok(out)
+            history(&topo, &cells, t.json)
+        }
+        Verb::Move {
+            command,
+            dry_run,
+            force,
+        } => moves(client, t, &topo, command, dry_run, force).await,
+        Verb::Revert { op, dry_run, force } => {
+            let history = topo
+                .status
+                .as_ref()
+                .map(|s| s.history.clone())
+                .unwrap_or_default();
+            let command = model::revert_command(&history, &op)?;
+            moves(client, t, &topo, command, dry_run, force).await
         }
         Verb::Traffic {
             cell,
-            shift,
+            action,
             dry_run,
-        } => traffic(client, t, &name, &cell, shift, dry_run).await,
+        } => traffic(client, t, &topo, &cell, action, dry_run).await,
     }
+}
+
+/// A move (failover, switchover, cutover, revert): plan it as the operator would, check it
+/// can be undone, print both, then record it and wait for the operator and the routers.
+async fn moves(
+    client: &Client,
+    t: &Target,
+    topo: &Topology,
+    command: Command,
+    dry_run: bool,
+    force: bool,
+) -> Result<String, PluginError> {
+    let name = topo.name_any();
+    let cells = cells(client, t, &name).await?;
+    let table = published_table(client, &t.namespace, &name)
+        .await?
+        .ok_or_else(|| PluginError::NoTable(specs::routing_config_map_name(&name)))?;
+    let plan = preview(topo, &cells, &table, &command)?;
+    let by = who(client).await;
+    let now = Timestamp::now();
+    let id = format!(
+        "{}-{}",
+        by.rsplit(':').next().unwrap_or("kubectl-cell"),
+        now.as_millisecond()
+    );
+    let reverse = reverse_check(topo, &cells, &table, &plan, &id);
+    let mut out = format!(
+        "{}plan for {} (from routing epoch {}):\n  {}\n",
+        if dry_run { "dry run: " } else { "" },
+        model::describe_command(&command),
+        table.epoch,
+        model::describe_plan(&plan)
+    );
+    match &reverse {
+        Ok(r) if r.waits_for.is_empty() => out.push_str(&format!(
+            "  reverse: `kubectl cell revert {id}` (possible now)\n"
+        )),
+        Ok(r) => out.push_str(&format!(
+            "  reverse: `kubectl cell revert {id}` (possible once {} is ready again)\n",
+            r.waits_for.join(", ")
+        )),
+        Err(e) => out.push_str(&format!("  reverse: NOT possible: {e}\n")),
+    }
+    let reverse_json = match &reverse {
+        Ok(r) => {
+            json!({"possible": true, "command": format!("kubectl cell revert {id}"), "waitsFor": r.waits_for})
+        }
+        Err(e) => json!({"possible": false, "why": e.to_string()}),
+    };
+    if dry_run {
+        if reverse.is_err() && !force {
+            out.push_str("  (without --force this move would be refused)\n");
+        }
+        return Ok(json_or(
+            t,
+            out,
+            json!({"dryRun": true, "plan": plan, "reverse": reverse_json}),
+        ));
+    }
+    if let Err(e) = reverse
+        && !force
+    {
+        return Err(PluginError::Irreversible(e));
+    }
+    let rec = record_and_wait(client, t, topo, &command, id, by, now).await?;
+    out.push_str(&format!(
+        "applied by the operator: {} ({} shards moved); routing epoch {} -> {}\n",
+        rec.message, rec.shards_moved, table.epoch, rec.routing_epoch
+    ));
+    Ok(json_or(
+        t,
+        out,
+        json!({"dryRun": false, "plan": plan, "reverse": reverse_json, "result": rec}),
+    ))
+}
+
+/// Whether `plan` could be undone: its reverse planned on the map after it, with the
+/// cells it empties assumed to recover unless they are being deleted.
+pub fn reverse_check(
+    topo: &Topology,
+    cells: &[Cell],
+    table: &RoutingTable,
+    plan: &Plan,
+    id: &str,
+) -> Result<planner::ReverseCheck, planner::PlanError> {
+    let gone = cells
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_some())
+        .map(|c| c.name_any())
+        .collect();
+    planner::check_reverse(
+        &model::planner_topology(topo, cells),
+        &map_of(table),
+        &reported_health(cells),
+        plan,
+        id,
+        &gone,
+    )
 }
 
 /// Records the intent on the Topology status (optimistic lock) and waits for the outcome
@@ -279,12 +368,13 @@ async fn record_and_wait(
     t: &Target,
     topo: &Topology,
     command: &Command,
+    id: String,
+    by: String,
+    now: Timestamp,
 ) -> Result<OperationRecord, PluginError> {
     let api: Api<Topology> = Api::namespaced(client.clone(), &t.namespace);
     let name = topo.name_any();
-    let now = Timestamp::now();
-    let id = format!("{}-{}", requester(), now.as_millisecond());
-    let req = request_for(command, id.clone(), requester(), now.to_string());
+    let req = request_for(command, id.clone(), by, now.to_string());
     let started = Instant::now();
     // Optimistic lock: retry on conflict with a fresh read, refuse if another is pending.
     loop {
@@ -332,11 +422,16 @@ async fn record_and_wait(
             return Ok(rec.clone());
         }
         if Instant::now() >= deadline {
+            progress_done();
             return Err(PluginError::Timeout(
                 t.timeout,
                 format!("operation {id} not carried out yet"),
             ));
         }
+        progress(
+            started,
+            &format!("waiting for the operator to carry out {id}"),
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -348,58 +443,287 @@ async fn wait_for_table(
     deadline: Instant,
     done: impl Fn(&RoutingTable) -> bool,
 ) -> Result<RoutingTable, PluginError> {
+    let started = Instant::now();
     loop {
-        if let Some(tb) = published_table(client, &t.namespace, topo).await?
-            && done(&tb)
+        let tb = published_table(client, &t.namespace, topo).await?;
+        if let Some(tb) = tb.as_ref()
+            && done(tb)
         {
-            return Ok(tb);
+            progress_done();
+            return Ok(tb.clone());
         }
         if Instant::now() >= deadline {
+            progress_done();
             return Err(PluginError::Timeout(
                 t.timeout,
                 "the published routing table does not carry the change yet".into(),
             ));
         }
+        progress(
+            started,
+            &format!(
+                "waiting for routers' table to carry the change (published epoch {})",
+                tb.map_or(0, |t| t.epoch)
+            ),
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A cell's traffic audit trail (the annotation written with each change).
+pub fn traffic_trail(c: &Cell) -> Result<Vec<Change>, PluginError> {
+    match c.annotations().get(TRAFFIC_HISTORY_ANNOTATION) {
+        None => Ok(Vec::new()),
+        Some(v) => serde_json::from_str(v)
+            .map_err(|e| PluginError::CorruptTrail(c.name_any(), e.to_string())),
+    }
+}
+
+/// The ownership operation in flight that involves `cell`, if any, for humans.
+pub fn conflict_for(topo: &Topology, cell: &Cell, owns_shards: bool) -> Option<String> {
+    let name = cell.name_any();
+    if let Some(p) = topo
+        .status
+        .as_ref()
+        .and_then(|s| s.pending_operation.as_ref())
+    {
+        let involved = p.cell.as_deref() == Some(name.as_str())
+            || p.to.as_deref() == Some(name.as_str())
+            || p.from_region.as_deref() == Some(cell.spec.region.as_str())
+            || p.to_region.as_deref() == Some(cell.spec.region.as_str())
+            || (p.kind == "dr-cutover" && p.to_region.is_none());
+        if involved {
+            return Some(format!("{} {} is pending", p.kind, p.id));
+        }
+    }
+    let since = cell
+        .status
+        .as_ref()
+        .and_then(|s| s.not_ready_since.as_deref());
+    if let Some(since) = since
+        && owns_shards
+        && topo.spec.failover.automatic
+    {
+        return Some(format!(
+            "it has had no ready serving pod since {since} and is failed over automatically after {}s",
+            topo.spec.failover.not_ready_seconds
+        ));
+    }
+    None
+}
+
+/// The facts `kubectl cell traffic-shift` decides on: the Cell's spec (desired weight,
+/// pause), its reported ready pods per colour, the published ownership, its audit trail.
+pub fn traffic_facts(
+    topo: &Topology,
+    cell: &Cell,
+    table: Option<&RoutingTable>,
+) -> Result<Facts, PluginError> {
+    let owns_shards = table.is_some_and(|t| map_of(t).count_owned(&cell.name_any()) > 0);
+    let st = cell.status.clone().unwrap_or_default();
+    Ok(Facts {
+        weight_bp: cell.spec.traffic.green_weight_bp,
+        paused: cell.spec.traffic.paused,
+        owns_shards,
+        blue_up: st.ready_blue > 0,
+        green_up: st.ready_green > 0,
+        last: traffic_trail(cell)?.pop(),
+        conflict: conflict_for(topo, cell, owns_shards),
+    })
 }
 
 async fn traffic(
     client: &Client,
     t: &Target,
-    topo: &str,
+    topo: &Topology,
     cell: &str,
-    shift: Shift,
+    action: Action,
     dry_run: bool,
 ) -> Result<String, PluginError> {
     let api: Api<Cell> = Api::namespaced(client.clone(), &t.namespace);
-    let weight = shift.weight_bp()?;
-    let cur = api
-        .get_opt(cell)
-        .await?
-        .ok_or_else(|| PluginError::UnknownCell(cell.into()))?;
-    let before = cur.spec.traffic.green_weight_bp;
-    let plan = format!(
-        "{}plan: cell {cell} green {}% -> {}%\n",
-        if dry_run { "dry run: " } else { "" },
-        f64::from(before) / 100.0,
-        f64::from(weight) / 100.0
-    );
-    if dry_run {
-        return Ok(plan);
-    }
-    let patch = json!({
-        "metadata": {"resourceVersion": cur.resource_version()},
-        "spec": {"traffic": {"greenWeightBp": weight}},
-    });
-    api.patch(cell, &PatchParams::default(), &Patch::Merge(&patch))
+    let name = topo.name_any();
+    let started = Instant::now();
+    let deadline = started + t.timeout;
+    let by = who(client).await;
+    // Decide on a fresh read and write with its resourceVersion; a conflict (someone else
+    // changed the cell meanwhile) means deciding again on what is there now.
+    loop {
+        let cur = api
+            .get_opt(cell)
+            .await?
+            .filter(|c| c.spec.topology == name)
+            .ok_or_else(|| PluginError::UnknownCell(cell.into()))?;
+        let topo_now: Topology = Api::<Topology>::namespaced(client.clone(), &t.namespace)
+            .get(&name)
+            .await?;
+        let table = published_table(client, &t.namespace, &name).await?;
+        let facts = traffic_facts(&topo_now, &cur, table.as_ref())?;
+        let mut d = traffic::decide("kubectl cell", cell, action, &facts)
+            .map_err(PluginError::TrafficRefused)?;
+        d.warnings
+            .extend(traffic::reverse_warning(cell, &d, &facts));
+        let paused = |p: bool| if p { ", paused" } else { "" };
+        let change = format!(
+            "cell {cell}: green {}{} -> {}{}",
+            traffic::fmt_pct(d.before_bp),
+            paused(d.paused_before),
+            traffic::fmt_pct(d.after_bp),
+            paused(d.paused_after)
+        );
+        let mut out = String::new();
+        for w in &d.warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        let epoch_before = table.as_ref().map_or(0, |t| t.epoch);
+        if d.noop {
+            out.push_str(&format!(
+                "cell {cell}: nothing to change (green {}{})\n",
+                traffic::fmt_pct(d.after_bp),
+                paused(d.paused_after)
+            ));
+            return Ok(json_or(
+                t,
+                out,
+                json!({"cell": cell, "decision": d, "dryRun": dry_run}),
+            ));
+        }
+        if dry_run {
+            out.push_str(&format!("dry run: {change}; nothing changed\n"));
+            return Ok(json_or(
+                t,
+                out,
+                json!({"cell": cell, "decision": d, "dryRun": true}),
+            ));
+        }
+        let mut trail = traffic_trail(&cur)?;
+        trail.push(Change {
+            at_unix_ms: Timestamp::now().as_millisecond().max(0) as u64,
+            by: by.clone(),
+            action: action.name().into(),
+            before_bp: d.before_bp,
+            after_bp: d.after_bp,
+            paused_before: d.paused_before,
+            paused_after: d.paused_after,
+            routing_epoch: epoch_before,
+        });
+        let excess = trail.len().saturating_sub(TRAFFIC_HISTORY_MAX);
+        trail.drain(..excess);
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": cur.resource_version(),
+                "annotations": {TRAFFIC_HISTORY_ANNOTATION: serde_json::to_string(&trail).expect("changes encode")},
+            },
+            "spec": {"traffic": {"greenWeightBp": d.after_bp, "paused": d.paused_after}},
+        });
+        match api
+            .patch(cell, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 && Instant::now() < deadline => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if d.after_bp == d.before_bp {
+            out.push_str(&format!("{change}\n"));
+            return Ok(json_or(
+                t,
+                out,
+                json!({"cell": cell, "decision": d, "dryRun": false}),
+            ));
+        }
+        let weight = d.after_bp;
+        let tb = wait_for_table(client, t, &name, deadline, |tb| {
+            tb.cells.get(cell).map(|c| c.green_weight_bp) == Some(weight)
+        })
         .await?;
-    let deadline = Instant::now() + t.timeout;
-    let tb = wait_for_table(client, t, topo, deadline, |tb| {
-        tb.cells.get(cell).map(|c| c.green_weight_bp) == Some(weight)
-    })
-    .await?;
-    Ok(format!("{plan}published in routing epoch {}\n", tb.epoch))
+        out.push_str(&format!(
+            "{change} (routing epoch {epoch_before} -> {}, published in {:.1}s)\n",
+            tb.epoch,
+            started.elapsed().as_secs_f64()
+        ));
+        return Ok(json_or(
+            t,
+            out,
+            json!({"cell": cell, "decision": d, "dryRun": false, "routingEpoch": tb.epoch}),
+        ));
+    }
+}
+
+/// A progress line on stderr while waiting: rewritten in place on a terminal, one line a
+/// second otherwise (logs stay readable).
+fn progress(since: Instant, what: &str) {
+    use std::io::{IsTerminal, Write};
+    let secs = since.elapsed().as_secs_f64();
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[K{what} ({secs:.1}s)");
+        let _ = err.flush();
+    } else if (secs % 1.0) < 0.2 && secs >= 1.0 {
+        let _ = writeln!(err, "{what} ({secs:.0}s)");
+    }
+}
+
+fn progress_done() {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[K");
+        let _ = err.flush();
+    }
+}
+
+fn json_or(t: &Target, text: String, v: serde_json::Value) -> String {
+    if t.json { v.to_string() } else { text }
+}
+
+/// Who is acting, as the API server authenticates them (`kubectl auth whoami`), falling
+/// back to the local login name when the server does not say.
+async fn who(client: &Client) -> String {
+    let review = SelfSubjectReview::default();
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    match api.create(&PostParams::default(), &review).await {
+        Ok(r) => r
+            .status
+            .and_then(|s| s.user_info)
+            .and_then(|u| u.username)
+            .unwrap_or_else(requester),
+        Err(_) => requester(),
+    }
+}
+
+/// `status --watch`: prints the status, then again (with the time) whenever it changes,
+/// until interrupted. Polls once a second: cheap, and it survives API server restarts.
+pub async fn watch_status(client: &Client, t: &Target) -> Result<(), PluginError> {
+    let mut last = String::new();
+    let mut failing = false;
+    loop {
+        let now = match topology(client, t).await {
+            Ok(topo) => status(client, t, &topo).await,
+            Err(e) => Err(e),
+        };
+        match now {
+            Ok(out) => {
+                failing = false;
+                if out != last {
+                    if !t.json {
+                        println!("--- {}", Timestamp::now().strftime("%Y-%m-%d %H:%M:%S UTC"));
+                    }
+                    print!("{out}");
+                    if !out.ends_with('\n') {
+                        println!();
+                    }
+                    last = out;
+                }
+            }
+            // A watch outlives a blip of the API server: say so once and keep trying.
+            Err(e) if !failing => {
+                eprintln!("warning: {e}; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn status(client: &Client, t: &Target, topo: &Topology) -> Result<String, PluginError> {
@@ -459,14 +783,30 @@ async fn status(client: &Client, t: &Target, topo: &Topology) -> Result<String, 
     Ok(out)
 }
 
-fn history(topo: &Topology, json_out: bool) -> String {
+/// The ownership operations (Topology status) and every cell's traffic audit trail.
+fn history(topo: &Topology, cells: &[Cell], json_out: bool) -> Result<String, PluginError> {
     let h = topo
         .status
         .as_ref()
         .map(|s| s.history.clone())
         .unwrap_or_default();
+    let mut changes: Vec<(String, Change)> = Vec::new();
+    for c in cells {
+        for ch in traffic_trail(c)? {
+            changes.push((c.name_any(), ch));
+        }
+    }
+    changes.sort_by_key(|(c, ch)| (ch.at_unix_ms, c.clone()));
     if json_out {
-        return json!(h).to_string();
+        let traffic: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|(c, ch)| {
+                let mut v = serde_json::to_value(ch).expect("changes encode");
+                v["cell"] = json!(c);
+                v
+            })
+            .collect();
+        return Ok(json!({"operations": h, "traffic": traffic}).to_string());
     }
     let mut out = format!(
         "{:<32} {:<28} {:<9} {:>6} {:>6} {:<14} MESSAGE\n",
@@ -478,7 +818,34 @@ fn history(topo: &Topology, json_out: bool) -> String {
             r.id, r.command, r.result, r.shards_moved, r.routing_epoch, r.requested_by, r.message
         ));
     }
-    out
+    if !changes.is_empty() {
+        out.push_str(&format!(
+            "\n{:<24} {:<10} {:<8} {:<24} {:>10}    {:<10}\n",
+            "TRAFFIC (UTC)", "CELL", "ACTION", "BY", "BEFORE", "AFTER"
+        ));
+        let p = |bp: u16, paused: bool| {
+            format!(
+                "{}{}",
+                traffic::fmt_pct(bp),
+                if paused { " (p)" } else { "" }
+            )
+        };
+        for (c, ch) in changes {
+            let at = Timestamp::from_millisecond(ch.at_unix_ms as i64)
+                .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<24} {:<10} {:<8} {:<24} {:>10} -> {:<10}\n",
+                at,
+                c,
+                ch.action,
+                ch.by,
+                p(ch.before_bp, ch.paused_before),
+                p(ch.after_bp, ch.paused_after)
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -537,15 +904,91 @@ mod tests {
     }
 
     #[test]
+    fn conflicts_and_traffic_facts() {
+        use crate::crd::TopologyStatus;
+        let mut tp = topo();
+        let a = cell("r1-a", "r1", CellRole::Serving);
+        let b = cell("r2-a", "r2", CellRole::Serving);
+        assert_eq!(conflict_for(&tp, &a, true), None);
+        let req = |c: &Command| request_for(c, "op-9".into(), "me".into(), "t".into());
+        tp.status = Some(TopologyStatus {
+            pending_operation: Some(req(&Command::Failover {
+                cell: "r1-a".into(),
+            })),
+            ..Default::default()
+        });
+        assert!(
+            conflict_for(&tp, &a, true)
+                .unwrap()
+                .contains("failover op-9")
+        );
+        assert_eq!(conflict_for(&tp, &b, true), None);
+        tp.status.as_mut().unwrap().pending_operation = Some(req(&Command::DrCutover {
+            from: "r2".into(),
+            to: None,
+        }));
+        // Every region is involved in a cutover to "every other region".
+        assert!(conflict_for(&tp, &a, true).is_some());
+        assert!(conflict_for(&tp, &b, true).is_some());
+        tp.status = None;
+        // A cell about to be failed over automatically is busy too (only if it owns shards
+        // and automatic failover is on).
+        let mut sick = a.clone();
+        sick.status = Some(CellStatus {
+            not_ready_since: Some("2026-11-29T10:00:00Z".into()),
+            ..Default::default()
+        });
+        assert!(
+            conflict_for(&tp, &sick, true)
+                .unwrap()
+                .contains("failed over automatically")
+        );
+        assert_eq!(conflict_for(&tp, &sick, false), None);
+        tp.spec.failover.automatic = false;
+        assert_eq!(conflict_for(&tp, &sick, true), None);
+
+        // Facts: the spec's weight and pause, ready pods, the trail's last change.
+        let mut c = ready(cell("r1-a", "r1", CellRole::Serving), true);
+        c.spec.traffic.green_weight_bp = 1000;
+        c.spec.traffic.paused = true;
+        c.status.as_mut().unwrap().ready_green = 1;
+        let ch = Change {
+            at_unix_ms: 5,
+            by: "alice".into(),
+            action: "pause".into(),
+            before_bp: 1000,
+            after_bp: 1000,
+            paused_before: false,
+            paused_after: true,
+            routing_epoch: 7,
+        };
+        c.metadata.annotations = Some(BTreeMap::from([(
+            TRAFFIC_HISTORY_ANNOTATION.to_string(),
+            serde_json::to_string(&vec![ch.clone()]).unwrap(),
+        )]));
+        let f = traffic_facts(&tp, &c, None).unwrap();
+        assert_eq!(
+            (f.weight_bp, f.paused, f.owns_shards, f.blue_up, f.green_up),
+            (1000, true, false, false, true)
+        );
+        assert_eq!(f.last, Some(ch));
+        c.metadata.annotations = Some(BTreeMap::from([(
+            TRAFFIC_HISTORY_ANNOTATION.to_string(),
+            "not json".to_string(),
+        )]));
+        assert!(matches!(
+            traffic_facts(&tp, &c, None),
+            Err(PluginError::CorruptTrail(..))
+        ));
+    }
+
+    #[test]
     fn requests_and_weights() {
         let c = Command::DrCutover {
             from: "r1".into(),
             to: Some("r2".into()),
         };
         let r = request_for(&c, "id".into(), "me".into(), "t".into());
-        assert_eq!(model::command_of(&r).unwrap(), c);
-        assert_eq!(Shift::Green(12.5).weight_bp().unwrap(), 1250);
-        assert_eq!(Shift::Promote.weight_bp().unwrap(), 10_000);
-        assert!(Shift::Green(101.0).weight_bp().is_err());
+        assert_eq!(model::command_of(&r, &[]).unwrap(), c);
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kube::Client;
 use ldc_core::planner::Command;
-use ldc_operator::plugin::{self, Shift, Target, Verb};
+use ldc_core::traffic::{self, Action};
+use ldc_operator::plugin::{self, Target, Verb};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,12 +39,19 @@ struct DryRun {
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Act even if the move could not be undone afterwards.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Cells, roles, readiness, shards, epochs and the routing epoch.
-    Status,
+    Status {
+        /// Keep watching: print again whenever something changes (Ctrl-C to stop).
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
     /// The last operations and their outcome.
     History,
     /// Move every shard of CELL to its region's standby.
@@ -60,25 +68,46 @@ enum Cmd {
         #[command(flatten)]
         d: DryRun,
     },
+    /// Undo an earlier move: its shards go back where they came from (ids: `history`).
+    Revert {
+        op: String,
+        #[command(flatten)]
+        d: DryRun,
+    },
     /// Disaster recovery.
     Dr {
         #[command(subcommand)]
         cmd: DrCmd,
     },
-    /// Shift a cell's users between blue and green.
+    /// Shift a cell's users between blue and green (a release).
+    #[command(group(
+        clap::ArgGroup::new("action")
+            .required(true)
+            .args(["green", "pause", "resume", "promote", "abort", "undo"]),
+    ))]
     TrafficShift {
         cell: String,
-        /// Percent of users on green.
-        #[arg(long, conflicts_with_all = ["abort", "promote"])]
+        /// Share of the cell's users on green, in percent (0-100, up to two decimals).
+        #[arg(long, value_name = "PCT")]
         green: Option<f64>,
-        /// Back to 0% green.
-        #[arg(long, conflicts_with = "promote")]
-        abort: bool,
-        /// 100% green.
+        /// Freeze the weight: every change except --abort is refused until --resume.
+        #[arg(long)]
+        pause: bool,
+        /// Allow weight changes again after --pause.
+        #[arg(long)]
+        resume: bool,
+        /// Every user of the cell to green (100%).
         #[arg(long)]
         promote: bool,
-        #[command(flatten)]
-        d: DryRun,
+        /// Every user back to blue (0%); always allowed, even paused or during an incident.
+        #[arg(long)]
+        abort: bool,
+        /// Back to the weight and pause state before the last change (again: toggles).
+        #[arg(long)]
+        undo: bool,
+        /// Print before -> after and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -114,41 +143,59 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn verb(cmd: Cmd) -> Result<Verb, String> {
     Ok(match cmd {
-        Cmd::Status => Verb::Status,
+        Cmd::Status { .. } => Verb::Status,
         Cmd::History => Verb::History,
         Cmd::Failover { cell, d } => Verb::Move {
             command: Command::Failover { cell },
             dry_run: d.dry_run,
+            force: d.force,
         },
         Cmd::Switchover { cell, to, d } => Verb::Move {
             command: Command::Switchover { cell, to },
             dry_run: d.dry_run,
+            force: d.force,
+        },
+        Cmd::Revert { op, d } => Verb::Revert {
+            op,
+            dry_run: d.dry_run,
+            force: d.force,
         },
         Cmd::Dr {
             cmd: DrCmd::Cutover { from, to, d },
         } => Verb::Move {
             command: Command::DrCutover { from, to },
             dry_run: d.dry_run,
+            force: d.force,
         },
         Cmd::TrafficShift {
             cell,
             green,
-            abort,
+            pause,
+            resume,
             promote,
-            d,
+            abort,
+            undo,
+            dry_run,
         } => {
-            let shift = match (green, abort, promote) {
-                (Some(p), false, false) => Shift::Green(p),
-                (None, true, false) => Shift::Abort,
-                (None, false, true) => Shift::Promote,
-                _ => {
-                    return Err("traffic-shift needs one of --green PCT, --abort, --promote".into());
+            // clap's group guarantees exactly one.
+            let action = match green {
+                Some(p) => Action::Set(traffic::pct_to_bp(p)?),
+                None if pause => Action::Pause,
+                None if resume => Action::Resume,
+                None if promote => Action::Promote,
+                None if abort => Action::Abort,
+                None if undo => Action::Undo,
+                None => {
+                    return Err(
+                        "say what to do: --green PCT, --pause, --resume, --promote, --abort or --undo"
+                            .into(),
+                    );
                 }
             };
             Verb::Traffic {
                 cell,
-                shift,
-                dry_run: d.dry_run,
+                action,
+                dry_run,
             }
         }
     })
@@ -157,6 +204,7 @@ fn verb(cmd: Cmd) -> Result<Verb, String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let watch = matches!(cli.cmd, Cmd::Status { watch: true });
     let v = match verb(cli.cmd) {
         Ok(v) => v,
         Err(e) => {
@@ -179,6 +227,15 @@ async fn main() -> ExitCode {
         timeout: cli.timeout,
         json: cli.output == "json",
     };
+    if watch {
+        return match plugin::watch_status(&client, &target).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match plugin::run(&client, &target, v).await {
         Ok(out) => {
             print!("{out}");
