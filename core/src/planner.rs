@@ -156,11 +156,15 @@ pub struct ReverseCheck {
     /// Cells the shards would go back to that are not healthy now: the reverse works once
     /// they are (a failover's reverse waits for the failed cell to recover).
     pub waits_for: Vec<String>,
+    /// Cells the shards leave for good (being deleted): for them the move is final, which
+    /// is the point of evacuating a cell before it goes.
+    pub final_for: Vec<String>,
 }
 
 /// Checks, before `plan` runs, that its reverse will be possible: plans the reverse on the
-/// map after `plan`, assuming the cells it empties recover (except those in `gone`, e.g.
-/// being deleted, which never will). An error says why the move could not be undone.
+/// map after `plan`, assuming the cells it empties recover. Cells in `gone` (being deleted)
+/// are left out of the reverse and reported as final. An error says why the move could not
+/// be undone (e.g. a capacity lowered since the shards arrived).
 pub fn check_reverse(
     topo: &Topology,
     map: &ShardMap,
@@ -169,23 +173,28 @@ pub fn check_reverse(
     op: &str,
     gone: &BTreeSet<String>,
 ) -> Result<ReverseCheck, PlanError> {
-    let command = reverse_of(plan, op);
-    let Command::Revert { back, .. } = &command else {
+    let mut command = reverse_of(plan, op);
+    let Command::Revert { back, .. } = &mut command else {
         unreachable!("reverse_of returns a revert")
     };
+    let final_for: Vec<String> = back.keys().filter(|c| gone.contains(*c)).cloned().collect();
+    back.retain(|c, _| !gone.contains(c));
     let mut assumed = health.clone();
     let mut waits_for = Vec::new();
     for cell in back.keys() {
-        if gone.contains(cell) {
-            return Err(PlanError::TargetGone(cell.clone()));
-        }
         if !is_healthy(health, cell) {
             waits_for.push(cell.clone());
             assumed.insert(cell.clone(), Health::Healthy);
         }
     }
-    plan_inner(topo, &plan.apply(map), &assumed, &command)?;
-    Ok(ReverseCheck { command, waits_for })
+    if !back.is_empty() {
+        plan_inner(topo, &plan.apply(map), &assumed, &command)?;
+    }
+    Ok(ReverseCheck {
+        command,
+        waits_for,
+        final_for,
+    })
 }
 
 /// What the health checks say about a cell.
@@ -298,8 +307,6 @@ pub enum PlanError {
     OwnerNotInTopology { shard: u32, cell: String },
     #[error("shard {shard} does not exist (the topology has {shard_count} shards)")]
     NoSuchShard { shard: u32, shard_count: u32 },
-    #[error("cell {0} is being deleted, so shards could never move back to it")]
-    TargetGone(String),
 }
 
 fn is_healthy(health: &BTreeMap<String, Health>, cell: &str) -> bool {
@@ -843,10 +850,9 @@ mod tests {
             Err(PlanError::TargetUnhealthy(_))
         ));
         let gone = BTreeSet::from(["r1-a".to_string()]);
-        assert_eq!(
-            check_reverse(&t, &map, &h2, &f, "op-2", &gone).unwrap_err(),
-            PlanError::TargetGone("r1-a".into())
-        );
+        let rc = check_reverse(&t, &map, &h2, &f, "op-2", &gone).unwrap();
+        assert_eq!(rc.final_for, vec!["r1-a".to_string()]);
+        assert!(matches!(rc.command, Command::Revert { back, .. } if back.is_empty()));
         // A lowered capacity makes the reverse impossible, and the check says so first.
         let mut small = t.clone();
         small.cells[0].capacity = Some(2);

@@ -295,19 +295,39 @@ async fn moves(
         model::describe_plan(&plan)
     );
     match &reverse {
-        Ok(r) if r.waits_for.is_empty() => out.push_str(&format!(
-            "  reverse: `kubectl cell revert {id}` (possible now)\n"
-        )),
-        Ok(r) => out.push_str(&format!(
-            "  reverse: `kubectl cell revert {id}` (possible once {} is ready again)\n",
-            r.waits_for.join(", ")
-        )),
+        Ok(r) if matches!(&r.command, Command::Revert { back, .. } if back.is_empty()) => {
+            out.push_str(&format!(
+                "  reverse: none: {} is being deleted, so this move is final\n",
+                r.final_for.join(", ")
+            ));
+        }
+        Ok(r) => {
+            out.push_str(&format!("  reverse: `kubectl cell revert {id}`"));
+            if r.waits_for.is_empty() {
+                out.push_str(" (possible now)");
+            } else {
+                out.push_str(&format!(
+                    " (possible once {} is ready again)",
+                    r.waits_for.join(", ")
+                ));
+            }
+            if !r.final_for.is_empty() {
+                out.push_str(&format!(
+                    "; final for {} (being deleted)",
+                    r.final_for.join(", ")
+                ));
+            }
+            out.push('\n');
+        }
         Err(e) => out.push_str(&format!("  reverse: NOT possible: {e}\n")),
     }
     let reverse_json = match &reverse {
-        Ok(r) => {
-            json!({"possible": true, "command": format!("kubectl cell revert {id}"), "waitsFor": r.waits_for})
-        }
+        Ok(r) => json!({
+            "possible": true,
+            "command": format!("kubectl cell revert {id}"),
+            "waitsFor": r.waits_for,
+            "finalFor": r.final_for,
+        }),
         Err(e) => json!({"possible": false, "why": e.to_string()}),
     };
     if dry_run {
