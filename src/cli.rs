@@ -169,16 +169,22 @@ pub enum CellCmd {
     /// Move a cell's shards to its region's standby (epoch bump fences the old cell).
     Failover {
         cell: String,
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        m: MoveOpts,
     },
     /// Planned move of a cell's shards to another cell.
     Switchover {
         cell: String,
         #[arg(long)]
         to: String,
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        m: MoveOpts,
+    },
+    /// Undo an earlier move: its shards go back to the cells they left (ids: `history`).
+    Revert {
+        op: String,
+        #[command(flatten)]
+        m: MoveOpts,
     },
     /// Disaster recovery: move a whole region's shards to the surviving regions.
     Dr {
@@ -188,11 +194,22 @@ pub enum CellCmd {
     /// Blue/green release of one cell: shift a share of its users to green, pause, resume,
     /// promote (green 100%) or abort (green 0%, always allowed).
     TrafficShift(TrafficShiftArgs),
-    /// The audit trail of traffic changes (who, when, before -> after).
+    /// The moves (id, plan, epoch, who) and the traffic changes (who, when, before -> after).
     History {
         /// Only this cell.
         cell: Option<String>,
     },
+}
+
+/// Options of every move.
+#[derive(Args, Debug)]
+pub struct MoveOpts {
+    /// Print the plan and its reverse; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Act even if the move could not be undone afterwards.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -233,8 +250,8 @@ pub enum DrCmd {
         from: String,
         #[arg(long)]
         to: Option<String>,
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        m: MoveOpts,
     },
 }
 

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use ldc_cell::control::{self, CellRuntime};
 use ldc_core::planner::shard_ranges as ranges;
-use ldc_core::planner::{self, Health, Plan, ShardMap, Topology};
+use ldc_core::planner::{self, Health, Plan, ReverseCheck, ShardMap, Topology};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cli::{CellCmd, DrCmd, Global, Output};
@@ -52,47 +53,143 @@ async fn load(g: &Global) -> Result<State> {
     .await
 }
 
-fn print_plan(out: Output, plan: &Plan, dry_run: bool) {
+/// Key prefix of the records of applied moves (`sys/ops/{id}`), what `revert` reads.
+pub const OPS_PREFIX: &str = "sys/ops/";
+
+/// What an applied move did, kept so it can be reverted and audited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub id: String,
+    pub command: String,
+    /// The moved shards by the cell they left.
+    pub moved_from: BTreeMap<String, Vec<u32>>,
+    pub shards_moved: u32,
+    pub routing_epoch: u64,
+    pub by: String,
+    pub at_unix_ms: u64,
+}
+
+fn describe(c: &planner::Command) -> String {
+    match c {
+        planner::Command::Failover { cell } => format!("failover {cell}"),
+        planner::Command::Switchover { cell, to } => format!("switchover {cell} --to {to}"),
+        planner::Command::DrCutover { from, to: None } => format!("dr cutover --from {from}"),
+        planner::Command::DrCutover { from, to: Some(t) } => {
+            format!("dr cutover --from {from} --to {t}")
+        }
+        planner::Command::Revert { op, .. } => format!("revert {op}"),
+    }
+}
+
+fn print_plan(
+    out: Output,
+    plan: &Plan,
+    dry_run: bool,
+    id: &str,
+    reverse: &Result<ReverseCheck, planner::PlanError>,
+) {
     match out {
-        Output::Json => println!("{}", json!({"dry_run": dry_run, "plan": plan})),
+        Output::Json => {
+            let rev = match reverse {
+                Ok(r) => {
+                    json!({"possible": true, "command": format!("ldc cell revert {id}"), "waits_for": r.waits_for})
+                }
+                Err(e) => json!({"possible": false, "why": e.to_string()}),
+            };
+            println!(
+                "{}",
+                json!({"dry_run": dry_run, "id": id, "plan": plan, "reverse": rev})
+            )
+        }
         Output::Text => {
             println!(
-                "{}plan for {:?}:",
+                "{}plan for {} (operation {id}):",
                 if dry_run { "dry run: " } else { "" },
-                plan.command
+                describe(&plan.command)
             );
-            let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
-            for m in &plan.moves {
-                by_pair
-                    .entry((m.from.as_str(), m.to.as_str()))
-                    .or_default()
-                    .push(m.shard);
+            for line in plan.describe() {
+                println!("  {line}");
             }
-            for ((from, to), shards) in by_pair {
-                println!(
-                    "  {from} -> {to}: {} shards [{}], each epoch +1",
-                    shards.len(),
-                    ranges(&shards)
-                );
+            match reverse {
+                Ok(r) if r.waits_for.is_empty() => {
+                    println!("  reverse: `ldc cell revert {id}` (possible now)")
+                }
+                Ok(r) => println!(
+                    "  reverse: `ldc cell revert {id}` (possible once {} is healthy again)",
+                    r.waits_for.join(", ")
+                ),
+                Err(e) => println!("  reverse: NOT possible: {e}"),
             }
         }
     }
 }
 
+fn load_op(kv: &mut dyn ldc_store::Kv, id: &str) -> Result<Option<OpRecord>> {
+    Ok(match kv.get(format!("{OPS_PREFIX}{id}").as_bytes())? {
+        Some(b) => {
+            Some(serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!("operation record {OPS_PREFIX}{id} is corrupt: {e}")
+            })?)
+        }
+        None => None,
+    })
+}
+
+/// Every recorded move, oldest first.
+pub fn load_ops(kv: &mut dyn ldc_store::Kv) -> Result<Vec<OpRecord>> {
+    let p = OPS_PREFIX.as_bytes();
+    let mut v: Vec<OpRecord> = kv
+        .scan(p, &ldc_store::prefix_end(p), 100_000)?
+        .into_iter()
+        .map(|(k, b)| {
+            serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!(
+                    "operation record {} is corrupt: {e}",
+                    String::from_utf8_lossy(&k)
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    v.sort_by_key(|r| (r.at_unix_ms, r.id.clone()));
+    Ok(v)
+}
+
 pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
-    let (command, dry_run) = match cmd {
+    let (command, m) = match cmd {
         CellCmd::Status => return status(g).await,
         CellCmd::TrafficShift(a) => return crate::traffic::shift(g, a).await,
         CellCmd::History { cell } => return crate::traffic::history(g, cell).await,
-        CellCmd::Failover { cell, dry_run } => (planner::Command::Failover { cell }, dry_run),
-        CellCmd::Switchover { cell, to, dry_run } => {
-            (planner::Command::Switchover { cell, to }, dry_run)
-        }
+        CellCmd::Failover { cell, m } => (planner::Command::Failover { cell }, m),
+        CellCmd::Switchover { cell, to, m } => (planner::Command::Switchover { cell, to }, m),
         CellCmd::Dr {
-            cmd: DrCmd::Cutover { from, to, dry_run },
-        } => (planner::Command::DrCutover { from, to }, dry_run),
+            cmd: DrCmd::Cutover { from, to, m },
+        } => (planner::Command::DrCutover { from, to }, m),
+        CellCmd::Revert { op, m } => {
+            let spec = g.store_spec();
+            let id = op.clone();
+            let rec = blocking(move || {
+                let store = ldc_store::open(&spec)?;
+                let mut t = store.begin_read()?;
+                let r = load_op(&mut *t, &id);
+                t.rollback()?;
+                r
+            })
+            .await?;
+            let Some(rec) = rec else {
+                eprintln!("error: no operation {op}; `ldc cell history` lists them");
+                return Ok(ExitCode::from(2));
+            };
+            (
+                planner::Command::Revert {
+                    op,
+                    back: rec.moved_from,
+                },
+                m,
+            )
+        }
         CellCmd::Serve(_) => unreachable!("dispatched in cli"),
     };
+    let dry_run = m.dry_run;
     let s = load(g).await?;
     let health: BTreeMap<String, Health> = s
         .runtimes
@@ -115,17 +212,41 @@ pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    print_plan(g.output, &plan, dry_run);
+    let id = format!("op-{}", crate::traffic::now_ms());
+    let reverse = planner::check_reverse(&s.topo, &s.map, &health, &plan, &id, &Default::default());
+    print_plan(g.output, &plan, dry_run, &id, &reverse);
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
+    if let Err(e) = reverse
+        && !m.force
+    {
+        eprintln!(
+            "error: this move could not be undone: {e}; fix that first, or pass --force to move anyway"
+        );
+        return Ok(ExitCode::from(2));
+    }
     let spec = g.store_spec();
     let p = plan.clone();
+    let mut rec = OpRecord {
+        id: id.clone(),
+        command: describe(&plan.command),
+        moved_from: plan.moved_from(),
+        shards_moved: plan.moves.len() as u32,
+        routing_epoch: 0,
+        by: crate::traffic::who(),
+        at_unix_ms: crate::traffic::now_ms(),
+    };
     let epoch = blocking(move || {
         let store = ldc_store::open(&spec)?;
         let mut t = store.begin()?;
         control::apply_plan(&mut *t, &p)?;
         let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        rec.routing_epoch = table.epoch;
+        t.put(
+            format!("{OPS_PREFIX}{}", rec.id).as_bytes(),
+            &serde_json::to_vec(&rec)?,
+        )?;
         t.commit()?;
         Ok(table.epoch)
     })

@@ -81,7 +81,8 @@ fn user_name() -> String {
         .unwrap_or_else(|| format!("uid{uid}"))
 }
 
-fn who() -> String {
+/// `user@host` of whoever runs this command (the audit trails record it).
+pub fn who() -> String {
     let user = user_name();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -90,7 +91,7 @@ fn who() -> String {
     format!("{user}@{host}")
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -302,14 +303,22 @@ pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
 /// `ldc cell history [CELL]`.
 pub async fn history(g: &Global, cell: Option<String>) -> Result<ExitCode> {
     let spec = g.store_spec();
-    let states = blocking(move || {
+    let (states, ops) = blocking(move || {
         let store = ldc_store::open(&spec)?;
         let mut t = store.begin_read()?;
         let s = load_states(&mut *t)?;
+        let o = crate::ops::load_ops(&mut *t)?;
         t.rollback()?;
-        Ok(s)
+        Ok((s, o))
     })
     .await?;
+    let ops: Vec<crate::ops::OpRecord> = ops
+        .into_iter()
+        .filter(|o| {
+            cell.as_ref()
+                .is_none_or(|c| o.moved_from.contains_key(c) || o.command.contains(c.as_str()))
+        })
+        .collect();
     let mut rows: Vec<(&String, &Change)> = states
         .iter()
         .filter(|(c, _)| cell.as_ref().is_none_or(|want| want == *c))
@@ -325,8 +334,26 @@ pub async fn history(g: &Global, cell: Option<String>) -> Result<ExitCode> {
                 v
             })
             .collect();
-        println!("{}", json!({ "changes": v }));
+        println!("{}", json!({ "changes": v, "operations": ops }));
         return Ok(ExitCode::SUCCESS);
+    }
+    if !ops.is_empty() {
+        println!(
+            "{:<20} {:<16} {:<30} {:>6} {:>6}  {:<24}",
+            "WHEN (UTC)", "OPERATION", "COMMAND", "MOVED", "EPOCH", "BY"
+        );
+        for o in &ops {
+            println!(
+                "{:<20} {:<16} {:<30} {:>6} {:>6}  {:<24}",
+                fmt_time(o.at_unix_ms),
+                o.id,
+                o.command,
+                o.shards_moved,
+                o.routing_epoch,
+                o.by
+            );
+        }
+        println!();
     }
     if rows.is_empty() {
         println!("no traffic changes recorded");

@@ -135,16 +135,9 @@ pub fn parse_shard_ranges(s: &str) -> Result<Vec<u32>, String> {
 
 /// The command that undoes `plan`: every moved shard back to the cell it came from.
 pub fn reverse_of(plan: &Plan, op: &str) -> Command {
-    let mut back: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for m in &plan.moves {
-        back.entry(m.from.clone()).or_default().push(m.shard);
-    }
-    for v in back.values_mut() {
-        v.sort_unstable();
-    }
     Command::Revert {
         op: op.to_string(),
-        back,
+        back: plan.moved_from(),
     }
 }
 
@@ -259,6 +252,40 @@ impl Plan {
         next
     }
 
+    /// The moved shards by the cell they leave (sorted): what a revert sends back.
+    pub fn moved_from(&self) -> BTreeMap<String, Vec<u32>> {
+        let mut by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for m in &self.moves {
+            by.entry(m.from.clone()).or_default().push(m.shard);
+        }
+        for v in by.values_mut() {
+            v.sort_unstable();
+        }
+        by
+    }
+
+    /// One line per (from, to) pair: `r1-a -> r1-s: 3 shards [0-2], each epoch +1`. How
+    /// every driver prints a plan.
+    pub fn describe(&self) -> Vec<String> {
+        let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
+        for m in &self.moves {
+            by_pair
+                .entry((m.from.as_str(), m.to.as_str()))
+                .or_default()
+                .push(m.shard);
+        }
+        by_pair
+            .into_iter()
+            .map(|((from, to), shards)| {
+                format!(
+                    "{from} -> {to}: {} shards [{}], each epoch +1",
+                    shards.len(),
+                    shard_ranges(&shards)
+                )
+            })
+            .collect()
+    }
+
     /// Cells that receive shards, with how many.
     pub fn targets(&self) -> BTreeMap<&str, u32> {
         let mut t = BTreeMap::new();
@@ -305,6 +332,8 @@ pub enum PlanError {
     ShardCountMismatch { map: usize, topology: u32 },
     #[error("shard {shard} is owned by {cell:?}, which is not in the topology")]
     OwnerNotInTopology { shard: u32, cell: String },
+    #[error("every shard {0} moved is already back where it came from; nothing to revert")]
+    AlreadyReverted(String),
     #[error("shard {shard} does not exist (the topology has {shard_count} shards)")]
     NoSuchShard { shard: u32, shard_count: u32 },
 }
@@ -534,9 +563,7 @@ fn plan_revert(
         }
     }
     if moves.is_empty() {
-        return Err(PlanError::NothingToMove(format!(
-            "the revert of {op} (every shard is already back)"
-        )));
+        return Err(PlanError::AlreadyReverted(op.to_string()));
     }
     moves.sort_by_key(|m| m.shard);
     Ok(Plan {
@@ -827,10 +854,10 @@ mod tests {
         // Every shard that moved twice is two epochs on; the others never moved.
         assert!(back.moves.iter().all(|m| m.epoch_after == 3));
         // A revert of what is already back has nothing to do.
-        assert!(matches!(
+        assert_eq!(
             plan(&t, &restored, &h, &rc.command),
-            Err(PlanError::NothingToMove(_))
-        ));
+            Err(PlanError::AlreadyReverted("op-1".into()))
+        );
         // A failed cell: the reverse waits for it; a cell being deleted: no reverse.
         let mut h2 = h.clone();
         h2.insert("r1-a".into(), Health::Unhealthy);

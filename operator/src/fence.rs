@@ -62,15 +62,9 @@ pub struct AppliedOp {
 
 /// A plan's moved shards by the cell they left, as ranges (`{"r1-a": "0-5"}`).
 pub fn moved_from(plan: &Plan) -> BTreeMap<String, String> {
-    let mut by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for m in &plan.moves {
-        by.entry(m.from.clone()).or_default().push(m.shard);
-    }
-    by.into_iter()
-        .map(|(c, mut v)| {
-            v.sort_unstable();
-            (c, ldc_core::planner::shard_ranges(&v))
-        })
+    plan.moved_from()
+        .into_iter()
+        .map(|(c, v)| (c, ldc_core::planner::shard_ranges(&v)))
         .collect()
 }
 

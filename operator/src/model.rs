@@ -220,26 +220,9 @@ pub fn describe_command(c: &Command) -> String {
     }
 }
 
-/// One line per (from, to) pair: `r1-a -> r1-s: 3 shards [0-2], epoch +1`.
+/// The plan on one line (pairs joined by `; `).
 pub fn describe_plan(plan: &Plan) -> String {
-    let mut by_pair: BTreeMap<(&str, &str), Vec<u32>> = BTreeMap::new();
-    for m in &plan.moves {
-        by_pair
-            .entry((m.from.as_str(), m.to.as_str()))
-            .or_default()
-            .push(m.shard);
-    }
-    by_pair
-        .into_iter()
-        .map(|((from, to), shards)| {
-            format!(
-                "{from} -> {to}: {} shards [{}], each epoch +1",
-                shards.len(),
-                ranges(&shards)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
+    plan.describe().join("; ")
 }
 
 /// The routing table for `map` and `cells`, with epoch 0 (see [`next_table`]).
