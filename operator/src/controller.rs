@@ -81,12 +81,20 @@ impl Error {
         }
     }
 
-    /// A stable label for metrics and logs.
+    /// A stable label for metrics and logs: the cause's, through the finalizer wrapper
+    /// every reconcile error comes in; `conflict` for an optimistic-lock conflict.
     pub fn label(&self) -> &'static str {
+        if self.is_conflict() {
+            return "conflict";
+        }
         match self {
             Error::Kube(_) => "kube",
             Error::Fence(e) => e.label(),
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(f) => match &**f {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.label(),
+                _ => "finalizer",
+            },
             Error::Join(_) => "join",
             Error::NoNamespace => "no_namespace",
         }

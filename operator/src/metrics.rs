@@ -425,6 +425,34 @@ mod tests {
         assert!(lines(&text, "ldc_operator_cells").is_empty());
     }
 
+    /// Every reconcile error arrives wrapped by the finalizer; its kind is the cause's.
+    #[test]
+    fn error_kinds_look_through_the_finalizer() {
+        use crate::controller::Error;
+        use kube::runtime::finalizer::Error as FinalizerError;
+        let api = |code| {
+            Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })))
+        };
+        let wrapped = |e| Error::Finalizer(Box::new(FinalizerError::ApplyFailed(e)));
+        assert_eq!(wrapped(api(500)).label(), "kube");
+        assert_eq!(wrapped(api(409)).label(), "conflict");
+        assert_eq!(api(409).label(), "conflict");
+        assert_eq!(wrapped(Error::NoNamespace).label(), "no_namespace");
+        let cleanup = Error::Finalizer(Box::new(FinalizerError::CleanupFailed(Error::Join(
+            "panicked".into(),
+        ))));
+        assert_eq!(cleanup.label(), "join");
+        let unnamed = Error::Finalizer(Box::new(FinalizerError::UnnamedObject));
+        assert_eq!(unnamed.label(), "finalizer");
+
+        let (r, m) = setup();
+        m.reconciled(Duration::from_millis(1), Some(wrapped(api(409)).label()));
+        assert!(render(&r).contains("ldc_operator_reconcile_errors_total{kind=\"conflict\"} 1\n"));
+    }
+
     #[test]
     fn leader_gauge_starts_at_zero() {
         let (r, m) = setup();
