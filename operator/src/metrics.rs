@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | `ldc_operator_reconciles_total` | counter | `result` (`ok`/`error`) |
 //! | `ldc_operator_reconcile_duration_seconds` | histogram | |
-//! | `ldc_operator_reconcile_errors_total` | counter | `kind` ([`crate::controller::Error::label`]) |
+//! | `ldc_operator_reconcile_errors_total` | counter | `kind` ([`crate::controller::Error::label`]: `conflict`, `kube`, `store`, …) |
 //! | `ldc_operator_operations_total` | counter | `kind` (`failover`, `switchover`, `dr-cutover`, `auto-failover`), `result` (`Succeeded`/`Failed`) |
 //! | `ldc_operator_shards_moved_total` | counter | `kind` |
 //! | `ldc_operator_routing_epoch` | gauge | `topology` |
