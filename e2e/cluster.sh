@@ -8,6 +8,7 @@
 #   e2e/cluster.sh status [NAME]    show whether the cluster's processes are alive
 #   e2e/cluster.sh down [NAME]      stop every process of the cluster and delete its state
 #   e2e/cluster.sh smoke            up, deploy 2 replicas, check versions and helm, down
+#   e2e/cluster.sh monitoring-crd   print the path of the ServiceMonitor CRD (fetched by install)
 #
 # Everything is built from Go modules (see e2e/tools/*/go.mod); nothing is downloaded
 # from release pages. See e2e/README.md.
@@ -20,11 +21,16 @@ K8S_VERSION=v1.33.13
 ETCD_VERSION=v3.5.21
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.5
+# Only its ServiceMonitor CRD is used (the chart's optional ServiceMonitors are validated
+# against it); it comes out of the module zip, nothing is built.
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TOOLS_DIR=$E2E_DIR/tools
 CACHE_ROOT=${LDC_CACHE:-$HOME/.cache/ldc}
 BIN_DIR=$CACHE_ROOT/k8s-$K8S_VERSION/bin
+CRD_DIR=$CACHE_ROOT/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crds
+SERVICEMONITOR_CRD=$CRD_DIR/monitoring.coreos.com_servicemonitors.yaml
 # Per-cluster runtime state (kubeconfig, certs, etcd data, logs, pids). Removed by `down`.
 STATE_ROOT=${LDC_CLUSTER_STATE:-${TMPDIR:-/tmp}/ldc-clusters-$(id -u)}
 DEFAULT_NAME=ldc-e2e
@@ -64,15 +70,35 @@ check_pin() {
     [[ $got == "$want" ]] || die "$dir/go.mod pins $mod $got but cluster.sh expects $want"
 }
 
-# go_download DIR: fetch the module graph; fall back to GOSUMDB=off when the checksum
-# database cannot be reached (go.sum is committed, so hashes are still verified).
+# go_download DIR [MODULE...]: fetch the module graph (or just MODULEs); fall back to
+# GOSUMDB=off when the checksum database cannot be reached (go.sum is committed, so hashes
+# are still verified).
 go_download() {
     local dir=$1
-    if ! (cd "$dir" && go mod download) >"$CACHE_ROOT/download.log" 2>&1; then
+    shift
+    if ! (cd "$dir" && go mod download "$@") >"$CACHE_ROOT/download.log" 2>&1; then
         log "go mod download failed in $dir (see below); retrying with GOSUMDB=off"
         tail -5 "$CACHE_ROOT/download.log" >&2 || true
-        (cd "$dir" && GOSUMDB=off GONOSUMDB='*' go mod download)
+        (cd "$dir" && GOSUMDB=off GONOSUMDB='*' go mod download "$@")
     fi
+}
+
+# fetch_monitoring_crds: copy the ServiceMonitor CRD out of the pinned prometheus-operator
+# module (Go module proxy, verified against the wrapper's go.sum) into the cache.
+fetch_monitoring_crds() {
+    local dir=$TOOLS_DIR/prometheus-operator mod=github.com/prometheus-operator/prometheus-operator
+    local src file=monitoring.coreos.com_servicemonitors.yaml
+    if [[ -s $SERVICEMONITOR_CRD ]]; then
+        log "cached: ServiceMonitor CRD ($PROMETHEUS_OPERATOR_VERSION)"
+        return 0
+    fi
+    go_download "$dir" "$mod"
+    src=$(cd "$dir" && go list -m -f '{{.Dir}}' "$mod")/example/prometheus-operator-crd/$file
+    [[ -f $src ]] || die "no $file in $mod $PROMETHEUS_OPERATOR_VERSION"
+    mkdir -p "$CRD_DIR"
+    cp "$src" "$SERVICEMONITOR_CRD.tmp"
+    mv -f "$SERVICEMONITOR_CRD.tmp" "$SERVICEMONITOR_CRD"
+    log "fetched the ServiceMonitor CRD ($PROMETHEUS_OPERATOR_VERSION) into $CRD_DIR"
 }
 
 # build_tools DIR VERSION LDFLAGS PKG...: one `go build` of all PKGs into BIN_DIR.
@@ -115,6 +141,8 @@ cmd_install() {
     check_pin "$TOOLS_DIR/etcd" go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
     check_pin "$TOOLS_DIR/kwok" sigs.k8s.io/kwok "$KWOK_VERSION"
     check_pin "$TOOLS_DIR/helm" helm.sh/helm/v3 "$HELM_VERSION"
+    check_pin "$TOOLS_DIR/prometheus-operator" github.com/prometheus-operator/prometheus-operator \
+        "$PROMETHEUS_OPERATOR_VERSION"
 
     # Kubernetes: stamp versions the way hack/lib/version.sh does.
     local kv=${K8S_VERSION#v} major minor bdate k8s_ld="-s -w" pkg
@@ -152,6 +180,8 @@ cmd_install() {
         helm_ld+=" -X $pkg.k8sVersionMajor=$hmaj -X $pkg.k8sVersionMinor=$hmin"
     done
     build_tools "$TOOLS_DIR/helm" "$HELM_VERSION" "$helm_ld" helm.sh/helm/v3/cmd/helm
+
+    fetch_monitoring_crds
 
     log "tools ready in $BIN_DIR ($((SECONDS - t0))s)"
 }
@@ -443,7 +473,7 @@ cmd_smoke() {
 
 # ---------------------------------------------------------------------------------------
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -457,6 +487,10 @@ main() {
     env) cmd_env "$@" ;;
     status) cmd_status "$@" ;;
     smoke) cmd_smoke "$@" ;;
+    monitoring-crd)
+        [[ -s $SERVICEMONITOR_CRD ]] || fetch_monitoring_crds
+        echo "$SERVICEMONITOR_CRD"
+        ;;
     -h | --help | help | "") usage ;;
     *) usage >&2; exit 2 ;;
     esac

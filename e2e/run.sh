@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end suite: a real Kubernetes control plane (e2e/cluster.sh, KWOK nodes), the
-# chart checked with `helm lint` and a server-side dry run, then the operator's e2e tests
-# (operator/tests/e2e.rs). The cluster is always torn down; exits non-zero on any failure.
+# chart checked with `helm lint` and a server-side dry run (with its defaults, and with
+# the optional ServiceMonitors and Grafana dashboard against the prometheus-operator's
+# ServiceMonitor CRD), then the operator's e2e tests (operator/tests/e2e.rs). The cluster is always torn down; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,12 +51,18 @@ log "cluster $NAME up after $((SECONDS - T0))s"
 HELM_HOME=$(mktemp -d)
 export HELM_CONFIG_HOME=$HELM_HOME/config HELM_CACHE_HOME=$HELM_HOME/cache HELM_DATA_HOME=$HELM_HOME/data
 log "chart: helm lint, CRDs applied, helm template | kubectl apply --dry-run=server"
+MONITORING=(--set metrics.serviceMonitor.enabled=true --set metrics.grafanaDashboard.enabled=true)
 helm lint --strict charts/ldc
-kubectl apply --server-side -f charts/ldc/crds/
-kubectl wait --for=condition=Established crd/topologies.ldc.dev crd/cells.ldc.dev --timeout=60s
+helm lint --strict charts/ldc "${MONITORING[@]}"
+kubectl apply --server-side -f charts/ldc/crds/ -f "$(e2e/cluster.sh monitoring-crd)"
+kubectl wait --for=condition=Established crd/topologies.ldc.dev crd/cells.ldc.dev \
+    crd/servicemonitors.monitoring.coreos.com --timeout=60s
 kubectl create namespace ldc-chart-check
 helm template ldc charts/ldc --namespace ldc-chart-check --no-hooks |
     kubectl apply --dry-run=server --namespace ldc-chart-check -f - >/dev/null
+helm template ldc charts/ldc --namespace ldc-chart-check --no-hooks "${MONITORING[@]}" |
+    kubectl apply --dry-run=server --namespace ldc-chart-check -f - |
+    grep -E '^(servicemonitor|configmap)' >&2
 # The uninstall hook's Pod needs its ServiceAccount to exist: create the hook for real.
 helm template ldc charts/ldc --namespace ldc-chart-check --show-only templates/teardown.yaml |
     kubectl apply --namespace ldc-chart-check -f - >/dev/null

@@ -46,6 +46,7 @@ use crate::crd::{
     TopologyStatus,
 };
 use crate::fence::{self, FenceError};
+use crate::metrics::{self, OpResult, OperatorMetrics};
 use crate::model;
 use crate::specs::{self, COLOURS, EPOCH_ANNOTATION, LABEL_MANAGED_BY, LABEL_TOPOLOGY, MANAGER};
 
@@ -80,12 +81,20 @@ impl Error {
         }
     }
 
-    /// A stable label for metrics and logs.
+    /// A stable label for metrics and logs: the cause's, through the finalizer wrapper
+    /// every reconcile error comes in; `conflict` for an optimistic-lock conflict.
     pub fn label(&self) -> &'static str {
+        if self.is_conflict() {
+            return "conflict";
+        }
         match self {
             Error::Kube(_) => "kube",
             Error::Fence(e) => e.label(),
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(f) => match &**f {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.label(),
+                _ => "finalizer",
+            },
             Error::Join(_) => "join",
             Error::NoNamespace => "no_namespace",
         }
@@ -96,11 +105,12 @@ impl Error {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    pub metrics: Arc<OperatorMetrics>,
     stores: Mutex<HashMap<String, Arc<dyn Store>>>,
 }
 
 impl Context {
-    pub fn new(client: Client, identity: &str) -> Context {
+    pub fn new(client: Client, identity: &str, metrics: Arc<OperatorMetrics>) -> Context {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -111,6 +121,7 @@ impl Context {
         Context {
             client,
             recorder,
+            metrics,
             stores: Mutex::new(HashMap::new()),
         }
     }
@@ -169,6 +180,7 @@ pub async fn run(
     client: Client,
     namespace: String,
     identity: String,
+    metrics: Arc<OperatorMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let topologies: Api<Topology> = Api::namespaced(client.clone(), &namespace);
@@ -176,7 +188,7 @@ pub async fn run(
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let ctx = Arc::new(Context::new(client, &identity));
+    let ctx = Arc::new(Context::new(client, &identity, metrics));
     let ns = namespace.clone();
     let by_label = move |labels: &BTreeMap<String, String>| {
         labels
@@ -204,7 +216,7 @@ pub async fn run(
             move |d: Deployment| by_label_dep(d.labels()),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(timed_reconcile, error_policy, ctx)
         .for_each(|r| async move {
             match r {
                 Ok((obj, _)) => tracing::debug!(topology = %obj.name, "reconciled"),
@@ -259,6 +271,7 @@ pub async fn reconcile(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action,
                 // even on cells that still own shards; the store keeps who owns what.
                 let cells: Api<Cell> = Api::namespaced(ctx.client.clone(), &ns);
                 let name = t.name_any();
+                ctx.metrics.forget_topology(&name);
                 for c in cells.list(&ListParams::default()).await? {
                     if c.spec.topology == name {
                         release_cell(&cells, &c).await?;
@@ -612,6 +625,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             note,
         )
         .await;
+        let delay = metrics::failover_delay(&p.command, &since, Timestamp::now());
+        let kind = metrics::operation_kind(&p.command, p.automatic);
+        ctx.metrics
+            .operation(kind, OpResult::Succeeded, rec.shards_moved, delay);
         push_history(
             &mut status,
             OperationRecord {
@@ -630,6 +647,8 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     }
     if let Some((p, why)) = failed {
         let command = model::describe_command(&p.command);
+        let kind = metrics::operation_kind(&p.command, p.automatic);
+        ctx.metrics.operation(kind, OpResult::Failed, 0, None);
         ctx.event(
             &*topo,
             EventType::Warning,
@@ -772,6 +791,11 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     // ---- report: topology
     status.cells_total = cells.len() as u32;
     status.cells_ready = ready_cells;
+    let shards = cells
+        .iter()
+        .map(|c| (c.name_any(), step.map.count_owned(&c.name_any())));
+    ctx.metrics
+        .topology(&name, step.table.epoch, shards, ready_cells);
     let short = model::n_plus_one_shortfall(&topo, &live, &step.map, &health);
     let (np_ok, np_msg) = if short.is_empty() {
         (
@@ -847,6 +871,15 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     }
     patch_topology_status(&topo_api, &topo, &status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// [`reconcile`], timed and counted in the operator's metrics.
+async fn timed_reconcile(topo: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let r = reconcile(topo, ctx.clone()).await;
+    ctx.metrics
+        .reconciled(started.elapsed(), r.as_ref().err().map(Error::label));
+    r
 }
 
 fn push_history(status: &mut TopologyStatus, rec: OperationRecord) {

@@ -16,6 +16,7 @@
 //! * [`fence`]: the store executor (apply plan + next routing table in one transaction).
 //! * [`controller`]: the reconciler (observe → plan → act → report).
 //! * [`lease`]: leader election through a Lease.
+//! * [`metrics`]: the operator's Prometheus metrics (served on `--metrics-listen`).
 //! * [`plugin`]: the `kubectl cell` verbs (parse apart from act, client injected).
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod controller;
 pub mod crd;
 pub mod fence;
 pub mod lease;
+pub mod metrics;
 pub mod model;
 pub mod plugin;
 pub mod specs;

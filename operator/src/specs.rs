@@ -336,6 +336,35 @@ pub(crate) mod tests {
         );
     }
 
+    /// The chart's ServiceMonitor for cells scrapes the Service port named `metrics`.
+    #[test]
+    fn metrics_port_is_named_on_pod_and_service() {
+        let (t, c) = (topo(), cell("r1-a", "r1", CellRole::Serving));
+        let d = cell_deployment(&t, &c, Colour::Blue);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let ports = pod.containers[0].ports.clone().unwrap();
+        let named = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .expect("metrics container port");
+        assert_eq!(named.container_port, CELL_METRICS_PORT);
+        let args = pod.containers[0].args.clone().unwrap().join(" ");
+        assert!(args.contains(&format!("--metrics-listen 0.0.0.0:{CELL_METRICS_PORT}")));
+        let s = cell_service(&t, &c, Colour::Blue);
+        let ports = s.spec.unwrap().ports.unwrap();
+        let sp = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .expect("metrics service port");
+        assert_eq!(sp.port, CELL_METRICS_PORT);
+        assert_eq!(sp.target_port, Some(IntOrString::String("metrics".into())));
+        assert_eq!(
+            s.metadata.labels.unwrap()["app.kubernetes.io/name"],
+            "ldc-cell",
+            "the ServiceMonitor selects cell Services by this label"
+        );
+    }
+
     #[test]
     fn routing_config_map_round_trips() {
         let table = RoutingTable {

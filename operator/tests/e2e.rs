@@ -142,6 +142,8 @@ impl Env {
         }
         let child = cmd
             .args(["--namespace", &self.ns, "--lease-seconds", "4"])
+            // several operators run at once here: each picks a free metrics port
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--identity")
             .arg(format!("e2e-{}", self.generation))
             .env("LDC_LOG", "info,ldc_operator::controller=debug,kube=warn")
@@ -174,6 +176,34 @@ impl Env {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The metrics text of operator `generation` (it must have logged READY).
+    async fn scrape_metrics(&self, generation: u32) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let log = std::fs::read_to_string(self.log_path(generation)).expect("operator log");
+        let addr = log
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("READY ")?
+                    .split(' ')
+                    .find_map(|f| f.strip_prefix("metrics="))
+            })
+            .expect("READY line with metrics=ADDR")
+            .to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect to metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: operator\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let mut out = String::new();
+        tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+            .await
+            .expect("metrics answered in time")
+            .expect("read metrics");
+        assert!(out.starts_with("HTTP/1.1 200"), "metrics answer: {out}");
+        out
     }
 
     fn operator_log(&self) -> String {
@@ -692,6 +722,22 @@ async fn not_ready_pods_fail_over_automatically_after_the_delay() {
         "automatic failover took {took:?}; history: {:?}",
         topo.status.unwrap().history
     );
+
+    // The operator's metrics tell the same story.
+    let text = env.scrape_metrics(env.generation).await;
+    for want in [
+        "ldc_operator_is_leader 1",
+        "ldc_operator_operations_total{kind=\"auto-failover\",result=\"Succeeded\"} 1",
+        "ldc_operator_shards_moved_total{kind=\"auto-failover\"} 6",
+        "ldc_operator_routing_epoch{topology=\"prod\"} 2",
+        "ldc_operator_cell_shards{cell=\"r2-s\",topology=\"prod\"} 6",
+        "ldc_operator_failover_delay_seconds_count 1",
+    ] {
+        assert!(
+            text.contains(&format!("{want}\n")),
+            "missing {want} in\n{text}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,8 +1,12 @@
 //! `ldc-operator`: runs the reconciler for one namespace once it holds the leader Lease,
 //! prints the CRDs (`ldc-operator crd`, which is how the chart's YAML is generated), or
 //! tears a release's resources down before `helm uninstall` (`ldc-operator teardown`).
+//!
+//! While it runs (leading or waiting), it serves Prometheus metrics on `--metrics-listen`
+//! (`/metrics`, `/healthz`); see [`ldc_operator::metrics`].
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -11,6 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Api, Client, ResourceExt};
+use ldc_operator::metrics::{self, OperatorMetrics};
 use ldc_operator::{controller, lease};
 
 #[derive(Parser, Debug)]
@@ -34,6 +39,10 @@ struct Cli {
     /// goes with the release on `helm uninstall`.
     #[arg(long, env = "LDC_SERVICE_ACCOUNT")]
     lease_owner: Option<String>,
+    /// Where to serve Prometheus metrics (`/metrics`) and `/healthz`; port 0 picks one
+    /// (the address is logged).
+    #[arg(long, env = "LDC_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +122,19 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
+    // Metrics before the lease: a waiting replica reports ldc_operator_is_leader 0.
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(OperatorMetrics::new(&registry).context("metric definitions")?);
+    let listener = tokio::net::TcpListener::bind(&cli.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--metrics-listen)", cli.metrics_listen))?;
+    let metrics_addr = listener.local_addr()?;
+    tracing::info!(addr = %metrics_addr, "serving metrics on /metrics");
+    tokio::spawn(metrics::serve_metrics(
+        listener,
+        registry,
+        std::future::pending(),
+    ));
     let identity = cli.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -129,10 +151,19 @@ async fn main() -> Result<()> {
         _ = lease::acquire(&leases, &cfg) => {}
         _ = shutdown_signal() => return Ok(()),
     }
-    eprintln!("READY namespace={namespace} identity={identity}");
+    metrics.is_leader.set(1);
+    eprintln!("READY namespace={namespace} identity={identity} metrics={metrics_addr}");
+    let run = controller::run(
+        client,
+        namespace,
+        identity,
+        metrics.clone(),
+        shutdown_signal(),
+    );
     tokio::select! {
-        _ = controller::run(client, namespace, identity, shutdown_signal()) => Ok(()),
+        _ = run => Ok(()),
         _ = lease::hold(&leases, &cfg) => {
+            metrics.is_leader.set(0);
             anyhow::bail!("lost the leader lease; exiting so a fresh candidate takes over")
         }
     }
