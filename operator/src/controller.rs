@@ -722,15 +722,19 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             .cells
             .get(&cname)
             .map_or(c.spec.traffic.green_weight_bp, |w| w.green_weight_bp);
-        let green = format!(
-            "{}{}",
-            ldc_core::traffic::fmt_pct(weight),
-            if c.spec.traffic.paused {
-                " (paused)"
-            } else {
-                ""
-            }
-        );
+        let mut notes: Vec<String> = c.spec.traffic.step_label().into_iter().collect();
+        if c.spec.traffic.paused {
+            notes.push("paused".into());
+        }
+        let green = if notes.is_empty() {
+            ldc_core::traffic::fmt_pct(weight)
+        } else {
+            format!(
+                "{} ({})",
+                ldc_core::traffic::fmt_pct(weight),
+                notes.join(", ")
+            )
+        };
         if !st.green_percent.is_empty() && st.green_percent != green {
             ctx.event(
                 c,

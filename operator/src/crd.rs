@@ -325,6 +325,28 @@ pub struct Traffic {
     /// `--abort`) until `--resume`.
     #[serde(default)]
     pub paused: bool,
+    /// The release's steps, green weights in basis points, e.g. [100, 1000, 5000, 10000]:
+    /// `kubectl cell traffic-shift CELL --next` moves to the next one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(range(min = 1, max = 10000)))]
+    #[x_kube(validation = Rule::new("self.isSorted() && self.all(x, self.exists_one(y, y == x))").message("traffic.steps must be strictly increasing green weights in basis points, e.g. [100, 1000, 5000, 10000]"))]
+    pub steps: Vec<u16>,
+}
+
+impl Traffic {
+    /// The first step above the current weight, if any.
+    pub fn next_step(&self) -> Option<u16> {
+        self.steps
+            .iter()
+            .copied()
+            .find(|s| *s > self.green_weight_bp)
+    }
+
+    /// "step 2/4" when the weight is one of the steps.
+    pub fn step_label(&self) -> Option<String> {
+        let i = self.steps.iter().position(|s| *s == self.green_weight_bp)?;
+        Some(format!("step {}/{}", i + 1, self.steps.len()))
+    }
 }
 
 /// Annotation on a Cell holding its traffic audit trail (JSON list of

@@ -552,6 +552,29 @@ pub fn traffic_facts(
     })
 }
 
+/// Placeholder weight meaning "the cell's next release step" (beyond any real weight).
+pub const NEXT_STEP: u16 = u16::MAX;
+
+/// Resolves `--next` against the cell's release steps.
+pub fn resolve_next(cell: &Cell, action: Action) -> Result<Action, PluginError> {
+    if action != Action::Set(NEXT_STEP) {
+        return Ok(action);
+    }
+    let tr = &cell.spec.traffic;
+    let name = cell.name_any();
+    if tr.steps.is_empty() {
+        return Err(PluginError::TrafficRefused(format!(
+            "cell {name} has no release steps; set spec.traffic.steps (e.g. [100, 1000, 5000, 10000]) or use --green PCT"
+        )));
+    }
+    tr.next_step().map(Action::Set).ok_or_else(|| {
+        PluginError::TrafficRefused(format!(
+            "cell {name} is at or past its last release step (green {}); `--promote` to finish or `--abort` to roll back",
+            traffic::fmt_pct(tr.green_weight_bp)
+        ))
+    })
+}
+
 async fn traffic(
     client: &Client,
     t: &Target,
@@ -578,6 +601,7 @@ async fn traffic(
             .await?;
         let table = published_table(client, &t.namespace, &name).await?;
         let facts = traffic_facts(&topo_now, &cur, table.as_ref())?;
+        let action = resolve_next(&cur, action)?;
         let mut d = traffic::decide("kubectl cell", cell, action, &facts)
             .map_err(PluginError::TrafficRefused)?;
         d.warnings
@@ -1000,6 +1024,33 @@ mod tests {
             traffic_facts(&tp, &c, None),
             Err(PluginError::CorruptTrail(..))
         ));
+    }
+
+    #[test]
+    fn next_release_step() {
+        let mut c = cell("r1-a", "r1", CellRole::Serving);
+        let next = Action::Set(NEXT_STEP);
+        assert!(
+            resolve_next(&c, next)
+                .unwrap_err()
+                .to_string()
+                .contains("no release steps")
+        );
+        c.spec.traffic.steps = vec![100, 1000, 10_000];
+        assert_eq!(resolve_next(&c, next).unwrap(), Action::Set(100));
+        c.spec.traffic.green_weight_bp = 500; // between steps: the next one up
+        assert_eq!(resolve_next(&c, next).unwrap(), Action::Set(1000));
+        assert_eq!(c.spec.traffic.step_label(), None);
+        c.spec.traffic.green_weight_bp = 10_000;
+        assert_eq!(c.spec.traffic.step_label().as_deref(), Some("step 3/3"));
+        assert!(
+            resolve_next(&c, next)
+                .unwrap_err()
+                .to_string()
+                .contains("last release step")
+        );
+        // Anything else passes through.
+        assert_eq!(resolve_next(&c, Action::Abort).unwrap(), Action::Abort);
     }
 
     #[test]

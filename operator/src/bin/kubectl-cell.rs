@@ -83,13 +83,16 @@ enum Cmd {
     #[command(group(
         clap::ArgGroup::new("action")
             .required(true)
-            .args(["green", "pause", "resume", "promote", "abort", "undo"]),
+            .args(["green", "next", "pause", "resume", "promote", "abort", "undo"]),
     ))]
     TrafficShift {
         cell: String,
         /// Share of the cell's users on green, in percent (0-100, up to two decimals).
         #[arg(long, value_name = "PCT")]
         green: Option<f64>,
+        /// To the next of the cell's release steps (`spec.traffic.steps`).
+        #[arg(long)]
+        next: bool,
         /// Freeze the weight: every change except --abort is refused until --resume.
         #[arg(long)]
         pause: bool,
@@ -170,6 +173,7 @@ fn verb(cmd: Cmd) -> Result<Verb, String> {
         Cmd::TrafficShift {
             cell,
             green,
+            next,
             pause,
             resume,
             promote,
@@ -177,9 +181,11 @@ fn verb(cmd: Cmd) -> Result<Verb, String> {
             undo,
             dry_run,
         } => {
-            // clap's group guarantees exactly one.
+            // clap's group guarantees exactly one. `--next` is resolved against the cell's
+            // steps when it is read (Verb::Traffic with `next`).
             let action = match green {
                 Some(p) => Action::Set(traffic::pct_to_bp(p)?),
+                None if next => Action::Set(plugin::NEXT_STEP),
                 None if pause => Action::Pause,
                 None if resume => Action::Resume,
                 None if promote => Action::Promote,
