@@ -792,7 +792,7 @@ async fn payments_through_the_router_survive_every_operation() {
     // ---- 1. a release of r1-a: 10%, pause (a shift is refused), resume, 100%, undo (back
     // to 10%), abort. No request may fail; every change is in the cell's audit trail.
     let mut sc = w
-        .begin("traffic-shift r1-a 10→pause→100→undo→abort", &c, &users)
+        .begin("release r1-a: next→pause→100%→undo→abort", &c, &users)
         .await;
     let green_metrics = w.cells[&("r1-a".to_string(), "green")].addr(9100);
     let green_served = || async {
