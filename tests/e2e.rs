@@ -660,6 +660,17 @@ impl Drop for World {
     }
 }
 
+/// Between two published tables, exactly `from`'s shards moved, to `to`, each epoch +1.
+fn assert_only_moved(before: &RoutingTable, after: &RoutingTable, from: &str, to: &str) {
+    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        if b.cell == from {
+            assert_eq!((a.cell.as_str(), a.epoch), (to, b.epoch + 1), "shard {s}");
+        } else {
+            assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
+        }
+    }
+}
+
 fn format_row(r: &Row) -> String {
     let secs = |d: Duration| format!("{:.2}", d.as_secs_f64());
     let (users, median, max) = match r.recovery {
@@ -891,17 +902,7 @@ async fn payments_through_the_router_survive_every_operation() {
     sc.op = Some(fault.elapsed());
     sc.fault = Some((fault, affected.clone()));
     let after = w.table().unwrap();
-    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
-        if b.cell == "r1-b" {
-            assert_eq!(
-                (a.cell.as_str(), a.epoch),
-                ("r1-s", b.epoch + 1),
-                "shard {s}"
-            );
-        } else {
-            assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
-        }
-    }
+    assert_only_moved(&before, &after, "r1-b", "r1-s");
     w.finish(sc, &c, &users, &mut all).await;
 
     // ---- 3. the cell repaired; switchover back, planned: no request may fail.
@@ -1086,17 +1087,7 @@ async fn payments_through_the_router_survive_every_operation() {
         w.operator_log()
     );
     let after = w.table().unwrap();
-    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
-        if b.cell == "r2-a" {
-            assert_eq!(
-                (a.cell.as_str(), a.epoch),
-                ("r2-s", b.epoch + 1),
-                "shard {s}"
-            );
-        } else {
-            assert_eq!((&a.cell, a.epoch), (&b.cell, b.epoch), "shard {s} moved");
-        }
-    }
+    assert_only_moved(&before, &after, "r2-a", "r2-s");
     let history = w.topology()["status"]["history"].clone();
     let n = history
         .as_array()
