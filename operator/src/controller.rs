@@ -488,6 +488,27 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             }
         }
     }
+    // A region down as a whole has no cell to fail over to: cut it over (opt-in).
+    if pending.is_none() && topo.spec.failover.automatic && topo.spec.failover.region_cutover {
+        for (region, due) in model::regions_down(&cells, &map, &health, &since, now, delay) {
+            match due {
+                Ok(()) => {
+                    let epoch = map.owners.iter().map(|o| o.epoch).max().unwrap_or(0);
+                    pending = Some(Pending {
+                        id: format!("auto-dr-cutover-{region}-e{epoch}"),
+                        command: Command::DrCutover {
+                            from: region,
+                            to: None,
+                        },
+                        requested_by: MANAGER.into(),
+                        automatic: true,
+                    });
+                    break;
+                }
+                Err(left) => requeue = requeue.min(left.max(Duration::from_millis(500))),
+            }
+        }
+    }
     if pending.is_none() && topo.spec.failover.automatic {
         for c in &cells {
             let cname = c.name_any();
@@ -617,10 +638,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         ctx.event(
             &*topo,
             EventType::Normal,
-            if p.automatic {
-                "AutomaticFailover"
-            } else {
-                "ShardsMoved"
+            match (&p.command, p.automatic) {
+                (Command::DrCutover { .. }, true) => "AutomaticRegionCutover",
+                (_, true) => "AutomaticFailover",
+                _ => "ShardsMoved",
             },
             note,
         )

@@ -128,6 +128,11 @@ pub struct FailoverPolicy {
     /// How long a cell's serving pods must all be not ready before its shards move.
     #[schemars(range(min = 1, max = 3600))]
     pub not_ready_seconds: u32,
+    /// Opt-in: when every cell of a region has been not ready that long (no cell left in
+    /// the region to fail over to), cut the region over to the others automatically. Off,
+    /// the operator reports `FailoverBlocked` and waits for `kubectl cell dr cutover`.
+    #[serde(default)]
+    pub region_cutover: bool,
 }
 
 impl Default for FailoverPolicy {
@@ -135,6 +140,7 @@ impl Default for FailoverPolicy {
         FailoverPolicy {
             automatic: true,
             not_ready_seconds: 10,
+            region_cutover: false,
         }
     }
 }

@@ -14,7 +14,7 @@
 //! | `ldc_operator_reconciles_total` | counter | `result` (`ok`/`error`) |
 //! | `ldc_operator_reconcile_duration_seconds` | histogram | |
 //! | `ldc_operator_reconcile_errors_total` | counter | `kind` ([`crate::controller::Error::label`]: `conflict`, `kube`, `store`, …) |
-//! | `ldc_operator_operations_total` | counter | `kind` (`failover`, `switchover`, `dr-cutover`, `revert`, `auto-failover`), `result` (`Succeeded`/`Failed`) |
+//! | `ldc_operator_operations_total` | counter | `kind` (`failover`, `switchover`, `dr-cutover`, `revert`, `auto-failover`, `auto-dr-cutover`), `result` (`Succeeded`/`Failed`) |
 //! | `ldc_operator_shards_moved_total` | counter | `kind` |
 //! | `ldc_operator_routing_epoch` | gauge | `topology` |
 //! | `ldc_operator_cells` / `ldc_operator_cells_ready` | gauge | `topology` |
@@ -62,6 +62,7 @@ pub fn operation_kind(command: &Command, automatic: bool) -> &'static str {
         Command::Failover { .. } if automatic => "auto-failover",
         Command::Failover { .. } => "failover",
         Command::Switchover { .. } => "switchover",
+        Command::DrCutover { .. } if automatic => "auto-dr-cutover",
         Command::DrCutover { .. } => "dr-cutover",
         Command::Revert { .. } => "revert",
     }

@@ -159,6 +159,50 @@ pub fn failover_due(since: Timestamp, now: Timestamp, delay: Duration) -> Result
     }
 }
 
+/// Regions that are down as a whole: every cell of the region has been not ready (and at
+/// least one of them owns shards and was ready once), while a cell of another region is
+/// healthy. Each with `Ok` when it has been down for `delay`, else how long is left.
+pub fn regions_down(
+    cells: &[Cell],
+    map: &ShardMap,
+    health: &BTreeMap<String, Health>,
+    since: &BTreeMap<String, Option<Timestamp>>,
+    now: Timestamp,
+    delay: Duration,
+) -> Vec<(String, Result<(), Duration>)> {
+    let mut regions: BTreeMap<&str, Vec<&Cell>> = BTreeMap::new();
+    for c in cells {
+        regions.entry(c.spec.region.as_str()).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    for (region, rc) in &regions {
+        let name = |c: &Cell| c.metadata.name.clone().unwrap_or_default();
+        let all_down = rc
+            .iter()
+            .all(|c| health.get(&name(c)) != Some(&Health::Healthy));
+        let owns = rc.iter().any(|c| {
+            map.count_owned(&name(c)) > 0 && c.status.as_ref().is_some_and(|s| s.ever_ready)
+        });
+        let elsewhere = cells
+            .iter()
+            .any(|c| c.spec.region != *region && health.get(&name(c)) == Some(&Health::Healthy));
+        if !(all_down && owns && elsewhere) {
+            continue;
+        }
+        // Down since the latest of its cells went down.
+        let Some(latest) = rc
+            .iter()
+            .map(|c| since.get(&name(c)).copied().flatten())
+            .collect::<Option<Vec<Timestamp>>>()
+            .and_then(|v| v.into_iter().max())
+        else {
+            continue;
+        };
+        out.push((region.to_string(), failover_due(latest, now, delay)));
+    }
+    out
+}
+
 /// The command that reverts operation `id`, from its record in `history`.
 pub fn revert_command(history: &[OperationRecord], id: &str) -> Result<Command, RequestError> {
     let rec = history
@@ -337,6 +381,7 @@ pub fn n_plus_one_shortfall(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::CellStatus;
     use crate::specs::tests::{cell, topo};
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -427,6 +472,55 @@ mod tests {
             "never ready: first rollout"
         );
         assert!(!auto_failover_candidate(0, true), "nothing to move");
+    }
+
+    #[test]
+    fn a_region_is_down_only_when_all_its_cells_are() {
+        let mut cs = cells();
+        for c in &mut cs {
+            c.status = Some(CellStatus {
+                ever_ready: true,
+                ..Default::default()
+            });
+        }
+        let map = ShardMap::initial(12, &["r1-a", "r1-b", "r2-a"]);
+        let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        let t3: Timestamp = "2025-01-01T00:00:03Z".parse().unwrap();
+        let t9: Timestamp = "2025-01-01T00:00:09Z".parse().unwrap();
+        let delay = Duration::from_secs(5);
+        let mut health: BTreeMap<String, Health> = cs
+            .iter()
+            .map(|c| (c.metadata.name.clone().unwrap(), Health::Healthy))
+            .collect();
+        let mut since: BTreeMap<String, Option<Timestamp>> =
+            health.keys().map(|k| (k.clone(), None)).collect();
+        // One r2 cell down: the standby takes it; the region is not down.
+        health.insert("r2-a".into(), Health::Unhealthy);
+        since.insert("r2-a".into(), Some(t0));
+        assert!(regions_down(&cs, &map, &health, &since, t9, delay).is_empty());
+        // Both: down since the later of the two.
+        health.insert("r2-s".into(), Health::Unhealthy);
+        since.insert("r2-s".into(), Some(t3));
+        assert_eq!(
+            regions_down(&cs, &map, &health, &since, t3, delay),
+            vec![("r2".to_string(), Err(Duration::from_secs(5)))]
+        );
+        assert_eq!(
+            regions_down(&cs, &map, &health, &since, t9, delay),
+            vec![("r2".to_string(), Ok(()))]
+        );
+        // Nobody healthy elsewhere: nowhere to go.
+        for c in ["r1-a", "r1-b", "r1-s"] {
+            health.insert(c.into(), Health::Unhealthy);
+        }
+        assert!(regions_down(&cs, &map, &health, &since, t9, delay).is_empty());
+        // A region that owns nothing is not cut over.
+        let mut health2 = health.clone();
+        for c in ["r1-a", "r1-b", "r1-s"] {
+            health2.insert(c.into(), Health::Healthy);
+        }
+        let empty_r2 = ShardMap::initial(12, &["r1-a", "r1-b"]);
+        assert!(regions_down(&cs, &empty_r2, &health2, &since, t9, delay).is_empty());
     }
 
     #[test]

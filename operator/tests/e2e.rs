@@ -231,6 +231,7 @@ impl Env {
                 failover: FailoverPolicy {
                     automatic,
                     not_ready_seconds: delay_s,
+                    region_cutover: false,
                 },
                 router_address: "ldc-router:7400".into(),
             },
@@ -738,6 +739,51 @@ async fn not_ready_pods_fail_over_automatically_after_the_delay() {
             "missing {want} in\n{text}"
         );
     }
+
+    // Now the standby fails too: region r2 is down as a whole. Without the opt-in nothing
+    // moves (there is no cell left in r2) and the operator says it is blocked.
+    env.fail_pods("r2-s").await;
+    wait_for("FailoverBlocked reported", || async {
+        let t = env.api::<Topology>().get("prod").await.ok()?;
+        t.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "FailoverBlocked" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.table().await.unwrap().epoch,
+        2,
+        "moved without the opt-in"
+    );
+    // With it, region r2 is cut over to r1 on its own, every shard's epoch +1.
+    let patch = serde_json::json!({"spec": {"failover": {"regionCutover": true}}});
+    env.api::<Topology>()
+        .patch("prod", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let t = env
+        .wait_table("r2's shards routed to r1", |t| {
+            (6..12).all(|s| t.shards[s].cell.starts_with("r1-"))
+        })
+        .await;
+    assert_eq!(t.epoch, 3);
+    assert!((6..12).all(|s| t.shards[s].epoch == 3));
+    assert!((0..6).all(|s| t.shards[s].cell == "r1-a" && t.shards[s].epoch == 1));
+    wait_for("automatic region cutover in history", || async {
+        let t = env.api::<Topology>().get("prod").await.ok()?;
+        t.status?
+            .history
+            .iter()
+            .any(|h| h.id.starts_with("auto-dr-cutover-r2") && h.result == "Succeeded")
+            .then_some(())
+    })
+    .await;
+    let text = env.scrape_metrics(env.generation).await;
+    let want = "ldc_operator_operations_total{kind=\"auto-dr-cutover\",result=\"Succeeded\"} 1\n";
+    assert!(text.contains(want), "missing {want} in\n{text}");
 }
 
 #[tokio::test]
