@@ -7,6 +7,7 @@
 //! sys/topology                        planner topology, JSON
 //! sys/routing                         published routing table, JSON (ldc_core::routing::STORE_KEY)
 //! sys/cells/{cell}                    local runtime facts (pid, endpoint, health), JSON
+//! sys/relay/{cell}                    which colour's relay delivers the cell's outbox (lease), JSON
 //! own/{shard:05}                      shard ownership {cell, epoch}: the fencing record, JSON
 //! u/{shard:05}/{user}/d/{message}     inbound credit dedup record
 //! u/{shard:05}/{user}/i/{key}         idempotency record

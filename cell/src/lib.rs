@@ -105,6 +105,7 @@ pub async fn serve(
             writer.clone(),
             relay::RelayConfig {
                 cell: cfg.cell.clone(),
+                holder: format!("{}/{}", cfg.colour, std::process::id()),
                 shard_count,
                 router,
             },

@@ -36,6 +36,9 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 
 pub struct RelayConfig {
     pub cell: String,
+    /// Who this relay is (`colour/pid`): both colours of a cell run a relay, and only the
+    /// one holding the cell's relay lease delivers (see [`lead`]).
+    pub holder: String,
     pub shard_count: u32,
     /// Router address (`host:port`) that routes by the payee's user header.
     pub router: String,
@@ -46,6 +49,57 @@ struct Pending {
     shard: u32,
     credit: proto::Credit,
     created_ms: u64,
+}
+
+/// How long a relay lease lasts without renewal; the holder renews at half of it.
+const LEASE_MS: u64 = 3_000;
+
+/// The relay lease of a cell (`sys/relay/{cell}`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Lease {
+    holder: String,
+    expires_ms: u64,
+}
+
+/// Whether `holder` may deliver the cell's outbox now: takes the lease if it is free or
+/// expired, renews it when half gone. Both colours of a cell run a relay; without this
+/// both would deliver every message (harmless, the payee deduplicates, but twice the
+/// work). It is an optimisation, not a safety mechanism: exactly-once comes from the
+/// dedup records, so two holders at once after a clock jump cost only duplicates.
+pub fn lead(
+    store: &dyn Store,
+    cell: &str,
+    holder: &str,
+    now_ms: u64,
+) -> Result<bool, PaymentError> {
+    let key = format!("sys/relay/{cell}").into_bytes();
+    let mut t = store.begin()?;
+    let cur: Option<Lease> = match t.get_for_update(&key)? {
+        Some(b) => serde_json::from_slice(&b).ok(),
+        None => None,
+    };
+    let renew = match &cur {
+        Some(l) if l.holder == holder => l.expires_ms < now_ms + LEASE_MS / 2,
+        Some(l) if l.expires_ms > now_ms => {
+            t.rollback()?;
+            return Ok(false);
+        }
+        _ => true,
+    };
+    if !renew {
+        t.rollback()?;
+        return Ok(true);
+    }
+    let lease = Lease {
+        holder: holder.to_string(),
+        expires_ms: now_ms + LEASE_MS,
+    };
+    t.put(&key, &serde_json::to_vec(&lease).expect("lease encodes"))?;
+    match t.commit() {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_retryable() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Reads the outbox of every shard this cell owns (one consistent snapshot).
@@ -116,6 +170,25 @@ pub async fn run(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(backoff) => {}
         }
+        let (s, cell, holder) = (store.clone(), cfg.cell.clone(), cfg.holder.clone());
+        let leading =
+            tokio::task::spawn_blocking(move || lead(&*s, &cell, &holder, now_ms())).await;
+        match leading {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                // The other colour delivers; look again later (it may go away).
+                metrics.outbox_pending.set(0);
+                metrics.outbox_lag_seconds.set(0.0);
+                backoff = IDLE_POLL;
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "relay lease failed");
+                backoff = IDLE_POLL;
+                continue;
+            }
+            Err(_) => continue,
+        }
         let s = store.clone();
         let cell = cfg.cell.clone();
         let scanned = tokio::task::spawn_blocking(move || scan_outbox(&*s, &cell)).await;
@@ -129,9 +202,7 @@ pub async fn run(
         };
         metrics.owned_shards.set(i64::from(owned));
         metrics.outbox_pending.set(pending.len() as i64);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = now_ms();
         let oldest = pending.iter().map(|p| p.created_ms).min();
         metrics
             .outbox_lag_seconds
@@ -148,6 +219,12 @@ pub async fn run(
             (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2))
         };
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn deliver_all(
@@ -227,5 +304,29 @@ async fn deliver_one(
             tracing::debug!(message_id, error = %e, "settle failed; will retry");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ldc_store::sqlite::SqliteStore;
+
+    #[test]
+    fn one_relay_per_cell_leads_until_its_lease_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let t0 = 1_000_000;
+        assert!(lead(&store, "r1-a", "blue/1", t0).unwrap());
+        // The other colour waits while the lease runs; renewals keep it.
+        assert!(!lead(&store, "r1-a", "green/2", t0 + 100).unwrap());
+        assert!(lead(&store, "r1-a", "blue/1", t0 + LEASE_MS / 2 + 1).unwrap());
+        assert!(!lead(&store, "r1-a", "green/2", t0 + LEASE_MS + 1).unwrap());
+        // Another cell's lease is its own.
+        assert!(lead(&store, "r2-a", "green/2", t0 + 200).unwrap());
+        // The holder went away: once the lease has run out the other colour takes over.
+        let later = t0 + LEASE_MS / 2 + 1 + LEASE_MS + 1;
+        assert!(lead(&store, "r1-a", "green/2", later).unwrap());
+        assert!(!lead(&store, "r1-a", "blue/1", later + 1).unwrap());
     }
 }
