@@ -462,6 +462,20 @@ impl World {
         self.operators.push(p);
     }
 
+    /// Waits for a `kubectl cell` started in the background; it must succeed.
+    async fn wait_success(&self, child: std::process::Child, what: &str) {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.operator_log()
+        );
+    }
+
     fn operator_log(&self) -> String {
         self.operators
             .iter()
@@ -1001,18 +1015,10 @@ async fn payments_through_the_router_survive_every_operation() {
     );
     w.operators[0].kill();
     let fault = Instant::now();
-    let out = tokio::task::spawn_blocking(move || pending.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    w.wait_success(pending, "kubectl cell revert with the leader killed")
+        .await;
     sc.op = Some(fault.elapsed());
     sc.fault = Some((fault, users.iter().cloned().collect()));
-    assert!(
-        out.status.success(),
-        "kubectl cell revert with the leader killed: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        w.operator_log()
-    );
     let after = w.table().unwrap();
     for (s, ((home, b), a)) in before_cutover
         .shards
@@ -1074,18 +1080,13 @@ async fn payments_through_the_router_survive_every_operation() {
     );
     w.start_operator();
     w.wait_operator_log(4, "leading").await;
-    let out = tokio::task::spawn_blocking(move || pending.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    w.wait_success(
+        pending,
+        "kubectl cell switchover across a crash after the fence",
+    )
+    .await;
     sc.op = Some(t0.elapsed());
     sc.fault = Some((t0, affected));
-    assert!(
-        out.status.success(),
-        "kubectl cell switchover across a crash after the fence: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        w.operator_log()
-    );
     let after = w.table().unwrap();
     assert_only_moved(&before, &after, "r2-a", "r2-s");
     let history = w.topology()["status"]["history"].clone();
