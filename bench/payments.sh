@@ -21,7 +21,7 @@ trap cleanup EXIT
 
 echo "== building ldc (release)"
 cargo build --release --quiet
-LDC=target/release/ldc
+LDC=${CARGO_TARGET_DIR:-target}/release/ldc
 
 echo "== installing PostgreSQL and pgbench if missing"
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then

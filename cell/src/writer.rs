@@ -8,14 +8,17 @@
 //! answers every caller. No caller hears "ok" before its payment is on disk.
 //!
 //! The fsync is pipelined: the writer commits a batch without waiting for the sync
-//! ([`Store::begin_unsynced`]) and hands its replies to a syncer thread, which syncs the
-//! store once for every batch committed so far and only then answers their callers. While
-//! batch N syncs, the writer already executes batch N+1 on top of N's committed state.
+//! ([`Store::begin_unsynced`]) and hands its replies to the syncer threads: a sync starts
+//! as soon as a committed batch is not covered by a running one (up to
+//! [`SYNCS_IN_FLIGHT_MAX`] overlap), and finished syncs are applied in the order they
+//! started, each answering the callers of every batch committed before it began (see
+//! [`SyncQueue`]). While batch N syncs, the writer already executes batch N+1 on top of N's
+//! committed state.
 //! This is safe because durability follows commit order: the embedded store appends every
 //! commit to one WAL, recovery replays a prefix of it (frames are checksummed in a chain),
 //! and one fsync covers everything written before it. So N+1 can only ever be durable
 //! together with N, no reply leaves before a sync that started after its batch committed,
-//! and if a sync fails the syncer answers every pending caller with an undetermined outcome
+//! and if a sync fails the syncers answer every pending caller with an undetermined outcome
 //! and refuses all later work (after a failed fsync the kernel may have dropped the pages;
 //! only a restart, which recovers from what is really on disk, can tell). Reads served by
 //! this process wait for [`Writer::wait_durable`] so they never show a payment that could
@@ -25,9 +28,9 @@
 //! whole batch; it is retried a bounded number of times, and callers then get a retryable
 //! error. Because every mutating command is idempotent, a retry by the client is safe.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ldc_store::overlay::Overlay;
@@ -55,9 +58,11 @@ struct Job {
     reply: Reply,
 }
 
-/// Batches committed but possibly not yet synced, between the writer and the syncer (a
+/// Batches committed but possibly not yet synced, between the writer and the syncers (a
 /// limit on everything: a slow disk slows the writer down instead of queueing forever).
 const UNSYNCED_BATCHES_MAX: usize = 8;
+/// Store syncs running at once (one thread each); see [`SyncQueue`].
+const SYNCS_IN_FLIGHT_MAX: usize = 3;
 /// The durable watermark after a failed sync: nothing is durable any more, as far as
 /// anyone in this process may assume.
 const POISONED: u64 = u64::MAX;
@@ -92,22 +97,33 @@ impl Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_max);
         let committing = Arc::new(AtomicU64::new(0));
         let (durable_tx, durable) = watch::channel(0);
-        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(UNSYNCED_BATCHES_MAX);
-        let syncer = {
-            let (store, metrics) = (store.clone(), metrics.clone());
-            std::thread::Builder::new()
-                .name(format!("syncer-{}", cfg.cell))
-                .spawn(move || run_syncer(sync_rx, &*store, durable_tx, &metrics, &outbox))
-                .expect("spawn syncer thread")
-        };
+        let queue = Arc::new(SyncQueue::new());
+        let durable_tx = Arc::new(durable_tx);
+        let syncers: Vec<_> = (0..SYNCS_IN_FLIGHT_MAX)
+            .map(|i| {
+                let (store, metrics, queue, durable_tx, outbox) = (
+                    store.clone(),
+                    metrics.clone(),
+                    queue.clone(),
+                    durable_tx.clone(),
+                    outbox.clone(),
+                );
+                std::thread::Builder::new()
+                    .name(format!("syncer-{}-{i}", cfg.cell))
+                    .spawn(move || run_syncer(&queue, &*store, &durable_tx, &metrics, &outbox))
+                    .expect("spawn syncer thread")
+            })
+            .collect();
         let seq = committing.clone();
         let handle = std::thread::Builder::new()
             .name(format!("writer-{}", cfg.cell))
             .spawn(move || {
-                run(rx, store, cfg, metrics, seq, sync_tx);
-                // The writer dropped its end of the channel: the syncer answers what is
-                // left and stops.
-                let _ = syncer.join();
+                run(rx, store, cfg, metrics, seq, &queue);
+                // The writer stopped: the syncers answer what is left and stop.
+                queue.close();
+                for s in syncers {
+                    let _ = s.join();
+                }
             })
             .expect("spawn writer thread");
         (
@@ -173,7 +189,7 @@ fn run(
     cfg: WriterConfig,
     metrics: CellMetrics,
     committing: Arc<AtomicU64>,
-    sync_tx: std::sync::mpsc::SyncSender<Committed>,
+    queue: &SyncQueue,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_max);
     let mut seq = 0u64;
@@ -207,42 +223,131 @@ fn run(
                 (job.reply, result)
             })
             .collect();
-        // Every batch goes through the syncer, even a failed one, so the durable watermark
+        // Every batch goes through the syncers, even a failed one, so the durable watermark
         // advances in order.
-        let c = Committed {
+        queue.push(Committed {
             seq,
             replies,
             queued_outbox,
-        };
-        if let Err(std::sync::mpsc::SendError(c)) = sync_tx.send(c) {
-            // The syncer is gone (it only stops when this thread drops the channel, or
-            // panicked): nothing can be confirmed durable.
-            for (reply, _) in c.replies {
-                let _ = reply.send(Err(PaymentError::Store(sync_failed())));
-            }
-        }
+        });
     }
     tracing::info!(cell = %cfg.cell, "writer stopped");
 }
 
-/// Syncs the store once for every group of committed batches, then answers their callers.
+/// Committed batches waiting for a sync, shared by the writer and the syncer threads.
+///
+/// Syncs overlap: when a batch commits while a sync is running, an idle syncer starts the
+/// next sync at once instead of waiting for the running one to end (this disk completes
+/// concurrent flushes of one file nearly in parallel, so a batch waits for one sync instead
+/// of one and a half). Results are applied strictly in the order the syncs started: sync
+/// `t` answers the batches it covers only after every sync started before it succeeded. A
+/// sync opens its own descriptor of the WAL, so a write-back error is reported to every
+/// sync that was already running when the error was recorded; the earliest such sync
+/// fails, and in-order application then refuses every later batch even if a later sync
+/// (which could have missed the error) returned success first.
+struct SyncQueue {
+    state: Mutex<SyncState>,
+    /// Wakes a syncer: a batch committed, or the writer stopped.
+    work: Condvar,
+    /// Wakes the writer: batches were answered (room under [`UNSYNCED_BATCHES_MAX`]).
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Committed, unanswered batches in commit order.
+    pending: VecDeque<Committed>,
+    /// Sequence number of the last batch committed (pushed by the writer).
+    committed: u64,
+    /// Sequence number of the last batch some started sync covers.
+    covered: u64,
+    /// Syncs are numbered in the order they start...
+    next_ticket: u64,
+    /// ...and their results applied in that order.
+    next_to_apply: u64,
+    /// Finished syncs whose results wait for an earlier sync: ticket -> (covered, result).
+    finished: BTreeMap<u64, (u64, Result<(), StoreError>)>,
+    poisoned: bool,
+    closed: bool,
+}
+
+fn lock(m: &Mutex<SyncState>) -> MutexGuard<'_, SyncState> {
+    // A panicking syncer must not hide pending callers; the state stays consistent because
+    // every update is made under the lock in one step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers every pending batch with "sync failed".
+fn refuse_all(pending: impl IntoIterator<Item = Committed>) {
+    for c in pending {
+        // Even a refusal may rest on state that is now in doubt (a balance, an idempotency
+        // record of an earlier unsynced batch): answer none.
+        for (reply, _) in c.replies {
+            let _ = reply.send(Err(PaymentError::Store(sync_failed())));
+        }
+    }
+}
+
+impl SyncQueue {
+    fn new() -> SyncQueue {
+        SyncQueue {
+            state: Mutex::new(SyncState::default()),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        }
+    }
+
+    /// Hands a committed batch to the syncers; blocks while too many wait (a slow disk
+    /// slows the writer down instead of queueing forever).
+    fn push(&self, c: Committed) {
+        let mut s = lock(&self.state);
+        while s.pending.len() >= UNSYNCED_BATCHES_MAX && !s.poisoned {
+            s = self.room.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.poisoned {
+            drop(s);
+            refuse_all([c]);
+            return;
+        }
+        s.committed = c.seq;
+        s.pending.push_back(c);
+        drop(s);
+        self.work.notify_one();
+    }
+
+    /// The writer stopped: syncers finish what is committed and exit.
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.work.notify_all();
+    }
+}
+
+/// One syncer thread: starts a sync whenever a committed batch is not covered by a running
+/// one, then applies finished syncs in start order and answers the batches they cover.
 fn run_syncer(
-    rx: std::sync::mpsc::Receiver<Committed>,
+    q: &SyncQueue,
     store: &dyn Store,
-    durable: watch::Sender<u64>,
+    durable: &watch::Sender<u64>,
     metrics: &CellMetrics,
     outbox: &Notify,
 ) {
-    let mut poisoned = false;
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while let Ok(c) = rx.try_recv() {
-            group.push(c);
-        }
-        let last = group.last().map_or(0, |c| c.seq);
-        // A failed batch committed nothing, but it may follow committed ones; one sync
-        // covers the whole group either way.
-        let synced = if poisoned {
+    loop {
+        let (ticket, cover) = {
+            let mut s = lock(&q.state);
+            while s.committed == s.covered {
+                if s.closed {
+                    return;
+                }
+                s = q.work.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            let ticket = s.next_ticket;
+            s.next_ticket += 1;
+            s.covered = s.committed;
+            (ticket, s.covered)
+        };
+        // Every batch up to `cover` had committed when this sync started. A failed batch
+        // committed nothing, but it may follow committed ones; it is covered all the same.
+        let result = if lock(&q.state).poisoned {
             Err(sync_failed())
         } else {
             let started = Instant::now();
@@ -252,34 +357,49 @@ fn run_syncer(
                 .observe(started.elapsed().as_secs_f64());
             r
         };
-        match synced {
-            Ok(()) => {
-                durable.send_replace(last);
-                let mut queued_outbox = false;
-                for c in group {
-                    queued_outbox |= c.queued_outbox;
-                    for (reply, answer) in c.replies {
-                        let _ = reply.send(answer); // the caller may have gone away
+        let mut answered = Vec::new();
+        let mut refused = Vec::new();
+        {
+            let mut s = lock(&q.state);
+            s.finished.insert(ticket, (cover, result));
+            loop {
+                let next = s.next_to_apply;
+                let Some((cover, result)) = s.finished.remove(&next) else {
+                    break;
+                };
+                s.next_to_apply += 1;
+                match result {
+                    Ok(()) if !s.poisoned => {
+                        while s.pending.front().is_some_and(|c| c.seq <= cover) {
+                            answered.extend(s.pending.pop_front());
+                        }
+                        durable.send_replace(cover);
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        if !s.poisoned {
+                            tracing::error!(error = %e, "store sync failed; refusing all further writes");
+                        }
+                        s.poisoned = true;
+                        durable.send_replace(POISONED);
                     }
                 }
-                if queued_outbox {
-                    outbox.notify_one();
-                }
             }
-            Err(e) => {
-                if !poisoned {
-                    tracing::error!(error = %e, "store sync failed; refusing all further writes");
-                }
-                poisoned = true;
-                durable.send_replace(POISONED);
-                for c in group {
-                    // Even a refusal may rest on state that is now in doubt (a balance, an
-                    // idempotency record of an earlier unsynced batch): answer none.
-                    for (reply, _) in c.replies {
-                        let _ = reply.send(Err(PaymentError::Store(sync_failed())));
-                    }
-                }
+            if s.poisoned {
+                refused.extend(s.pending.drain(..));
             }
+        }
+        q.room.notify_all();
+        refuse_all(refused);
+        let mut queued_outbox = false;
+        for c in answered {
+            queued_outbox |= c.queued_outbox;
+            for (reply, answer) in c.replies {
+                let _ = reply.send(answer); // the caller may have gone away
+            }
+        }
+        if queued_outbox {
+            outbox.notify_one();
         }
     }
 }
@@ -416,6 +536,10 @@ mod tests {
         inner: SqliteStore,
         hold: AtomicBool,
         fail: AtomicBool,
+        /// Holds only the first sync, then fails it if `fail_first` is set.
+        hold_first: AtomicBool,
+        fail_first: AtomicBool,
+        syncs: AtomicU64,
     }
 
     impl Store for GatedStore {
@@ -429,6 +553,14 @@ mod tests {
             self.inner.begin_unsynced()
         }
         fn sync(&self) -> ldc_store::Result<()> {
+            if self.syncs.fetch_add(1, Ordering::SeqCst) == 0 {
+                while self.hold_first.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if self.fail_first.load(Ordering::SeqCst) {
+                    return Err(StoreError::Undetermined("injected fsync failure".into()));
+                }
+            }
             while self.hold.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -448,6 +580,9 @@ mod tests {
             inner: SqliteStore::open(&dir.path().join("s.db")).unwrap(),
             hold: AtomicBool::new(false),
             fail: AtomicBool::new(false),
+            hold_first: AtomicBool::new(false),
+            fail_first: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         });
         let topo = Topology {
             shard_count: 4,
@@ -524,5 +659,43 @@ mod tests {
             matches!(e, PaymentError::Store(StoreError::Undetermined(_))),
             "{e:?}"
         );
+    }
+
+    /// Overlapping syncs: a later sync that returns first answers nobody while an earlier
+    /// one runs, and when the earlier one fails, the batches the later one covered are
+    /// refused too (the later sync may have missed the write-back error).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncs_apply_in_start_order() {
+        let (_dir, store, w) = setup();
+        store.syncs.store(0, Ordering::SeqCst);
+        store.hold_first.store(true, Ordering::SeqCst);
+        store.fail_first.store(true, Ordering::SeqCst);
+        let w1 = w.clone();
+        let first = tokio::spawn(async move { w1.submit(open("alice")).await });
+        while store.syncs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let w2 = w.clone();
+        let second = tokio::spawn(async move { w2.submit(open("bob")).await });
+        while store.syncs.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The second sync has started (and, not being held, returned) after bob's batch
+        // committed; alice's sync is still running.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "answered before an earlier sync ended"
+        );
+        assert!(!first.is_finished());
+        store.hold_first.store(false, Ordering::SeqCst);
+        for r in [first.await.unwrap(), second.await.unwrap()] {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(e, PaymentError::Store(StoreError::Undetermined(_))),
+                "{e:?}"
+            );
+        }
+        assert!(w.wait_durable().await.is_err());
     }
 }
