@@ -530,6 +530,32 @@ async fn reconcile_creates_workloads_status_and_routing_table() {
         })
         .await;
     assert_eq!(t.epoch, 2);
+
+    // `status --watch` prints the status, then again (with the time) when it changes.
+    let path = std::env::temp_dir().join(format!("ldc-watch-{}-{}", std::process::id(), env.ns));
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_kubectl-cell"))
+        .args(["-n", &env.ns, "status", "--watch"])
+        .stdout(std::fs::File::create(&path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    wait_for("the watch to print the status", || async {
+        let s = read();
+        (s.contains("r1-a") && s.contains("25%")).then_some(())
+    })
+    .await;
+    let (ok, out, err) = env.kubectl_cell(&["traffic-shift", "r1-a", "--green", "50"]);
+    assert!(ok, "{out}{err}");
+    wait_for("the watch to print the change", || async {
+        let s = read();
+        (s.matches("\n--- ").count() + usize::from(s.starts_with("--- ")) >= 2 && s.contains("50%"))
+            .then_some(())
+    })
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let _ = std::fs::remove_file(&path);
 }
 
 #[tokio::test]
