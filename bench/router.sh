@@ -37,9 +37,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== building ldc (release)"
-cargo build --release --quiet --bin ldc
-LDC=target/release/ldc
+# LDC_BIN=path runs a given ldc binary (A/B comparisons) instead of building one.
+if [ -n "${LDC_BIN:-}" ]; then
+  LDC=$LDC_BIN
+else
+  echo "== building ldc (release)"
+  cargo build --release --quiet --bin ldc
+  # Honour CARGO_TARGET_DIR (a shared target directory) like cargo does.
+  LDC=${CARGO_TARGET_DIR:-target}/release/ldc
+fi
 
 echo "== installing nginx and h2load if missing"
 if ! command -v nginx >/dev/null || ! command -v h2load >/dev/null; then

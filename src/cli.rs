@@ -22,12 +22,26 @@ pub struct Cli {
 
 impl Cli {
     /// Cells and routers get two worker threads (the machine's cores); clients need one.
+    /// Whether the command is `ldc router serve`.
+    pub fn is_router_serve(&self) -> bool {
+        matches!(
+            self.cmd,
+            Cmd::Router {
+                cmd: RouterCmd::Serve(_)
+            }
+        )
+    }
+
+    /// Worker threads of the command's runtime. `1` for `ldc router serve` means a
+    /// single-threaded runtime (see [`RouterServeArgs::worker_threads`]).
     pub fn worker_threads(&self) -> usize {
         match &self.cmd {
+            Cmd::Router {
+                cmd: RouterCmd::Serve(a),
+            } => a.worker_threads.max(1),
             Cmd::Cell {
                 cmd: CellCmd::Serve(_),
             }
-            | Cmd::Router { .. }
             | Cmd::Load(_)
             | Cmd::Up(_) => 2,
             _ => 1,
@@ -302,6 +316,13 @@ pub struct RouterServeArgs {
     /// kubernetes: its namespace (default: the kubeconfig's or the pod's).
     #[arg(long, env = "LDC_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Threads proxying requests. 1 (the default, like linkerd2-proxy's) runs the router
+    /// on a single-threaded runtime: no cross-thread wake-ups, work stealing or contended
+    /// atomics per request, and a router that shares its cores with other processes (a
+    /// sidecar, or `ldc up`) answers with a shorter tail. Give it more on a dedicated node
+    /// whose load needs more than one core.
+    #[arg(long, env = "LDC_ROUTER_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,11 +28,16 @@ fn main() -> std::process::ExitCode {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads())
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = if args.is_router_serve() && args.worker_threads() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.worker_threads());
+        b
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime");
     match rt.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(e) => {

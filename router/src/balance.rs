@@ -13,12 +13,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use rand::Rng;
 
+use crate::metrics::{CellMetrics, RouterMetrics};
 use crate::upstream::Upstream;
 
 /// One upstream endpoint (`host:port`) and what the router knows about it.
@@ -30,6 +31,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     health: Mutex<Health>,
     upstream: Upstream,
+    /// The metric handles of the endpoint's cell and colour (an endpoint serves one).
+    metrics: OnceLock<Arc<CellMetrics>>,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +50,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
             upstream: Upstream::default(),
+            metrics: OnceLock::new(),
         }
     }
 
@@ -63,6 +67,25 @@ impl Endpoint {
     /// The endpoint's HTTP/2 connections.
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// The request metrics of `cell` and `colour`, resolved on the endpoint's first request
+    /// and kept (an endpoint that turns up under another cell or colour, which a table
+    /// change could do, gets fresh handles each time).
+    pub(crate) fn cell_metrics(
+        &self,
+        m: &RouterMetrics,
+        cell: &str,
+        colour: &'static str,
+    ) -> Arc<CellMetrics> {
+        let cached = self
+            .metrics
+            .get_or_init(|| Arc::new(CellMetrics::new(m, cell, colour)));
+        if cached.is_for(cell, colour) {
+            cached.clone()
+        } else {
+            Arc::new(CellMetrics::new(m, cell, colour))
+        }
     }
 
     /// Requests in flight to this endpoint.

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ use tokio::time::Sleep;
 
 use crate::balance::InFlight;
 use crate::grpc::{self, Code};
-use crate::metrics::RouterMetrics;
+use crate::metrics::CellMetrics;
 
 /// Error type of the bodies the router sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -150,9 +151,7 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
 
 /// Records one proxied request in the metrics when it ends, whichever way it ends.
 pub struct Completion {
-    metrics: RouterMetrics,
-    cell: String,
-    colour: &'static str,
+    metrics: Arc<CellMetrics>,
     started: Instant,
     /// The final code so far: from trailers-only headers, then from trailers.
     code: Option<&'static str>,
@@ -161,16 +160,12 @@ pub struct Completion {
 
 impl Completion {
     pub fn new(
-        metrics: RouterMetrics,
-        cell: String,
-        colour: &'static str,
+        metrics: Arc<CellMetrics>,
         started: Instant,
         in_flight: Option<InFlight>,
     ) -> Completion {
         Completion {
             metrics,
-            cell,
-            colour,
             started,
             code: None,
             _in_flight: in_flight,
@@ -187,13 +182,7 @@ impl Drop for Completion {
         // No code seen: the client went away (or the stream broke) before the end.
         let code = self.code.unwrap_or("CANCELLED");
         self.metrics
-            .requests
-            .with_label_values(&[&self.cell, self.colour, code])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[&self.cell, self.colour])
-            .observe(self.started.elapsed().as_secs_f64());
+            .record(code, self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -7,6 +7,9 @@ use http_body_util::{BodyExt, Empty};
 
 use crate::body::RespBody;
 
+/// `grpc-status`, a constant so that looking it up does not parse the name each time.
+const GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+
 /// gRPC status codes the router produces or labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
@@ -67,7 +70,7 @@ pub fn code_label(status: &[u8]) -> &'static str {
 
 /// The `grpc-status` in `headers`, as a label, if present.
 pub fn status_label(headers: &HeaderMap) -> Option<&'static str> {
-    headers.get("grpc-status").map(|v| code_label(v.as_bytes()))
+    headers.get(&GRPC_STATUS).map(|v| code_label(v.as_bytes()))
 }
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: bytes outside printable
@@ -122,7 +125,7 @@ pub struct Moved {
 /// Recognises a "moved" answer from its response headers: a trailers-only UNAVAILABLE
 /// carrying `ldc-moved-owner` (and `ldc-moved-epoch`). Any other answer is `None`.
 pub fn moved(headers: &HeaderMap) -> Option<Moved> {
-    if headers.get("grpc-status")?.as_bytes() != b"14" {
+    if headers.get(&GRPC_STATUS)?.as_bytes() != b"14" {
         return None;
     }
     let owner = headers

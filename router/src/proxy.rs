@@ -5,15 +5,19 @@
 //! anything is sent, and the only retry is after a "moved" answer, which a cell gives
 //! before doing anything.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::{CONNECTION, HOST, HeaderName, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ldc_core::routing::{Colour, RouteError, RoutingTable, colour_for};
 use ldc_core::{COLOUR_HEADER, REQUEST_ID_HEADER, SHARD_HEADER, USER_HEADER};
+use tokio::time::Sleep;
 use tracing::Instrument;
 
 use crate::RouterConfig;
@@ -23,6 +27,16 @@ use crate::grpc::{self, Code, Moved};
 use crate::metrics::RouterMetrics;
 use crate::table::TableHandle;
 use crate::upstream::SendError;
+
+// Header names as constants: looking a header up by `&str` parses and validates the
+// name on every call (it showed in profiles); these are checked once, at compile time.
+const USER: HeaderName = HeaderName::from_static(USER_HEADER);
+const SHARD: HeaderName = HeaderName::from_static(SHARD_HEADER);
+const COLOUR: HeaderName = HeaderName::from_static(COLOUR_HEADER);
+const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// What every request handler shares.
 pub(crate) struct Shared {
@@ -92,12 +106,11 @@ struct Head {
 pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
-    let request_id = match parts.headers.get(REQUEST_ID_HEADER) {
+    let request_id = match parts.headers.get(&REQUEST_ID) {
         Some(v) => v.clone(),
         None => {
-            let v = HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
-                .expect("hex is a valid header value");
-            parts.headers.insert(REQUEST_ID_HEADER, v.clone());
+            let v = new_request_id();
+            parts.headers.insert(REQUEST_ID, v.clone());
             v
         }
     };
@@ -135,6 +148,30 @@ pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<Re
     }
 }
 
+/// A random request id: 16 hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::random::<u64>();
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+}
+
+/// The request's upstream deadline: one timer for the whole request (body read, each
+/// attempt, then the response body), registered once instead of once per phase.
+type Deadline = Pin<Box<Sleep>>;
+
+/// Runs `fut` unless `deadline` passes first.
+async fn before<F: Future>(deadline: &mut Deadline, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = deadline.as_mut() => None,
+    }
+}
+
 async fn route(
     s: &Shared,
     parts: http::request::Parts,
@@ -156,7 +193,7 @@ async fn route(
         span.record("user", u.as_str());
     }
     let timeout = upstream_timeout(&parts.headers, s.config.request_timeout);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut deadline: Deadline = Box::pin(tokio::time::sleep(timeout));
 
     let head = Head {
         method: parts.method,
@@ -169,13 +206,8 @@ async fn route(
     };
 
     // Read the (small, unary) body first, so it can be sent again after "moved".
-    let mut body = match tokio::time::timeout_at(
-        deadline,
-        buffer(body, s.config.retry_body_bytes_max),
-    )
-    .await
-    {
-        Err(_) => {
+    let mut body = match before(&mut deadline, buffer(body, s.config.retry_body_bytes_max)).await {
+        None => {
             return Err(Fail::new(
                 Code::DeadlineExceeded,
                 "client_body_timeout",
@@ -184,20 +216,20 @@ async fn route(
                 ),
             ));
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             return Err(Fail::new(
                 Code::Cancelled,
                 "client_body",
                 format!("reading the request body failed: {e}; nothing was sent to a cell"),
             ));
         }
-        Ok(Ok(b)) => b,
+        Some(Ok(b)) => b,
     };
 
     let first = decide(&table, &key)?;
     record(&span, &first);
     let send_body = body.take_body().expect("a fresh body can be sent");
-    let (resp, guard) = send(s, &head, send_body, &first, deadline).await?;
+    let (resp, guard) = send(s, &head, send_body, &first, &mut deadline).await?;
 
     let Some(moved) = grpc::moved(resp.headers()) else {
         return Ok(respond(s, resp, guard, &first, started, deadline));
@@ -211,13 +243,13 @@ async fn route(
     s.metrics.moved_retries.inc();
     tracing::info!(refused_by = %first.cell, owner = %moved.owner, owner_epoch = ?moved.epoch, "cell answered moved; refreshing the table and retrying once");
 
-    let table = refresh(s, &table, &first, &moved, deadline).await;
+    let table = refresh(s, &table, &first, &moved, deadline.deadline()).await;
     let second = decide_after_moved(&table, &key, &first, &moved)?;
     record(&span, &second);
     let send_body = body
         .take_body()
         .expect("a replayable body can be sent again");
-    let (resp, guard) = send(s, &head, send_body, &second, deadline).await?;
+    let (resp, guard) = send(s, &head, send_body, &second, &mut deadline).await?;
     Ok(respond(s, resp, guard, &second, started, deadline))
 }
 
@@ -245,7 +277,7 @@ fn check_header_size(headers: &HeaderMap, max: usize) -> Result<(), Fail> {
 
 /// Reads `x-ldc-user` (or `x-ldc-shard`) and `x-ldc-colour`.
 fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
-    let forced = match headers.get(COLOUR_HEADER) {
+    let forced = match headers.get(&COLOUR) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -263,7 +295,7 @@ fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
                 })?,
         ),
     };
-    if let Some(v) = headers.get(USER_HEADER) {
+    if let Some(v) = headers.get(&USER) {
         let user = v.to_str().map_err(|_| {
             Fail::new(
                 Code::InvalidArgument,
@@ -284,7 +316,7 @@ fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
             forced,
         });
     }
-    if let Some(v) = headers.get(SHARD_HEADER) {
+    if let Some(v) = headers.get(&SHARD) {
         let shard = v
             .to_str()
             .ok()
@@ -319,7 +351,7 @@ fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
 /// `grpc-timeout` if that is smaller.
 fn upstream_timeout(headers: &HeaderMap, configured: Duration) -> Duration {
     headers
-        .get("grpc-timeout")
+        .get(&GRPC_TIMEOUT)
         .and_then(|v| parse_grpc_timeout(v.as_bytes()))
         .map_or(configured, |t| t.min(configured))
 }
@@ -345,12 +377,12 @@ fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
 /// Removes headers that are specific to one hop (HTTP/2 forbids them anyway).
 fn forward_headers(mut h: HeaderMap) -> HeaderMap {
     for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "host",
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        HOST,
     ] {
         h.remove(name);
     }
@@ -473,7 +505,7 @@ async fn send(
     head: &Head,
     body: ReplayBody,
     d: &Decision<'_>,
-    deadline: tokio::time::Instant,
+    deadline: &mut Deadline,
 ) -> Result<(Response<Incoming>, InFlight), Fail> {
     let ep = pick(s, d)?;
     tracing::Span::current().record("endpoint", ep.addr());
@@ -509,12 +541,12 @@ async fn send(
 
     let guard = ep.start();
     let sent = ep.upstream().send(ep.addr(), s.config.connect_timeout, req);
-    match tokio::time::timeout_at(deadline, sent).await {
-        Ok(Ok(resp)) => {
+    match before(deadline, sent).await {
+        Some(Ok(resp)) => {
             s.balancer.restore(&ep);
             Ok((resp, guard))
         }
-        Ok(Err(SendError::Connect(e))) => {
+        Some(Err(SendError::Connect(e))) => {
             s.balancer.eject(&ep, Instant::now());
             Err(Fail::new(
                 Code::Unavailable,
@@ -530,7 +562,7 @@ async fn send(
             )
             .at(d))
         }
-        Ok(Err(SendError::Upstream(e))) => Err(Fail::new(
+        Some(Err(SendError::Upstream(e))) => Err(Fail::new(
             Code::Unavailable,
             "upstream",
             format!(
@@ -543,7 +575,7 @@ async fn send(
             ),
         )
         .at(d)),
-        Err(_) => Err(Fail::new(
+        None => Err(Fail::new(
             Code::DeadlineExceeded,
             "upstream_timeout",
             format!(
@@ -596,24 +628,17 @@ fn respond(
     guard: InFlight,
     d: &Decision<'_>,
     started: Instant,
-    deadline: tokio::time::Instant,
+    deadline: Deadline,
 ) -> Response<RespBody> {
     let (parts, body) = resp.into_parts();
-    let mut completion = Completion::new(
-        s.metrics.clone(),
-        d.cell.to_string(),
-        d.colour.as_str(),
-        started,
-        Some(guard),
-    );
+    let metrics = guard
+        .endpoint()
+        .cell_metrics(&s.metrics, d.cell, d.colour.as_str());
+    let mut completion = Completion::new(metrics, started, Some(guard));
     if let Some(code) = grpc::status_label(&parts.headers) {
         completion.set_code(code);
     }
-    let body = UpstreamBody::new(
-        body,
-        Box::pin(tokio::time::sleep_until(deadline)),
-        completion,
-    );
+    let body = UpstreamBody::new(body, deadline, completion);
     Response::from_parts(parts, body.boxed_unsync())
 }
 

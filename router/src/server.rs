@@ -131,7 +131,9 @@ async fn dispatch(s: Arc<Shared>, req: Request<Incoming>) -> http::Response<crat
     if req.version() != Version::HTTP_2 {
         return admin::not_grpc();
     }
-    proxy::proxy(s, req).await
+    // Boxed: the request's future is large (every state of a proxied call); hyper moves the
+    // service future into each stream task it spawns, so it moves a pointer instead.
+    Box::pin(proxy::proxy(s, req)).await
 }
 
 /// Probes every endpoint of the table each interval with a TCP connect: a failure ejects
