@@ -462,7 +462,8 @@ impl World {
         self.operators.push(p);
     }
 
-    /// Waits for a `kubectl cell` started in the background; it must succeed.
+    /// Waits for a command started in the background (`kubectl cell`, `helm`); it must
+    /// succeed.
     async fn wait_success(&self, child: std::process::Child, what: &str) {
         let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
             .await
@@ -1190,15 +1191,7 @@ async fn payments_through_the_router_survive_every_operation() {
         r#"{"status":{"phase":"Succeeded"}}"#,
     ]);
     assert!(ok, "report the hook pod Succeeded: {err}");
-    let out = tokio::task::spawn_blocking(move || uninstall.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.wait_success(uninstall, "helm uninstall").await;
     let t0 = Instant::now();
     loop {
         let (ok, out, err) = w.kubectl(&[
