@@ -73,22 +73,28 @@ pub fn lead(
     now_ms: u64,
 ) -> Result<bool, PaymentError> {
     let key = format!("sys/relay/{cell}").into_bytes();
-    let mut t = store.begin()?;
-    let cur: Option<Lease> = match t.get_for_update(&key)? {
-        Some(b) => serde_json::from_slice(&b).ok(),
-        None => None,
-    };
-    let renew = match &cur {
-        Some(l) if l.holder == holder => l.expires_ms < now_ms + LEASE_MS / 2,
-        Some(l) if l.expires_ms > now_ms => {
-            t.rollback()?;
-            return Ok(false);
+    // Some(answer) when nothing needs writing; None to take or renew the lease.
+    let decide = |raw: Option<Vec<u8>>| -> Option<bool> {
+        match raw.and_then(|b| serde_json::from_slice::<Lease>(&b).ok()) {
+            Some(l) if l.holder == holder => {
+                (l.expires_ms >= now_ms + LEASE_MS / 2).then_some(true)
+            }
+            Some(l) if l.expires_ms > now_ms => Some(false),
+            _ => None,
         }
-        _ => true,
     };
-    if !renew {
+    // Usually a read settles it: a write transaction would take the store's write lock,
+    // which the cell's writer needs for every batch.
+    let mut r = store.begin_read()?;
+    let seen = r.get(&key)?;
+    r.rollback()?;
+    if let Some(answer) = decide(seen) {
+        return Ok(answer);
+    }
+    let mut t = store.begin()?;
+    if let Some(answer) = decide(t.get_for_update(&key)?) {
         t.rollback()?;
-        return Ok(true);
+        return Ok(answer);
     }
     let lease = Lease {
         holder: holder.to_string(),
