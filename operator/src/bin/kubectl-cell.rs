@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(short = 'w', long)]
         watch: bool,
     },
-    /// The last operations and their outcome.
+    /// The last moves (id, plan, epoch, who, outcome) and every cell's traffic changes.
     History,
     /// Move every shard of CELL to its region's standby.
     Failover {
