@@ -124,6 +124,30 @@ fn print_plan(
     }
 }
 
+/// Records an applied move (in the transaction that applies it), so it can be reverted.
+pub fn record_op(
+    kv: &mut dyn ldc_store::Kv,
+    id: &str,
+    plan: &Plan,
+    routing_epoch: u64,
+    by: &str,
+) -> Result<()> {
+    let rec = OpRecord {
+        id: id.to_string(),
+        command: describe(&plan.command),
+        moved_from: plan.moved_from(),
+        shards_moved: plan.moves.len() as u32,
+        routing_epoch,
+        by: by.to_string(),
+        at_unix_ms: crate::traffic::now_ms(),
+    };
+    kv.put(
+        format!("{OPS_PREFIX}{id}").as_bytes(),
+        &serde_json::to_vec(&rec)?,
+    )?;
+    Ok(())
+}
+
 fn load_op(kv: &mut dyn ldc_store::Kv, id: &str) -> Result<Option<OpRecord>> {
     Ok(match kv.get(format!("{OPS_PREFIX}{id}").as_bytes())? {
         Some(b) => {
@@ -228,25 +252,12 @@ pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
     }
     let spec = g.store_spec();
     let p = plan.clone();
-    let mut rec = OpRecord {
-        id: id.clone(),
-        command: describe(&plan.command),
-        moved_from: plan.moved_from(),
-        shards_moved: plan.moves.len() as u32,
-        routing_epoch: 0,
-        by: crate::traffic::who(),
-        at_unix_ms: crate::traffic::now_ms(),
-    };
     let epoch = blocking(move || {
         let store = ldc_store::open(&spec)?;
         let mut t = store.begin()?;
         control::apply_plan(&mut *t, &p)?;
         let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
-        rec.routing_epoch = table.epoch;
-        t.put(
-            format!("{OPS_PREFIX}{}", rec.id).as_bytes(),
-            &serde_json::to_vec(&rec)?,
-        )?;
+        record_op(&mut *t, &id, &p, table.epoch, &crate::traffic::who())?;
         t.commit()?;
         Ok(table.epoch)
     })

@@ -533,12 +533,21 @@ async fn failover(
             t.rollback()?;
             return Ok(None);
         }
+        let id = format!("auto-failover-{cell}");
         let plan = planner::plan(&topo, &map, &health, &planner::Command::Failover { cell })?;
         control::apply_plan(&mut *t, &plan)?;
         for (name, rt) in &rts {
             control::put_cell_runtime(&mut *t, name, rt)?;
         }
         let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        // Recorded like a manual move, so `ldc cell revert` can send the shards home.
+        crate::ops::record_op(
+            &mut *t,
+            &format!("{id}-e{}", table.epoch),
+            &plan,
+            table.epoch,
+            "ldc up (automatic failover)",
+        )?;
         t.commit()?;
         Ok(Some((plan, table.epoch)))
     })

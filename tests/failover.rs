@@ -148,5 +148,43 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
         again.cell("r1-s")["shards"].as_array().unwrap().len(),
         victim_shards.len()
     );
+    // The automatic failover is recorded; reverting it sends the shards home, epoch +1.
+    let h = ldc_json(&data, &["cell", "history"]);
+    let op = h["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["command"] == format!("failover {victim}"))
+        .unwrap_or_else(|| panic!("the failover is not in the history: {h}"));
+    let id = op["id"].as_str().unwrap();
+    assert!(id.starts_with("auto-failover-r1-a"), "{op}");
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["cell", "revert", id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home = again.cell(victim);
+    assert_eq!(
+        home["shards"].as_array().unwrap().len(),
+        victim_shards.len()
+    );
+    for s in &victim_shards {
+        assert_eq!(home["epochs"][s.to_string()], 3, "shard {s}");
+    }
+    // Reverting again has nothing to do, and says so.
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["cell", "revert", id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already back"));
     again.stop();
 }
