@@ -21,7 +21,6 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Cells and routers get two worker threads (the machine's cores); clients need one.
     /// Whether the command is `ldc router serve`.
     pub fn is_router_serve(&self) -> bool {
         matches!(
@@ -32,8 +31,10 @@ impl Cli {
         )
     }
 
-    /// Worker threads of the command's runtime. `1` for `ldc router serve` means a
-    /// single-threaded runtime (see [`RouterServeArgs::worker_threads`]).
+    /// Worker threads of the command's runtime: cells, the load generator and `ldc up` get
+    /// two (the machine's cores; a single-threaded cell measured no faster), clients one.
+    /// `1` for `ldc router serve` means a single-threaded runtime (see
+    /// [`RouterServeArgs::worker_threads`]).
     pub fn worker_threads(&self) -> usize {
         match &self.cmd {
             Cmd::Router {
