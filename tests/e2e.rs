@@ -831,23 +831,13 @@ async fn payments_through_the_router_survive_every_operation() {
     let green_before = green_served().await;
     let t0 = Instant::now();
     // The release's steps live on the Cell; the API server refuses steps out of order.
-    let (ok, _, err) = w.kubectl(&[
-        "patch",
-        "cell",
-        "r1-a",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"traffic":{"steps":[5000,1000]}}}"#,
-    ]);
+    let set_steps = |steps: &str| {
+        let patch = format!(r#"{{"spec":{{"traffic":{{"steps":{steps}}}}}}}"#);
+        w.kubectl(&["patch", "cell", "r1-a", "--type=merge", "-p", &patch])
+    };
+    let (ok, _, err) = set_steps("[5000,1000]");
     assert!(!ok && err.contains("strictly increasing"), "{err}");
-    let (ok, _, err) = w.kubectl(&[
-        "patch",
-        "cell",
-        "r1-a",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"traffic":{"steps":[1000,10000]}}}"#,
-    ]);
+    let (ok, _, err) = set_steps("[1000,10000]");
     assert!(ok, "{err}");
     for (args, bp) in [
         (&["--next"][..], 1000u64),

@@ -158,12 +158,15 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
         .unwrap_or_else(|| panic!("the failover is not in the history: {h}"));
     let id = op["id"].as_str().unwrap();
     assert!(id.starts_with("auto-failover-r1-a"), "{op}");
-    let out = ldc()
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["cell", "revert", id])
-        .output()
-        .unwrap();
+    let revert = || {
+        ldc()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["cell", "revert", id])
+            .output()
+            .unwrap()
+    };
+    let out = revert();
     assert!(
         out.status.success(),
         "{}",
@@ -178,12 +181,7 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
         assert_eq!(home["epochs"][s.to_string()], 3, "shard {s}");
     }
     // Reverting again has nothing to do, and says so.
-    let out = ldc()
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["cell", "revert", id])
-        .output()
-        .unwrap();
+    let out = revert();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already back"));
     again.stop();
