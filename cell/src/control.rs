@@ -25,6 +25,11 @@ pub enum ControlError {
     #[error("the platform is not initialised in this store; run `ldc up` once to create it")]
     NotInitialised,
     #[error(
+        "the store holds ledger records in format {stored}, and this build of LDC reads format {supported}; \
+         use the LDC release that created the store, or start on a new data directory (a new store)"
+    )]
+    LedgerFormat { stored: u32, supported: u32 },
+    #[error(
         "the store was created with {stored} shards but {asked} were asked; the shard count never changes after creation"
     )]
     ShardCountChanged { stored: u32, asked: u32 },
@@ -41,11 +46,34 @@ pub enum ControlError {
     },
 }
 
+/// The layout of the ledger's records (see [`crate::keys`] and [`crate::model`]) this
+/// build writes and reads. 2: entries carry their contra leg, system accounts have no
+/// entry rows, idempotency records name their payment.
+pub const LEDGER_FORMAT: u32 = 2;
+
 /// Fixed facts about a platform, written once at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformConfig {
     pub shard_count: u32,
     pub created_unix_ms: u64,
+    /// [`LEDGER_FORMAT`] of the build that created the store (absent: format 1).
+    #[serde(default = "first_format")]
+    pub ledger_format: u32,
+}
+
+fn first_format() -> u32 {
+    1
+}
+
+/// Refuses a store whose records this build would misread.
+fn check_format(cfg: PlatformConfig) -> Result<PlatformConfig, ControlError> {
+    if cfg.ledger_format != LEDGER_FORMAT {
+        return Err(ControlError::LedgerFormat {
+            stored: cfg.ledger_format,
+            supported: LEDGER_FORMAT,
+        });
+    }
+    Ok(cfg)
 }
 
 /// What the local runner knows about a running cell (one process per colour).
@@ -80,7 +108,7 @@ fn put_json<T: Serialize>(kv: &mut dyn Kv, key: &[u8], v: &T) -> Result<(), Cont
 }
 
 pub fn load_config(kv: &mut dyn Kv) -> Result<PlatformConfig, ControlError> {
-    get_json(kv, keys::CONFIG)?.ok_or(ControlError::NotInitialised)
+    check_format(get_json(kv, keys::CONFIG)?.ok_or(ControlError::NotInitialised)?)
 }
 
 pub fn load_topology(kv: &mut dyn Kv) -> Result<Topology, ControlError> {
@@ -100,6 +128,7 @@ pub fn init(
     now_ms: u64,
 ) -> Result<bool, ControlError> {
     if let Some(cfg) = get_json::<PlatformConfig>(kv, keys::CONFIG)? {
+        let cfg = check_format(cfg)?;
         if cfg.shard_count != topology.shard_count {
             return Err(ControlError::ShardCountChanged {
                 stored: cfg.shard_count,
@@ -114,6 +143,7 @@ pub fn init(
         &PlatformConfig {
             shard_count: topology.shard_count,
             created_unix_ms: now_ms,
+            ledger_format: LEDGER_FORMAT,
         },
     )?;
     put_json(kv, keys::TOPOLOGY, topology)?;
@@ -263,4 +293,45 @@ pub fn publish_routing(
     })?;
     put_json(kv, routing::STORE_KEY, &table)?;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ldc_core::planner::CellInfo;
+    use ldc_store::{Store, sqlite::SqliteStore};
+
+    /// A store written by an older layout is refused with what to do, never misread.
+    #[test]
+    fn stores_of_another_ledger_format_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let topo = Topology {
+            shard_count: 4,
+            cells: vec![CellInfo {
+                id: "c".into(),
+                region: "r".into(),
+                capacity: None,
+            }],
+        };
+        let mut t = store.begin().unwrap();
+        assert!(init(&mut *t, &topo, &["c"], 0).unwrap());
+        assert_eq!(load_config(&mut *t).unwrap().ledger_format, LEDGER_FORMAT);
+        // What a format-1 build wrote: no ledger_format field.
+        t.put(keys::CONFIG, br#"{"shard_count":4,"created_unix_ms":0}"#)
+            .unwrap();
+        let e = load_config(&mut *t).unwrap_err().to_string();
+        assert!(
+            e.contains("format 1") && e.contains("new data directory"),
+            "{e}"
+        );
+        assert!(matches!(
+            init(&mut *t, &topo, &["c"], 0),
+            Err(ControlError::LedgerFormat {
+                stored: 1,
+                supported: LEDGER_FORMAT
+            })
+        ));
+        t.rollback().unwrap();
+    }
 }

@@ -1,10 +1,11 @@
 //! The payment logic: parse (pure) → execute against a [`Kv`] → encode.
 //!
 //! Every function here runs inside a store transaction the caller owns and commits, so a
-//! command either writes all of its records or none. Each payment writes balanced entries
-//! (the sum of a command's entry amounts is zero): top-ups and withdrawals against the
-//! shard's clearing account, cross-cell transfers against the transit accounts of the two
-//! shards. Money in flight is therefore exactly the sum of transit balances.
+//! command either writes all of its records or none. Each payment writes balanced entries:
+//! an entry posts its amount to the user and the opposite to a contra system account of the
+//! shard ([`post`]): top-ups and withdrawals against the clearing account, cross-cell
+//! transfers against the transit accounts of the two shards. Money in flight is therefore
+//! exactly the sum of transit balances.
 //!
 //! Fencing is [`fence`]: the caller reads the shard's ownership record *in the same
 //! transaction* before executing, so a cell that lost the shard cannot commit.
@@ -334,7 +335,8 @@ pub fn execute(
 
 enum Encoded {
     Account(proto::Account),
-    Payment(proto::Payment),
+    /// A new payment: its sequence number and the answer.
+    Payment(u64, proto::Payment),
 }
 
 /// Replays the first answer for a key, refuses a key reused for another request, or runs
@@ -358,20 +360,57 @@ fn idempotent(
                 first: rec.request,
             });
         }
-        let corrupt =
-            |e: prost::DecodeError| PaymentError::Corrupt(format!("idempotent response: {e}"));
-        return Ok(if is_account {
-            Outcome::Account(proto::Account::decode(&rec.response[..]).map_err(corrupt)?)
-        } else {
-            Outcome::Payment(proto::Payment::decode(&rec.response[..]).map_err(corrupt)?)
-        });
+        return match (rec.answer, is_account) {
+            (IdemAnswer::Account(raw), true) => proto::Account::decode(&raw[..])
+                .map(Outcome::Account)
+                .map_err(|e| PaymentError::Corrupt(format!("idempotent response: {e}"))),
+            (IdemAnswer::Payment(seq), false) => {
+                first_answer(kv, shard, user, seq).map(Outcome::Payment)
+            }
+            _ => Err(PaymentError::Corrupt(format!(
+                "idempotency record of {user}/{key} does not match its request"
+            ))),
+        };
     }
-    let (response, outcome) = match f(kv, shard)? {
-        Encoded::Account(a) => (a.encode_to_vec(), Outcome::Account(a)),
-        Encoded::Payment(p) => (p.encode_to_vec(), Outcome::Payment(p)),
+    let (answer, outcome) = match f(kv, shard)? {
+        Encoded::Account(a) => (IdemAnswer::Account(a.encode_to_vec()), Outcome::Account(a)),
+        Encoded::Payment(seq, p) => (IdemAnswer::Payment(seq), Outcome::Payment(p)),
     };
-    kv.put(&ikey, &enc(&IdemRec { request, response }))?;
+    kv.put(&ikey, &enc(&IdemRec { request, answer }))?;
     Ok(outcome)
+}
+
+/// The status a payment of `kind` is created with: money leaving for another cell is
+/// pending until the payee's cell applies it, everything else completes at once.
+fn created_status(kind: PaymentKind) -> PaymentStatus {
+    match kind {
+        PaymentKind::TransferOut | PaymentKind::RefundOut => PaymentStatus::Pending,
+        _ => PaymentStatus::Completed,
+    }
+}
+
+/// The answer the request that created payment `seq` got, rebuilt from the payment record:
+/// everything in it but the status and the refunded amount is fixed at creation, and
+/// those two were [`created_status`] and 0.
+fn first_answer(
+    kv: &mut dyn Kv,
+    shard: u32,
+    user: &str,
+    seq: u64,
+) -> Result<proto::Payment, PaymentError> {
+    let raw = kv.get(&keys::payment(shard, user, seq))?.ok_or_else(|| {
+        PaymentError::Corrupt(format!(
+            "idempotency record names payment {} which does not exist",
+            keys::payment_id(user, seq)
+        ))
+    })?;
+    let rec: PaymentRec = dec("payment", &raw)?;
+    let mut p = to_proto(user, seq, &rec);
+    let kind = PaymentKind::try_from(rec.kind)
+        .map_err(|_| PaymentError::Corrupt(format!("payment kind {}", rec.kind)))?;
+    p.status = created_status(kind) as i32;
+    p.refunded = 0;
+    Ok(p)
 }
 
 fn load_account(
@@ -434,17 +473,34 @@ fn open_account(
     }))
 }
 
-/// Appends a ledger line to a user account and moves its balance. The caller checked the
-/// limits; this asserts them again (TigerBeetle style: check before write).
-fn post_user(
+/// Posts one ledger line: `amount` to the user's account and `-amount` to the shard's
+/// `contra` system account in the account's currency, so the line balances by
+/// construction. The caller checked the user's limits; this asserts them again
+/// (TigerBeetle style: check before write).
+#[allow(clippy::too_many_arguments)]
+fn post(
     kv: &mut dyn Kv,
     shard: u32,
     user: &str,
     acct: &mut AccountRec,
     amount: i64,
-    payment_id: &str,
+    payment: u64,
     kind: PaymentKind,
+    contra: SysAccount,
 ) -> Result<(), PaymentError> {
+    let sys_key = keys::sys_account(shard, &acct.currency, contra);
+    let mut sys: SysAccountRec = kv
+        .get(&sys_key)?
+        .map(|b| dec("system account", &b))
+        .transpose()?
+        .unwrap_or_default();
+    sys.balance = sys.balance.checked_sub(amount).ok_or_else(|| {
+        PaymentError::OutOfRange(format!(
+            "the {} account of shard {shard} would overflow",
+            contra.as_str()
+        ))
+    })?;
+    sys.postings += 1;
     let balance = acct
         .balance
         .checked_add(amount)
@@ -457,47 +513,15 @@ fn post_user(
     let seq = acct.next_entry;
     acct.next_entry += 1;
     let e = EntryRec {
-        payment_id: payment_id.to_string(),
+        payment,
         amount,
         balance_after: balance,
         kind: kind as i32,
+        contra,
     };
     kv.put(&keys::entry(shard, user, seq), &enc(&e))?;
     kv.put(&keys::account(shard, user), &enc(acct))?;
-    Ok(())
-}
-
-fn post_sys(
-    kv: &mut dyn Kv,
-    shard: u32,
-    ccy: &str,
-    which: SysAccount,
-    amount: i64,
-    payment_id: &str,
-    kind: PaymentKind,
-) -> Result<(), PaymentError> {
-    let key = keys::sys_account(shard, ccy, which);
-    let mut acct: SysAccountRec = kv
-        .get(&key)?
-        .map(|b| dec("system account", &b))
-        .transpose()?
-        .unwrap_or_default();
-    acct.balance = acct.balance.checked_add(amount).ok_or_else(|| {
-        PaymentError::OutOfRange(format!(
-            "the {} account of shard {shard} would overflow",
-            which.as_str()
-        ))
-    })?;
-    let seq = acct.next_entry;
-    acct.next_entry += 1;
-    let e = EntryRec {
-        payment_id: payment_id.to_string(),
-        amount,
-        balance_after: acct.balance,
-        kind: kind as i32,
-    };
-    kv.put(&keys::sys_entry(shard, ccy, which, seq), &enc(&e))?;
-    kv.put(&key, &enc(&acct))?;
+    kv.put(&sys_key, &enc(&sys))?;
     Ok(())
 }
 
@@ -522,9 +546,9 @@ fn check_funds(user: &str, acct: &AccountRec, amount: i64) -> Result<(), Payment
     Ok(())
 }
 
-fn to_proto(user: &str, p: &PaymentRec) -> proto::Payment {
+fn to_proto(user: &str, seq: u64, p: &PaymentRec) -> proto::Payment {
     proto::Payment {
-        payment_id: p.id.clone(),
+        payment_id: keys::payment_id(user, seq),
         user_id: user.to_string(),
         kind: p.kind,
         status: p.status,
@@ -541,7 +565,6 @@ fn to_proto(user: &str, p: &PaymentRec) -> proto::Payment {
 
 struct NewPayment<'a> {
     kind: PaymentKind,
-    status: PaymentStatus,
     amount: i64,
     currency: &'a str,
     counterparty: &'a str,
@@ -559,9 +582,8 @@ fn write_payment(
     np: NewPayment,
 ) -> Result<PaymentRec, PaymentError> {
     let rec = PaymentRec {
-        id: keys::payment_id(user, seq),
         kind: np.kind as i32,
-        status: np.status as i32,
+        status: created_status(np.kind) as i32,
         amount: np.amount,
         currency: np.currency.to_string(),
         counterparty: np.counterparty.to_string(),
@@ -599,27 +621,25 @@ fn external(
         -amount
     };
     let seq = take_payment_seq(&mut acct);
-    let id = keys::payment_id(user, seq);
-    post_sys(
+    post(
         kv,
         shard,
-        currency,
-        SysAccount::Clearing,
-        -signed,
-        &id,
+        user,
+        &mut acct,
+        signed,
+        seq,
         kind,
+        SysAccount::Clearing,
     )?;
-    post_user(kv, shard, user, &mut acct, signed, &id, kind)?;
     let np = NewPayment {
         kind,
-        status: PaymentStatus::Completed,
         amount,
         currency,
         counterparty: "",
         related: "",
     };
     let rec = write_payment(kv, ctx, shard, user, &mut acct, seq, np)?;
-    Ok(Encoded::Payment(to_proto(user, &rec)))
+    Ok(Encoded::Payment(seq, to_proto(user, seq, &rec)))
 }
 
 fn enqueue(
@@ -650,27 +670,18 @@ fn transfer(
     check_funds(user, &acct, amount)?;
     let seq = take_payment_seq(&mut acct);
     let id = keys::payment_id(user, seq);
-    post_user(
+    post(
         kv,
         shard,
         user,
         &mut acct,
         -amount,
-        &id,
+        seq,
         PaymentKind::TransferOut,
-    )?;
-    post_sys(
-        kv,
-        shard,
-        currency,
         SysAccount::Transit,
-        amount,
-        &id,
-        PaymentKind::TransferOut,
     )?;
     let np = NewPayment {
         kind: PaymentKind::TransferOut,
-        status: PaymentStatus::Pending,
         amount,
         currency,
         counterparty: to,
@@ -688,7 +699,7 @@ fn transfer(
         refund_of: String::new(),
     };
     enqueue(kv, ctx, shard, &credit)?;
-    Ok(Encoded::Payment(to_proto(user, &rec)))
+    Ok(Encoded::Payment(seq, to_proto(user, seq, &rec)))
 }
 
 fn load_payment(
@@ -751,27 +762,18 @@ fn refund(
     let seq = take_payment_seq(&mut acct);
     let id = keys::payment_id(user, seq);
     let currency = orig.currency.clone();
-    post_user(
+    post(
         kv,
         shard,
         user,
         &mut acct,
         -amount,
-        &id,
+        seq,
         PaymentKind::RefundOut,
-    )?;
-    post_sys(
-        kv,
-        shard,
-        &currency,
         SysAccount::Transit,
-        amount,
-        &id,
-        PaymentKind::RefundOut,
     )?;
     let np = NewPayment {
         kind: PaymentKind::RefundOut,
-        status: PaymentStatus::Pending,
         amount,
         currency: &currency,
         counterparty: &orig.counterparty,
@@ -789,7 +791,7 @@ fn refund(
         refund_of: orig.related.clone(),
     };
     enqueue(kv, ctx, shard, &credit)?;
-    Ok(Encoded::Payment(to_proto(user, &rec)))
+    Ok(Encoded::Payment(seq, to_proto(user, seq, &rec)))
 }
 
 /// Applies an inbound credit exactly once: the dedup record and the credit commit together,
@@ -851,19 +853,18 @@ fn deliver(
     }
     let seq = take_payment_seq(&mut acct);
     let id = keys::payment_id(to, seq);
-    post_sys(
+    post(
         kv,
         shard,
-        &c.currency,
-        SysAccount::Transit,
-        -c.amount,
-        &id,
+        to,
+        &mut acct,
+        c.amount,
+        seq,
         kind,
+        SysAccount::Transit,
     )?;
-    post_user(kv, shard, to, &mut acct, c.amount, &id, kind)?;
     let np = NewPayment {
         kind,
-        status: PaymentStatus::Completed,
         amount: c.amount,
         currency: &c.currency,
         counterparty: &c.from_user_id,
@@ -918,16 +919,16 @@ fn settle(
             PaymentError::Corrupt(format!("payer {payer} of {message_id} has no account"))
         })?;
         let kind = PaymentKind::try_from(rec.kind).unwrap_or(PaymentKind::TransferOut);
-        post_sys(
+        post(
             kv,
             shard,
-            &c.currency,
-            SysAccount::Transit,
-            -c.amount,
-            message_id,
+            payer,
+            &mut acct,
+            c.amount,
+            seq,
             kind,
+            SysAccount::Transit,
         )?;
-        post_user(kv, shard, payer, &mut acct, c.amount, message_id, kind)?;
         rec.status = PaymentStatus::Reversed as i32;
         if c.kind == CreditKind::Refund as i32 {
             // Give the refunded amount back to what can still be refunded.
@@ -974,8 +975,8 @@ pub fn get_payment(
     id: &str,
 ) -> Result<proto::Payment, PaymentError> {
     let shard = shard_of(user, ctx.shard_count);
-    let (_, rec) = load_payment(kv, shard, user, id)?;
-    Ok(to_proto(user, &rec))
+    let (seq, rec) = load_payment(kv, shard, user, id)?;
+    Ok(to_proto(user, seq, &rec))
 }
 
 /// Most entries one page returns.
@@ -1020,7 +1021,7 @@ pub fn list_entries(
             let e: EntryRec = dec("entry", v)?;
             entries.push(proto::Entry {
                 seq,
-                payment_id: e.payment_id,
+                payment_id: keys::payment_id(user, e.payment),
                 amount: e.amount,
                 balance_after: e.balance_after,
                 kind: e.kind,

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::PaymentError;
+pub use crate::keys::SysAccount;
 
 /// Largest amount of one payment, in minor units (a limit on everything: 10^15 minor
 /// units is ten trillion of a two-decimal currency).
@@ -91,16 +92,17 @@ pub struct AccountRec {
 }
 
 /// A shard's clearing or transit account (per currency). Balances may be negative.
+/// Its postings are the contra legs of user entries (see [`EntryRec`]), so it has no entry
+/// rows of its own; `postings` counts them for reconciliation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SysAccountRec {
     pub balance: i64,
-    pub next_entry: u64,
+    pub postings: u64,
 }
 
-/// A payment as stored; mirrors `proto::Payment`.
+/// A payment as stored; mirrors `proto::Payment`. Its id is `{user}:{seq}` from its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRec {
-    pub id: String,
     pub kind: i32,
     pub status: i32,
     pub amount: i64,
@@ -112,13 +114,20 @@ pub struct PaymentRec {
     pub created_ms: u64,
 }
 
-/// One ledger line. `account` names the other side for system entries.
+/// One ledger line with both of its legs, as a TigerBeetle transfer: `amount` is posted
+/// to the user's account and `-amount` to the shard's `contra` system account (clearing
+/// for top-ups and withdrawals, transit for money between cells), so every line balances
+/// by construction. The system account's side needs no row of its own: one row per
+/// payment instead of two, and a shard's system accounts (no longer interleaved with
+/// their entries) sit together on one B-tree page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryRec {
-    pub payment_id: String,
+    /// Sequence number of the user's payment this line belongs to (`{user}:{payment}`).
+    pub payment: u64,
     pub amount: i64,
     pub balance_after: i64,
     pub kind: i32,
+    pub contra: SysAccount,
 }
 
 /// What the first request with an idempotency key asked and got.
@@ -126,8 +135,19 @@ pub struct EntryRec {
 pub struct IdemRec {
     /// Canonical form of the request; a replay must match it exactly.
     pub request: String,
-    /// The encoded response (`proto::Account` or `proto::Payment`).
-    pub response: Vec<u8>,
+    pub answer: IdemAnswer,
+}
+
+/// The first answer to an idempotency key. A payment is named, not copied: its record
+/// holds every field of the first answer (see `ledger::first_answer`), and a small
+/// idempotency record keeps more of them on a page (they are the one write per payment
+/// that lands on a random page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdemAnswer {
+    /// The encoded `proto::Account` an account opening returned.
+    Account(Vec<u8>),
+    /// The sequence number of the payment the request created.
+    Payment(u64),
 }
 
 /// The answer given to an inbound credit, replayed to repeated deliveries.

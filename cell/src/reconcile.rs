@@ -3,7 +3,9 @@
 //! A feature, not a test helper: `ldc reconcile` runs it against a live store. It reads one
 //! consistent snapshot and checks, per currency:
 //!
-//! 1. every account's balance equals the sum of its entries, and no user balance is negative;
+//! 1. every user account's balance equals the sum of its entries, and no user balance is
+//!    negative; every system account's balance equals the sum of the contra legs posted
+//!    to it (an entry posts `amount` to its user and `-amount` to its contra account);
 //! 2. double entry: Σ user balances + Σ transit + Σ clearing = 0, i.e.
 //!    Σ user balances + money in flight = Σ top-ups − Σ withdrawals;
 //! 3. money in flight (Σ transit balances) equals the amount of outbox messages whose
@@ -19,7 +21,7 @@ use serde::Serialize;
 
 use crate::control;
 use crate::error::PaymentError;
-use crate::keys::{self, UserKey};
+use crate::keys::{self, SysAccount, UserKey};
 use crate::model::*;
 
 /// Totals of one currency, in minor units.
@@ -76,12 +78,22 @@ fn scan_all(
 
 #[derive(Default)]
 struct AccountCheck {
+    shard: u32,
     currency: String,
     balance: Option<i64>,
     entries_sum: i128,
     entries: u64,
     next_entry: u64,
-    user: bool,
+    /// Σ and count of the contra legs this user's entries posted, per system account.
+    contra: BTreeMap<SysAccount, (i128, u64)>,
+}
+
+/// A system account as the contra legs of user entries make it.
+#[derive(Default)]
+struct SysCheck {
+    balance: i128,
+    postings: u64,
+    stored: Option<SysAccountRec>,
 }
 
 /// Runs every check on one snapshot of `store`.
@@ -109,14 +121,19 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
             return Ok(());
         };
         let id = format!("user {user}");
+        let shard: u32 = key[2..]
+            .split('/')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| PaymentError::Corrupt(format!("key {key} names no shard")))?;
         match kind {
             UserKey::Account => {
                 let a: AccountRec = dec("account", v)?;
                 let c = accounts.entry(id).or_default();
+                c.shard = shard;
                 c.currency = a.currency;
                 c.balance = Some(a.balance);
                 c.next_entry = a.next_entry;
-                c.user = true;
                 if a.balance < 0 {
                     problems.push(format!("user {user} has a negative balance {}", a.balance));
                 }
@@ -126,6 +143,9 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
                 let c = accounts.entry(id).or_default();
                 c.entries_sum += i128::from(e.amount);
                 c.entries += 1;
+                let leg = c.contra.entry(e.contra).or_default();
+                leg.0 -= i128::from(e.amount);
+                leg.1 += 1;
                 if i128::from(e.balance_after) != c.entries_sum {
                     problems.push(format!(
                         "{key}: balance_after {} but entries sum to {}",
@@ -136,10 +156,7 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
             UserKey::Payment(_) => {
                 let p: PaymentRec = dec("payment", v)?;
                 if p.refunded < 0 || p.refunded > p.amount {
-                    problems.push(format!(
-                        "payment {} refunded {} of {}",
-                        p.id, p.refunded, p.amount
-                    ));
+                    problems.push(format!("{key}: refunded {} of {}", p.refunded, p.amount));
                 }
             }
             UserKey::Dedup => {
@@ -152,28 +169,19 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
         Ok(())
     })?;
 
-    // System accounts.
-    let mut sys: BTreeMap<(String, String), i64> = BTreeMap::new(); // (ccy, which) → Σ balances
+    // System accounts: stored balances, checked below against the contra legs.
+    let mut sys: BTreeMap<(u32, String, SysAccount), SysCheck> = BTreeMap::new();
     scan_all(kv, b"x/", |k, v| {
         let key =
             std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
-        let parts: Vec<&str> = key.split('/').collect();
-        // x/{shard}/{ccy}/{which}/~  or  x/{shard}/{ccy}/{which}/e/{seq}
-        let acct_id = parts[..4.min(parts.len())].join("/");
-        if parts.len() == 5 && parts[4] == "~" {
-            let a: SysAccountRec = dec("system account", v)?;
-            *sys.entry((parts[2].to_string(), parts[3].to_string()))
-                .or_default() += a.balance;
-            let c = accounts.entry(acct_id).or_default();
-            c.currency = parts[2].to_string();
-            c.balance = Some(a.balance);
-            c.next_entry = a.next_entry;
-        } else {
-            let e: EntryRec = dec("entry", v)?;
-            let c = accounts.entry(acct_id).or_default();
-            c.entries_sum += i128::from(e.amount);
-            c.entries += 1;
-        }
+        let Some((shard, ccy, which)) = keys::parse_sys_account(key) else {
+            problems.push(format!("unexpected key {key}"));
+            return Ok(());
+        };
+        let a: SysAccountRec = dec("system account", v)?;
+        sys.entry((shard, ccy.to_string(), which))
+            .or_default()
+            .stored = Some(a);
         Ok(())
     })?;
 
@@ -200,26 +208,43 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
                 c.entries_sum
             ));
         }
-        // User accounts number entries from 1, system accounts from 0.
-        let expected_next = if c.user { c.entries + 1 } else { c.entries };
-        if c.next_entry != expected_next {
+        if c.next_entry != c.entries + 1 {
             problems.push(format!(
                 "{id}: {} entries but next entry number {}",
                 c.entries, c.next_entry
             ));
         }
-        let t = report.currencies.entry(c.currency.clone()).or_default();
-        if c.user {
-            t.accounts += 1;
-            t.user_balances += i128::from(balance);
+        for (which, (sum, n)) in &c.contra {
+            let s = sys
+                .entry((c.shard, c.currency.clone(), *which))
+                .or_default();
+            s.balance += sum;
+            s.postings += n;
         }
+        let t = report.currencies.entry(c.currency.clone()).or_default();
+        t.accounts += 1;
+        t.user_balances += i128::from(balance);
     }
-    for ((ccy, which), sum) in sys {
+    for ((shard, ccy, which), s) in sys {
+        let id = format!("the {} account of shard {shard} in {ccy}", which.as_str());
+        let Some(stored) = s.stored else {
+            problems.push(format!(
+                "{id} has {} postings but no account record",
+                s.postings
+            ));
+            continue;
+        };
+        if i128::from(stored.balance) != s.balance || stored.postings != s.postings {
+            problems.push(format!(
+                "{id}: balance {} over {} postings, but its contra legs sum to {} over {}",
+                stored.balance, stored.postings, s.balance, s.postings
+            ));
+        }
+        report.entries_checked += s.postings;
         let t = report.currencies.entry(ccy).or_default();
-        match which.as_str() {
-            "clearing" => t.net_external -= i128::from(sum),
-            "transit" => t.in_flight += i128::from(sum),
-            other => problems.push(format!("unknown system account kind {other}")),
+        match which {
+            SysAccount::Clearing => t.net_external -= i128::from(stored.balance),
+            SysAccount::Transit => t.in_flight += i128::from(stored.balance),
         }
     }
     for c in &outbox {

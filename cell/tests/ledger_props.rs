@@ -326,7 +326,7 @@ proptest! {
 /// Reconciliation is a detector, not a rubber stamp: each kind of tampering is reported.
 #[test]
 fn reconcile_detects_tampering() {
-    use ldc_cell::model::{AccountRec, dec, enc};
+    use ldc_cell::model::{AccountRec, SysAccountRec, dec, enc};
     let mut w = World::new();
     for (i, u) in ["alice", "bob"].iter().enumerate() {
         let cmd = Command::OpenAccount {
@@ -373,6 +373,29 @@ fn reconcile_detects_tampering() {
     assert!(!r.is_clean());
     assert_eq!(r.currencies["EUR"].difference, 1, "{r:#?}");
     tamper(&w, &|kv| kv.put(&key, &original).unwrap());
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+
+    // 1b. A system account moved without a contra leg (its side of the double entry): the
+    //     clearing balance no longer matches the legs of the user entries posted to it.
+    let clearing = keys::sys_account(shard_of("alice", SHARDS), "EUR", keys::SysAccount::Clearing);
+    let original = {
+        let mut t = w.store.begin_read().unwrap();
+        t.get(&clearing).unwrap().unwrap()
+    };
+    tamper(&w, &|kv| {
+        let mut a: SysAccountRec = dec("system account", &original).unwrap();
+        a.balance -= 5;
+        kv.put(&clearing, &enc(&a)).unwrap();
+    });
+    let r = reconcile::run(&*w.store).unwrap();
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains("clearing account") && p.contains("contra legs sum to -100")),
+        "{:?}",
+        r.problems
+    );
+    tamper(&w, &|kv| kv.put(&clearing, &original).unwrap());
     assert!(reconcile::run(&*w.store).unwrap().is_clean());
 
     // 2. A credit applied twice (simulated: the outbox message still claims to be unapplied
