@@ -3,7 +3,7 @@
 //! Every function here runs inside a store transaction the caller owns and commits, so a
 //! command either writes all of its records or none. Each payment writes balanced entries:
 //! an entry posts its amount to the user and the opposite to a contra system account of the
-//! shard ([`post`]): top-ups and withdrawals against the clearing account, cross-cell
+//! shard (`post`): top-ups and withdrawals against the clearing account, cross-cell
 //! transfers against the transit accounts of the two shards. Money in flight is therefore
 //! exactly the sum of transit balances.
 //!
