@@ -4,18 +4,70 @@
 //! next, for `--seconds`. Every payment has a unique idempotency key, so each counted success
 //! is one durable, distinct payment. Prints payments/s and latency percentiles.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
-use ldc_core::proto;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ldc_core::proto::{self, payments_client::PaymentsClient};
 use serde_json::json;
 
 use crate::cli::{Global, Output};
-use crate::client::{connect, request};
+use crate::client::request;
+
+/// One HTTP/2 connection used as it is. tonic's `Channel` puts a buffer task (a channel
+/// hop and two wake-ups) and a timer in front of every request; in a load generator that
+/// is CPU taken from the server it measures, on the same cores.
+#[derive(Clone)]
+struct H2(SendRequest<tonic::body::Body>);
+
+type H2Future =
+    Pin<Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = H2Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> H2Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+async fn connect(addr: &str) -> Result<PaymentsClient<H2>> {
+    let origin: http::Uri = format!("http://{addr}")
+        .parse()
+        .with_context(|| format!("bad target address {addr:?}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .with_context(|| format!("connecting to {addr} timed out"))?
+    .with_context(|| format!("cannot connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {addr} failed"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "load connection closed");
+        }
+    });
+    Ok(PaymentsClient::with_origin(H2(send), origin))
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct LoadArgs {
