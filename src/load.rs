@@ -28,8 +28,9 @@ use crate::client::request;
 #[derive(Clone)]
 struct H2(SendRequest<tonic::body::Body>);
 
-type H2Future =
-    Pin<Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>>;
+type H2Future = Pin<
+    Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>,
+>;
 
 impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
     type Response = http::Response<hyper::body::Incoming>;
@@ -49,13 +50,10 @@ async fn connect(addr: &str) -> Result<PaymentsClient<H2>> {
     let origin: http::Uri = format!("http://{addr}")
         .parse()
         .with_context(|| format!("bad target address {addr:?}"))?;
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .with_context(|| format!("connecting to {addr} timed out"))?
-    .with_context(|| format!("cannot connect to {addr}"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr} timed out"))?
+        .with_context(|| format!("cannot connect to {addr}"))?;
     tcp.set_nodelay(true)?;
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(tcp))
