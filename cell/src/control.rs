@@ -295,10 +295,22 @@ pub fn publish_routing(
     Ok(table)
 }
 
+/// A topology of one cell `c` in region `r` with 4 shards, for unit tests.
+#[cfg(test)]
+pub(crate) fn one_cell_topology() -> Topology {
+    Topology {
+        shard_count: 4,
+        cells: vec![ldc_core::planner::CellInfo {
+            id: "c".into(),
+            region: "r".into(),
+            capacity: None,
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ldc_core::planner::CellInfo;
     use ldc_store::{Store, sqlite::SqliteStore};
 
     /// A store written by an older layout is refused with what to do, never misread.
@@ -306,14 +318,7 @@ mod tests {
     fn stores_of_another_ledger_format_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        let topo = Topology {
-            shard_count: 4,
-            cells: vec![CellInfo {
-                id: "c".into(),
-                region: "r".into(),
-                capacity: None,
-            }],
-        };
+        let topo = one_cell_topology();
         let mut t = store.begin().unwrap();
         assert!(init(&mut *t, &topo, &["c"], 0).unwrap());
         assert_eq!(load_config(&mut *t).unwrap().ledger_format, LEDGER_FORMAT);

@@ -10,7 +10,7 @@
 //! The fsync is pipelined: the writer commits a batch without waiting for the sync
 //! ([`Store::begin_unsynced`]) and hands its replies to the syncer threads: a sync starts
 //! as soon as a committed batch is not covered by a running one (up to
-//! [`SYNCS_IN_FLIGHT_MAX`] overlap), and finished syncs are applied in the order they
+//! `SYNCS_IN_FLIGHT_MAX` overlap), and finished syncs are applied in the order they
 //! started, each answering the callers of every batch committed before it began (see
 //! [`SyncQueue`]). While batch N syncs, the writer already executes batch N+1 on top of N's
 //! committed state.
@@ -524,7 +524,6 @@ fn attempt_batch(
 mod tests {
     use std::sync::atomic::AtomicBool;
 
-    use ldc_core::planner::{CellInfo, Topology};
     use ldc_store::Txn;
     use ldc_store::sqlite::SqliteStore;
 
@@ -584,16 +583,8 @@ mod tests {
             fail_first: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
         });
-        let topo = Topology {
-            shard_count: 4,
-            cells: vec![CellInfo {
-                id: "c".into(),
-                region: "r".into(),
-                capacity: None,
-            }],
-        };
         let mut t = store.begin().unwrap();
-        control::init(&mut *t, &topo, &["c"], 0).unwrap();
+        control::init(&mut *t, &control::one_cell_topology(), &["c"], 0).unwrap();
         t.commit().unwrap();
         let reg = prometheus::Registry::new();
         let (w, _h) = Writer::start(
