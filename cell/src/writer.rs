@@ -12,7 +12,7 @@
 //! as soon as a committed batch is not covered by a running one (up to
 //! `SYNCS_IN_FLIGHT_MAX` overlap), and finished syncs are applied in the order they
 //! started, each answering the callers of every batch committed before it began (see
-//! [`SyncQueue`]). While batch N syncs, the writer already executes batch N+1 on top of N's
+//! `SyncQueue`). While batch N syncs, the writer already executes batch N+1 on top of N's
 //! committed state.
 //! This is safe because durability follows commit order: the embedded store appends every
 //! commit to one WAL, recovery replays a prefix of it (frames are checksummed in a chain),
