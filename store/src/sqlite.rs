@@ -38,6 +38,10 @@ const POOL_IDLE_MAX: usize = 16;
 pub struct SqliteStore {
     path: PathBuf,
     pool: Arc<Mutex<Vec<Connection>>>,
+    /// Connections that run with `synchronous=NORMAL` for [`Store::begin_unsynced`], kept
+    /// apart for good: one never reaches `pool` (where a commit must fsync), and the group
+    /// commit writer gets the same warm connection each batch without switching modes.
+    unsynced_pool: Arc<Mutex<Vec<Connection>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Set by every commit that wrote: only a process that writes checkpoints, so the
     /// processes sharing the file (standby cells, the other colour, the controller) do not
@@ -72,6 +76,7 @@ impl SqliteStore {
         let store = SqliteStore {
             path: path.to_path_buf(),
             pool: Arc::new(Mutex::new(Vec::new())),
+            unsynced_pool: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::default(),
             wrote: Arc::default(),
         };
@@ -143,29 +148,32 @@ impl SqliteStore {
         Ok(conn)
     }
 
-    fn take(&self) -> Result<Connection> {
-        if let Some(c) = self.pool.lock().expect("pool lock").pop() {
-            return Ok(c);
-        }
-        self.connect()
-    }
-
     fn start(&self, sql: &str, write: bool, unsynced: bool) -> Result<Box<dyn Txn>> {
-        let conn = self.take()?;
-        if let Err(e) = conn.execute_batch(sql) {
-            if unsynced {
-                // Never put a connection back in the pool with synchronous=NORMAL.
-                let _ = conn.execute_batch(SYNC_FULL);
+        let pool = if unsynced {
+            &self.unsynced_pool
+        } else {
+            &self.pool
+        };
+        let taken = pool.lock().expect("pool lock").pop();
+        let conn = match taken {
+            Some(c) => c,
+            None => {
+                let c = self.connect()?;
+                if unsynced {
+                    c.execute_batch(SYNC_NORMAL).map_err(map_err)?;
+                }
+                c
             }
-            give_back(&self.pool, conn);
+        };
+        if let Err(e) = conn.execute_batch(sql) {
+            give_back(pool, conn);
             return Err(map_err(e));
         }
         Ok(Box::new(SqliteTxn {
             conn: Some(conn),
-            pool: self.pool.clone(),
+            pool: pool.clone(),
             wrote: self.wrote.clone(),
             write,
-            unsynced,
         }))
     }
 
@@ -177,13 +185,11 @@ impl SqliteStore {
     }
 }
 
-/// Restores the durable default on a connection that ran an unsynced transaction.
-const SYNC_FULL: &str = "PRAGMA synchronous=FULL";
 /// `synchronous=NORMAL` in WAL mode: COMMIT appends its frames to the WAL and publishes them
 /// without fsync. SQLite still syncs the WAL before every checkpoint (so frames are durable
 /// before they are copied into the database file and before the WAL is restarted) and
-/// syncs the header of a restarted WAL.
-const BEGIN_UNSYNCED: &str = "PRAGMA synchronous=NORMAL; BEGIN IMMEDIATE";
+/// syncs the header of a restarted WAL. Only connections of the unsynced pool run with it.
+const SYNC_NORMAL: &str = "PRAGMA synchronous=NORMAL";
 
 impl SqliteStore {
     fn sync_wal(&self) -> Result<()> {
@@ -219,7 +225,7 @@ impl Store for SqliteStore {
     }
 
     fn begin_unsynced(&self) -> Result<Box<dyn Txn>> {
-        self.start(BEGIN_UNSYNCED, true, true)
+        self.start("BEGIN IMMEDIATE", true, true)
     }
 
     fn sync(&self) -> Result<()> {
@@ -236,9 +242,6 @@ struct SqliteTxn {
     pool: Arc<Mutex<Vec<Connection>>>,
     wrote: Arc<std::sync::atomic::AtomicBool>,
     write: bool,
-    /// Started by `begin_unsynced`: the connection runs with synchronous=NORMAL until the
-    /// transaction ends.
-    unsynced: bool,
 }
 
 impl SqliteTxn {
@@ -263,10 +266,6 @@ impl SqliteTxn {
             // A failed COMMIT leaves SQLite in the transaction in some cases; make sure the
             // connection goes back to the pool clean.
             let _ = conn.execute_batch("ROLLBACK");
-        }
-        if self.unsynced && conn.execute_batch(SYNC_FULL).is_err() {
-            // Drop the connection rather than pool one that would commit without fsync.
-            return r;
         }
         give_back(&self.pool, conn);
         r
@@ -358,10 +357,10 @@ mod tests {
             .unwrap()
     }
 
-    /// An unsynced transaction must not leave its connection in the pool with
-    /// synchronous=NORMAL: the next ordinary commit on it would skip the fsync.
+    /// An unsynced transaction must never leave its connection where an ordinary commit
+    /// could get it: that commit would skip the fsync.
     #[test]
-    fn unsynced_transactions_restore_full_sync() {
+    fn unsynced_connections_stay_apart() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         for commit in [true, false] {
@@ -372,11 +371,17 @@ mod tests {
             } else {
                 t.rollback().unwrap();
             }
+            let mut t = store.begin().unwrap();
+            t.put(b"k2", b"v").unwrap();
+            t.commit().unwrap();
             let pool = store.pool.lock().unwrap();
             assert!(!pool.is_empty());
             for c in pool.iter() {
-                assert_eq!(synchronous(c), 2, "pooled connection not back to FULL");
+                assert_eq!(synchronous(c), 2, "a pooled connection is not FULL");
             }
+            let unsynced = store.unsynced_pool.lock().unwrap();
+            assert_eq!(unsynced.len(), 1, "the unsynced connection is reused");
+            assert_eq!(synchronous(&unsynced[0]), 1);
         }
         store.sync().unwrap();
         assert!(store.wal_path().exists(), "sync must target the live WAL");
