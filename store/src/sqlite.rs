@@ -20,11 +20,15 @@ use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
 
 /// How long a writer waits for another process's write lock before giving up with `Busy`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// WAL size (pages) at which a committing writer checkpoints itself: a safety net only.
+/// WAL size (pages) at which a committing writer checkpoints itself.
 /// Under steady writes the background PASSIVE checkpoints never let the WAL restart (new
 /// frames keep arriving), so this inline checkpoint is what bounds the WAL; each one stalls
 /// the cell's writer (two fsyncs). 64 Ki pages (256 MiB at 4 KiB) makes them a quarter as
-/// frequent as 16 Ki did: +14% writer throughput in `writer_throughput`.
+/// frequent as 16 Ki did: +14% writer throughput in `writer_throughput`. At 18,000
+/// payments/s (59,000 frames/s) that is one stall of 20-50 ms about every 1.1 s, which is
+/// the p99.9 of `bench/payments.sh` (30-40 ms against a p99 of 7 ms). Tried: a background
+/// `wal_checkpoint(RESTART)` after each PASSIVE pass; it stalled writers as long and cost
+/// 10% throughput.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
 /// Period of the background checkpointer. A checkpoint copies the newest version of each
 /// page written since the last one, so a longer period copies a hot page (a user's journal
