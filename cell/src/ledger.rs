@@ -473,11 +473,19 @@ fn open_account(
     }))
 }
 
+/// The system account on the other side of a user's entry of `kind`: the outside world
+/// for top-ups and withdrawals, money in flight between cells for everything else.
+fn contra_of(kind: PaymentKind) -> SysAccount {
+    match kind {
+        PaymentKind::TopUp | PaymentKind::Withdrawal => SysAccount::Clearing,
+        _ => SysAccount::Transit,
+    }
+}
+
 /// Posts one ledger line: `amount` to the user's account and `-amount` to the shard's
-/// `contra` system account in the account's currency, so the line balances by
-/// construction. The caller checked the user's limits; this asserts them again
+/// contra system account ([`contra_of`] the kind) in the account's currency, so the line
+/// balances by construction. The caller checked the user's limits; this asserts them again
 /// (TigerBeetle style: check before write).
-#[allow(clippy::too_many_arguments)]
 fn post(
     kv: &mut dyn Kv,
     shard: u32,
@@ -486,8 +494,8 @@ fn post(
     amount: i64,
     payment: u64,
     kind: PaymentKind,
-    contra: SysAccount,
 ) -> Result<(), PaymentError> {
+    let contra = contra_of(kind);
     let sys_key = keys::sys_account(shard, &acct.currency, contra);
     let mut sys: SysAccountRec = kv
         .get(&sys_key)?
@@ -621,16 +629,7 @@ fn external(
         -amount
     };
     let seq = take_payment_seq(&mut acct);
-    post(
-        kv,
-        shard,
-        user,
-        &mut acct,
-        signed,
-        seq,
-        kind,
-        SysAccount::Clearing,
-    )?;
+    post(kv, shard, user, &mut acct, signed, seq, kind)?;
     let np = NewPayment {
         kind,
         amount,
@@ -678,7 +677,6 @@ fn transfer(
         -amount,
         seq,
         PaymentKind::TransferOut,
-        SysAccount::Transit,
     )?;
     let np = NewPayment {
         kind: PaymentKind::TransferOut,
@@ -770,7 +768,6 @@ fn refund(
         -amount,
         seq,
         PaymentKind::RefundOut,
-        SysAccount::Transit,
     )?;
     let np = NewPayment {
         kind: PaymentKind::RefundOut,
@@ -853,16 +850,7 @@ fn deliver(
     }
     let seq = take_payment_seq(&mut acct);
     let id = keys::payment_id(to, seq);
-    post(
-        kv,
-        shard,
-        to,
-        &mut acct,
-        c.amount,
-        seq,
-        kind,
-        SysAccount::Transit,
-    )?;
+    post(kv, shard, to, &mut acct, c.amount, seq, kind)?;
     let np = NewPayment {
         kind,
         amount: c.amount,
@@ -919,16 +907,7 @@ fn settle(
             PaymentError::Corrupt(format!("payer {payer} of {message_id} has no account"))
         })?;
         let kind = PaymentKind::try_from(rec.kind).unwrap_or(PaymentKind::TransferOut);
-        post(
-            kv,
-            shard,
-            payer,
-            &mut acct,
-            c.amount,
-            seq,
-            kind,
-            SysAccount::Transit,
-        )?;
+        post(kv, shard, payer, &mut acct, c.amount, seq, kind)?;
         rec.status = PaymentStatus::Reversed as i32;
         if c.kind == CreditKind::Refund as i32 {
             // Give the refunded amount back to what can still be refunded.
