@@ -74,11 +74,12 @@ pub enum UserKey {
     Dedup,
 }
 
-/// Parses `u/{shard}/{user}/...` into (user, kind). `None` for anything else.
-pub fn parse_user_key(key: &str) -> Option<(&str, UserKey)> {
+/// Parses `u/{shard}/{user}/...` into (shard, user, kind). `None` for anything else.
+pub fn parse_user_key(key: &str) -> Option<(u32, &str, UserKey)> {
     let rest = key.strip_prefix("u/")?;
     let mut parts = rest.splitn(3, '/');
-    let (_shard, user, tail) = (parts.next()?, parts.next()?, parts.next()?);
+    let (shard, user, tail) = (parts.next()?, parts.next()?, parts.next()?);
+    let shard = shard.parse().ok()?;
     let kind = match tail.split_once('/') {
         None if tail == "k" => UserKey::Account,
         Some(("j", j)) if j.len() == 13 => {
@@ -93,7 +94,7 @@ pub fn parse_user_key(key: &str) -> Option<(&str, UserKey)> {
         Some(("d", _)) => UserKey::Dedup,
         _ => return None,
     };
-    Some((user, kind))
+    Some((shard, user, kind))
 }
 
 pub fn idempotency(shard: u32, user: &str, key: &str) -> Vec<u8> {
@@ -208,23 +209,23 @@ mod tests {
         let k = |b: Vec<u8>| String::from_utf8(b).unwrap();
         assert_eq!(
             parse_user_key(&k(account(2, "al.ice"))),
-            Some(("al.ice", UserKey::Account))
+            Some((2, "al.ice", UserKey::Account))
         );
         assert_eq!(
             parse_user_key(&k(entry(2, "bob", 7))),
-            Some(("bob", UserKey::Entry(7)))
+            Some((2, "bob", UserKey::Entry(7)))
         );
         assert_eq!(
             parse_user_key(&k(payment(2, "bob", 8))),
-            Some(("bob", UserKey::Payment(8)))
+            Some((2, "bob", UserKey::Payment(8)))
         );
         assert_eq!(
             parse_user_key(&k(idempotency(2, "bob", "a/b"))),
-            Some(("bob", UserKey::Idempotency))
+            Some((2, "bob", UserKey::Idempotency))
         );
         assert_eq!(
             parse_user_key(&k(dedup(2, "bob", "x:1"))),
-            Some(("bob", UserKey::Dedup))
+            Some((2, "bob", UserKey::Dedup))
         );
         assert_eq!(parse_user_key("u/00002/bob/zz"), None);
         assert_eq!(parse_user_key("x/00002/EUR"), None);

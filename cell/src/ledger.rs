@@ -990,7 +990,7 @@ pub fn list_entries(
         for (k, v) in &rows {
             let key =
                 std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("journal key".into()))?;
-            let Some((_, keys::UserKey::Entry(seq))) = keys::parse_user_key(key) else {
+            let Some((_, _, keys::UserKey::Entry(seq))) = keys::parse_user_key(key) else {
                 continue;
             };
             if entries.len() == limit as usize {

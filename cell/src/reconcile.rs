@@ -116,16 +116,11 @@ pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
     scan_all(kv, b"u/", |k, v| {
         let key =
             std::str::from_utf8(k).map_err(|_| PaymentError::Corrupt("non-UTF-8 key".into()))?;
-        let Some((user, kind)) = keys::parse_user_key(key) else {
+        let Some((shard, user, kind)) = keys::parse_user_key(key) else {
             problems.push(format!("unexpected key {key}"));
             return Ok(());
         };
         let id = format!("user {user}");
-        let shard: u32 = key[2..]
-            .split('/')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| PaymentError::Corrupt(format!("key {key} names no shard")))?;
         match kind {
             UserKey::Account => {
                 let a: AccountRec = dec("account", v)?;
