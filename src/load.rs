@@ -22,7 +22,11 @@ use serde_json::json;
 use crate::cli::{Global, Output};
 use crate::client::request;
 
-/// One HTTP/2 connection used as it is. tonic's `Channel` puts a buffer task (a channel
+/// How long after the end of the run unanswered requests are given before it fails.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// One HTTP/2 connection used as it is (a connection that breaks is not replaced: its
+/// requests fail and the run reports them as errors). tonic's `Channel` puts a buffer task (a channel
 /// hop and two wake-ups) and a timer in front of every request; in a load generator that
 /// is CPU taken from the server it measures, on the same cores.
 #[derive(Clone)]
@@ -225,7 +229,21 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
     }
     let mut lat: Vec<u32> = Vec::new();
     let mut last_err = None;
-    while let Some(r) = workers.join_next().await {
+    // Requests carry no timer each (that is CPU on the cores being measured); one deadline
+    // for the whole run stops a stuck target from hanging it.
+    let hard_deadline = tokio::time::Instant::from_std(deadline) + STUCK_AFTER;
+    loop {
+        let r = match tokio::time::timeout_at(hard_deadline, workers.join_next()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(_) => {
+                workers.abort_all();
+                bail!(
+                    "requests to {target} were still unanswered {}s after the run ended; is the target stuck?",
+                    STUCK_AFTER.as_secs()
+                );
+            }
+        };
         let (l, e) = r?;
         lat.extend(l);
         last_err = last_err.or(e);
