@@ -482,3 +482,65 @@ fn entries_page_through_the_journal() {
         assert_eq!(got, all.entries, "page size {page}");
     }
 }
+
+/// A replay answers what the first request got even after the payment moved on: the
+/// transfer was pending and nothing of it refunded when first answered; by the replay it is
+/// completed and partly refunded.
+#[test]
+fn replays_answer_the_first_state_of_a_payment() {
+    let mut w = World::new();
+    for (i, u) in ["alice", "bob"].iter().enumerate() {
+        w.run(&Command::OpenAccount {
+            user: (*u).into(),
+            currency: "EUR".into(),
+            key: format!("o{i}"),
+        })
+        .unwrap();
+    }
+    w.run(&Command::TopUp {
+        user: "alice".into(),
+        amount: 100,
+        currency: "EUR".into(),
+        key: "t".into(),
+    })
+    .unwrap();
+    let transfer = Command::Transfer {
+        user: "alice".into(),
+        to: "bob".into(),
+        amount: 30,
+        currency: "EUR".into(),
+        key: "x".into(),
+    };
+    let Outcome::Payment(first) = w.run(&transfer).unwrap() else {
+        panic!("a transfer answers a payment")
+    };
+    assert_eq!(first.status, PaymentStatus::Pending as i32);
+    w.relay(0, false, true);
+    let (_, received) = w.received[0].clone();
+    w.run(&Command::Refund {
+        user: "bob".into(),
+        payment_id: received,
+        amount: 10,
+        key: "r".into(),
+    })
+    .unwrap();
+    w.relay(0, false, true);
+    let now = {
+        let mut t = w.store.begin_read().unwrap();
+        ledger::get_payment(
+            &mut *t,
+            &Ctx {
+                cell: "c1",
+                shard_count: SHARDS,
+                now_ms: 0,
+            },
+            "alice",
+            &first.payment_id,
+        )
+        .unwrap()
+    };
+    assert_eq!(now.status, PaymentStatus::Completed as i32);
+    assert_eq!(now.refunded, 10);
+    assert_eq!(w.run(&transfer).unwrap(), Outcome::Payment(first));
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+}
