@@ -26,9 +26,13 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// the cell's writer (two fsyncs). 64 Ki pages (256 MiB at 4 KiB) makes them a quarter as
 /// frequent as 16 Ki did: +14% writer throughput in `writer_throughput`. At 18,000
 /// payments/s (59,000 frames/s) that is one stall of 20-50 ms about every 1.1 s, which is
-/// the p99.9 of `bench/payments.sh` (30-40 ms against a p99 of 7 ms). Tried: a background
-/// `wal_checkpoint(RESTART)` after each PASSIVE pass; it stalled writers as long and cost
-/// 10% throughput.
+/// the p99.9 of `bench/payments.sh` (30-40 ms against a p99 of 7 ms). Timed: the stall is
+/// a fixed cost that grows with the database (8 ms early in a run, 30 ms at 170,000
+/// payments), not the frames left to copy: waking the background checkpointer 2 Ki frames
+/// before the limit, so that the inline one copied almost nothing, still left 14-23 ms. So
+/// it is the sync of the database file, which a checkpoint must do before the WAL restarts.
+/// Also tried: a background `wal_checkpoint(RESTART)` after each PASSIVE pass; it stalled
+/// writers as long and cost 10% throughput.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
 /// Period of the background checkpointer. A checkpoint copies the newest version of each
 /// page written since the last one, so a longer period copies a hot page (a user's journal
