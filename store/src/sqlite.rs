@@ -29,8 +29,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// the p99.9 of `bench/payments.sh` (30-40 ms against a p99 of 7 ms). Timed: the stall is
 /// a fixed cost that grows with the database (8 ms early in a run, 30 ms at 170,000
 /// payments), not the frames left to copy: waking the background checkpointer 2 Ki frames
-/// before the limit, so that the inline one copied almost nothing, still left 14-23 ms. So
-/// it is the sync of the database file, which a checkpoint must do before the WAL restarts.
+/// before the limit, so that the inline one copied almost nothing, still left 14-23 ms;
+/// what is left is most likely the sync of the database file (not separately timed), which
+/// a checkpoint must do before the WAL may restart.
 /// Also tried: a background `wal_checkpoint(RESTART)` after each PASSIVE pass; it stalled
 /// writers as long and cost 10% throughput.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
