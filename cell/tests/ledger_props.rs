@@ -63,6 +63,27 @@ impl World {
         }
     }
 
+    /// Accounts for alice and bob in EUR, alice topped up with 100.
+    fn alice_with_100_and_bob() -> World {
+        let mut w = World::new();
+        for (i, u) in ["alice", "bob"].iter().enumerate() {
+            w.run(&Command::OpenAccount {
+                user: (*u).into(),
+                currency: "EUR".into(),
+                key: format!("o{i}"),
+            })
+            .unwrap();
+        }
+        w.run(&Command::TopUp {
+            user: "alice".into(),
+            amount: 100,
+            currency: "EUR".into(),
+            key: "t".into(),
+        })
+        .unwrap();
+        w
+    }
+
     fn owner(&self, shard: u32) -> String {
         let mut t = self.store.begin_read().unwrap();
         let m = control::load_map(&mut *t, SHARDS).unwrap();
@@ -327,22 +348,7 @@ proptest! {
 #[test]
 fn reconcile_detects_tampering() {
     use ldc_cell::model::{AccountRec, SysAccountRec, dec, enc};
-    let mut w = World::new();
-    for (i, u) in ["alice", "bob"].iter().enumerate() {
-        let cmd = Command::OpenAccount {
-            user: (*u).into(),
-            currency: "EUR".into(),
-            key: format!("o{i}"),
-        };
-        w.run(&cmd).unwrap();
-    }
-    w.run(&Command::TopUp {
-        user: "alice".into(),
-        amount: 100,
-        currency: "EUR".into(),
-        key: "t".into(),
-    })
-    .unwrap();
+    let mut w = World::alice_with_100_and_bob();
     w.run(&Command::Transfer {
         user: "alice".into(),
         to: "bob".into(),
@@ -488,22 +494,7 @@ fn entries_page_through_the_journal() {
 /// completed and partly refunded.
 #[test]
 fn replays_answer_the_first_state_of_a_payment() {
-    let mut w = World::new();
-    for (i, u) in ["alice", "bob"].iter().enumerate() {
-        w.run(&Command::OpenAccount {
-            user: (*u).into(),
-            currency: "EUR".into(),
-            key: format!("o{i}"),
-        })
-        .unwrap();
-    }
-    w.run(&Command::TopUp {
-        user: "alice".into(),
-        amount: 100,
-        currency: "EUR".into(),
-        key: "t".into(),
-    })
-    .unwrap();
+    let mut w = World::alice_with_100_and_bob();
     let transfer = Command::Transfer {
         user: "alice".into(),
         to: "bob".into(),
