@@ -107,28 +107,58 @@ pub fn shard_ranges(shards: &[u32]) -> String {
     }
 }
 
+/// Most characters of a malformed shard list quoted back in an error: the list may come
+/// from a custom resource or a command line of any size.
+const RANGE_QUOTE_CHARS_MAX: usize = 32;
+
 /// Parses what [`shard_ranges`] prints ("0-24,30"; "-" or "" is empty).
+///
+/// Bounded: every shard must be below [`crate::shard::MAX_SHARDS`] and the list may name
+/// at most that many shards, so a hostile range (`0-4294967295`) is refused before it
+/// allocates anything.
 pub fn parse_shard_ranges(s: &str) -> Result<Vec<u32>, String> {
     let s = s.trim();
     if s.is_empty() || s == "-" {
         return Ok(Vec::new());
     }
+    let limit = crate::shard::MAX_SHARDS;
+    let quote = |t: &str| -> String {
+        let cut: String = t.chars().take(RANGE_QUOTE_CHARS_MAX).collect();
+        if cut.len() < t.len() {
+            format!("{cut:?}…")
+        } else {
+            format!("{cut:?}")
+        }
+    };
     let mut out = Vec::new();
     for part in s.split(',') {
-        let bad = || format!("bad shard range {part:?} in {s:?}; expected e.g. 0-24,30");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (u32, u32) = (
-                    a.trim().parse().map_err(|_| bad())?,
-                    b.trim().parse().map_err(|_| bad())?,
-                );
-                if a > b {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
+        let bad = || format!("bad shard range {}; expected e.g. 0-24,30", quote(part));
+        let (a, b): (u32, u32) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            ),
+            None => {
+                let a = part.trim().parse().map_err(|_| bad())?;
+                (a, a)
             }
-            None => out.push(part.trim().parse().map_err(|_| bad())?),
+        };
+        if a > b {
+            return Err(bad());
         }
+        if b >= limit {
+            return Err(format!(
+                "shard range {} names shard {b}, but shard ids are below {limit}",
+                quote(part)
+            ));
+        }
+        if out.len() + (b - a + 1) as usize > limit as usize {
+            return Err(format!(
+                "shard list {} names more than {limit} shards",
+                quote(s)
+            ));
+        }
+        out.extend(a..=b);
     }
     Ok(out)
 }
@@ -893,6 +923,22 @@ mod tests {
         }
         assert!(parse_shard_ranges("3-1").is_err());
         assert!(parse_shard_ranges("a").is_err());
+    }
+
+    #[test]
+    fn shard_ranges_are_bounded_before_they_allocate() {
+        // A hostile custom resource once made this allocate 16 GiB.
+        let e = parse_shard_ranges("0-4294967295").unwrap_err();
+        assert!(e.contains("below 10000"), "{e}");
+        assert!(parse_shard_ranges("10000").is_err());
+        assert_eq!(parse_shard_ranges("9999").unwrap(), vec![9999]);
+        // Overlapping ranges cannot add up past the limit either.
+        let many = ["0-9999"; 3].join(",");
+        assert!(parse_shard_ranges(&many).unwrap_err().contains("more than"));
+        // The error quotes a short prefix of the input, never all of it.
+        let huge = "x".repeat(200_000);
+        let e = parse_shard_ranges(&huge).unwrap_err();
+        assert!(e.len() < 200, "{} bytes", e.len());
     }
 
     fn arb_capacities() -> impl Strategy<Value = Vec<Option<u32>>> {
