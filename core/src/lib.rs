@@ -32,6 +32,18 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ldc_descriptor");
 }
 
+/// `text` in quotes, cut to at most `chars_max` characters (then marked with `…`): how an
+/// error message names client input, which may be of any size and must never be echoed
+/// whole (issue 13: an echoed 200 KB field broke a shared HTTP/2 connection).
+pub fn quote_prefix(text: &str, chars_max: usize) -> String {
+    let cut: String = text.chars().take(chars_max).collect();
+    if cut.len() < text.len() {
+        format!("{cut:?}…")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
 /// Request header carrying the user id the router routes on.
 pub const USER_HEADER: &str = "x-ldc-user";
 /// Request header carrying a shard number (cell-to-cell relay traffic).

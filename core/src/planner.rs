@@ -122,14 +122,7 @@ pub fn parse_shard_ranges(s: &str) -> Result<Vec<u32>, String> {
         return Ok(Vec::new());
     }
     let limit = crate::shard::MAX_SHARDS;
-    let quote = |t: &str| -> String {
-        let cut: String = t.chars().take(RANGE_QUOTE_CHARS_MAX).collect();
-        if cut.len() < t.len() {
-            format!("{cut:?}…")
-        } else {
-            format!("{cut:?}")
-        }
-    };
+    let quote = |t: &str| crate::quote_prefix(t, RANGE_QUOTE_CHARS_MAX);
     let mut out = Vec::new();
     for part in s.split(',') {
         let bad = || format!("bad shard range {}; expected e.g. 0-24,30", quote(part));
