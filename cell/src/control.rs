@@ -48,8 +48,9 @@ pub enum ControlError {
 
 /// The layout of the ledger's records (see [`crate::keys`] and [`crate::model`]) this
 /// build writes and reads. 2: entries carry their contra leg, system accounts have no
-/// entry rows, idempotency records name their payment.
-pub const LEDGER_FORMAT: u32 = 2;
+/// entry rows, idempotency records name their payment. 3: relay dedup records keep a
+/// digest of the credit they answered.
+pub const LEDGER_FORMAT: u32 = 3;
 
 /// Fixed facts about a platform, written once at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -72,6 +72,12 @@ pub enum PaymentError {
     Overloaded,
     #[error("cell is shutting down; retry with the same idempotency key")]
     ShuttingDown,
+    /// A credit reused a delivered message id with other content: a forgery or a bug,
+    /// never a duplicate. Nothing is written; the operator is alarmed.
+    #[error(
+        "message {message_id} was already delivered with different content; refused (a relay message id is never reused)"
+    )]
+    RelayConflict { message_id: String },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("stored data is corrupt: {0}")]
@@ -85,7 +91,7 @@ impl PaymentError {
         match self {
             InvalidArgument(_) | KeyReused { .. } => Code::InvalidArgument,
             UnknownAccount(_) | UnknownPayment { .. } => Code::NotFound,
-            AccountExists { .. } => Code::AlreadyExists,
+            AccountExists { .. } | RelayConflict { .. } => Code::AlreadyExists,
             InsufficientFunds { .. }
             | CurrencyMismatch { .. }
             | NotRefundable { .. }
@@ -113,6 +119,7 @@ impl PaymentError {
             NotRefundable { .. } => "not_refundable",
             RefundTooLarge { .. } => "refund_too_large",
             KeyReused { .. } => "key_reused",
+            RelayConflict { .. } => "relay_conflict",
             Moved { .. } => "moved",
             Overloaded => "overloaded",
             ShuttingDown => "shutting_down",

@@ -15,6 +15,7 @@ use ldc_core::proto::{self, CreditKind, DeliverOutcome, PaymentKind, PaymentStat
 use ldc_core::shard::shard_of;
 use ldc_store::{Kv, prefix_end};
 use prost::Message;
+use sha2::{Digest, Sha256};
 
 use crate::error::PaymentError;
 use crate::keys::{self, SysAccount};
@@ -801,8 +802,14 @@ fn deliver(
     let to = c.to_user_id.as_str();
     let shard = shard_of(to, ctx.shard_count);
     let dkey = keys::dedup(shard, to, &c.message_id);
+    let content = credit_digest(c);
     if let Some(raw) = kv.get(&dkey)? {
         let d: DedupRec = dec("dedup", &raw)?;
+        if d.content != content {
+            return Err(PaymentError::RelayConflict {
+                message_id: ldc_core::quote_prefix(&c.message_id, MESSAGE_ID_QUOTE_CHARS_MAX),
+            });
+        }
         return Ok(answer(&d));
     }
     let reject =
@@ -811,6 +818,7 @@ fn deliver(
                 applied: false,
                 reason,
                 payment_id: String::new(),
+                content,
             };
             kv.put(&dkey, &enc(&d))?;
             Ok(answer(&d))
@@ -863,9 +871,19 @@ fn deliver(
         applied: true,
         reason: String::new(),
         payment_id: id,
+        content,
     };
     kv.put(&dkey, &enc(&d))?;
     Ok(answer(&d))
+}
+
+/// Most characters of a message id quoted back in an error.
+const MESSAGE_ID_QUOTE_CHARS_MAX: usize = 64;
+
+/// What a dedup record remembers of a credit's content: SHA-256 of its protobuf encoding
+/// (prost encodes a message's fields in one fixed order, so equal credits hash equal).
+fn credit_digest(c: &proto::Credit) -> [u8; 32] {
+    Sha256::digest(c.encode_to_vec()).into()
 }
 
 fn answer(d: &DedupRec) -> proto::DeliverResponse {

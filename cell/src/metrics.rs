@@ -25,6 +25,8 @@ pub struct CellMetrics {
     pub outbox_pending: IntGauge,
     pub outbox_lag_seconds: prometheus::Gauge,
     pub relay_deliveries: IntCounterVec,
+    /// Inbound credits that reused a delivered message id with other content (refused).
+    pub relay_conflicts: IntCounter,
     pub owned_shards: IntGauge,
 }
 
@@ -104,6 +106,11 @@ impl CellMetrics {
                 &["outcome"],
             )
             .unwrap(),
+            relay_conflicts: IntCounter::with_opts(c(Opts::new(
+                "ldc_cell_relay_conflicts_total",
+                "Inbound credits refused because their message id was delivered before with other content (alarm on any)",
+            )))
+            .unwrap(),
             owned_shards: IntGauge::with_opts(c(Opts::new(
                 "ldc_cell_owned_shards",
                 "Shards this cell owns",
@@ -129,6 +136,9 @@ impl CellMetrics {
             .unwrap();
         registry
             .register(Box::new(m.relay_deliveries.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.relay_conflicts.clone()))
             .unwrap();
         registry.register(Box::new(m.owned_shards.clone())).unwrap();
         m

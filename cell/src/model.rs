@@ -162,6 +162,9 @@ pub struct DedupRec {
     pub applied: bool,
     pub reason: String,
     pub payment_id: String,
+    /// SHA-256 of the credit as delivered (its protobuf encoding): a second delivery with
+    /// this message id is a duplicate only if its content is the same.
+    pub content: [u8; 32],
 }
 
 /// A message waiting in the outbox.

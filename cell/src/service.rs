@@ -95,8 +95,13 @@ impl CellService {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.code(),
         };
-        if matches!(r, Err(PaymentError::Moved { .. })) {
-            self.metrics.moved.inc();
+        match &r {
+            Err(PaymentError::Moved { .. }) => self.metrics.moved.inc(),
+            Err(e @ PaymentError::RelayConflict { .. }) => {
+                self.metrics.relay_conflicts.inc();
+                tracing::error!(method, cell = %self.cell, colour = %self.colour, error = %e, "ALARM: relay message id reused with different content");
+            }
+            _ => {}
         }
         self.metrics
             .requests

@@ -535,3 +535,63 @@ fn replays_answer_the_first_state_of_a_payment() {
     assert_eq!(w.run(&transfer).unwrap(), Outcome::Payment(first));
     assert!(reconcile::run(&*w.store).unwrap().is_clean());
 }
+
+/// Every key and value in the store, to prove a refused command wrote nothing.
+fn dump(w: &World) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut t = w.store.begin_read().unwrap();
+    t.scan(b"", &[0xff], 10_000).unwrap()
+}
+
+/// A credit that reuses a delivered message id with other content is a forgery (or a bug),
+/// never a duplicate: refused ALREADY_EXISTS, nothing written, and the real credit's first
+/// answer still stands for its own redeliveries.
+#[test]
+fn a_message_id_reused_with_other_content_is_refused_and_writes_nothing() {
+    let mut w = World::alice_with_100_and_bob();
+    w.run(&Command::Transfer {
+        user: "alice".into(),
+        to: "bob".into(),
+        amount: 30,
+        currency: "EUR".into(),
+        key: "pay".into(),
+    })
+    .unwrap();
+    let (_, credit) = w.outbox().remove(0);
+    let Outcome::Delivered(first) = w.run(&Command::Deliver(credit.clone())).unwrap() else {
+        panic!("deliver answers Delivered");
+    };
+    assert_eq!(first.outcome, DeliverOutcome::Applied as i32);
+    let before = dump(&w);
+
+    for forged in [
+        proto::Credit {
+            amount: 1_000_000,
+            ..credit.clone()
+        },
+        proto::Credit {
+            from_user_id: "mallory".into(),
+            ..credit.clone()
+        },
+        proto::Credit {
+            currency: "USD".into(),
+            ..credit.clone()
+        },
+    ] {
+        let e = w.run(&Command::Deliver(forged)).unwrap_err();
+        assert!(
+            matches!(e, PaymentError::RelayConflict { .. }),
+            "forged credit: {e}"
+        );
+        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert!(e.to_string().contains(&credit.message_id), "{e}");
+        assert_eq!(dump(&w), before, "a refused credit wrote something");
+    }
+    assert_eq!(balance(&w, "bob"), Some(30));
+    // The genuine redelivery is still a duplicate with its first answer.
+    let Outcome::Delivered(again) = w.run(&Command::Deliver(credit)).unwrap() else {
+        panic!("deliver answers Delivered");
+    };
+    assert_eq!(again, first);
+    assert_eq!(dump(&w), before);
+    assert!(reconcile::run(&*w.store).unwrap().is_clean());
+}

@@ -12,11 +12,13 @@
 //!   it, so a plan printed by `--dry-run` is exactly the plan executed.
 //! * [`traffic`]: the blue/green release decision (shift, pause, promote, abort, undo),
 //!   so `ldc cell traffic-shift` and `kubectl cell traffic-shift` behave the same.
+//! * [`authz`]: who may call which payment method for which user (the router's rule).
 //! * [`proto`]: the gRPC wire protocol (`proto/ldc/v1/payments.proto`).
 //!
 //! Nothing here does I/O.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod codec;
 pub mod planner;
 pub mod routing;

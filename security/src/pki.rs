@@ -1,0 +1,222 @@
+//! The platform's own certificate authority, kept in a directory (`{data}/pki` for
+//! `ldc up`): no manual steps, nothing to download.
+//!
+//! Layout: `ca.pem` + `ca.key` (the CA), `{name}.pem` + `{name}.key` per component or
+//! client (`router`, `controller`, `cell-r1-a`, `treasury`, …), `token.key` +
+//! `token.pub.pem` (the ES256 key pair that signs bearer tokens). Keys are written 0600.
+//! [`Pki::ensure`] creates what is missing and re-issues certificates that are close to
+//! expiry, so running it at every start is both the setup and the rotation.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::SecurityError;
+use crate::identity::Identity;
+
+/// How long the CA is valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// How long a leaf certificate is valid.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
+/// A leaf certificate with less than this left is re-issued by [`Pki::ensure`].
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+/// One certificate the platform needs: file stem, identity, and the DNS names / IP
+/// addresses it serves under (servers only).
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub name: String,
+    pub identity: Identity,
+    pub hosts: Vec<String>,
+}
+
+/// Paths of one issued certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Files {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// A directory-backed CA.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: impl Into<PathBuf>) -> Pki {
+        Pki { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Where the leaf `name` lives (it may not exist yet).
+    pub fn files(&self, name: &str) -> Files {
+        Files {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+            ca: self.ca_path(),
+        }
+    }
+
+    pub fn token_key_path(&self) -> PathBuf {
+        self.dir.join("token.key")
+    }
+
+    pub fn token_public_path(&self) -> PathBuf {
+        self.dir.join("token.pub.pem")
+    }
+
+    /// Creates the CA, the token key pair and every leaf that is missing or expires within
+    /// [`RENEW_BEFORE`]. Returns the leaves (re)issued.
+    pub fn ensure(&self, leaves: &[Leaf]) -> Result<Vec<String>, SecurityError> {
+        fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let (ca_params, ca_key) = self.ensure_ca()?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        if !self.token_key_path().exists() {
+            let k = KeyPair::generate().map_err(rc)?;
+            write_file(
+                &self.token_public_path(),
+                k.public_key_pem().as_bytes(),
+                0o644,
+            )?;
+            write_file(&self.token_key_path(), k.serialize_pem().as_bytes(), 0o600)?;
+        }
+        let mut issued = Vec::new();
+        for leaf in leaves {
+            let f = self.files(&leaf.name);
+            if f.key.exists() && !expires_within(&f.cert, RENEW_BEFORE)? {
+                continue;
+            }
+            self.issue_with(&issuer, leaf)?;
+            issued.push(leaf.name.clone());
+        }
+        Ok(issued)
+    }
+
+    /// Issues (or re-issues) one leaf now.
+    pub fn issue(&self, leaf: &Leaf) -> Result<Files, SecurityError> {
+        let (ca_params, ca_key) = self.ensure_ca()?;
+        self.issue_with(&Issuer::new(ca_params, ca_key), leaf)
+    }
+
+    fn issue_with(
+        &self,
+        issuer: &Issuer<'_, KeyPair>,
+        leaf: &Leaf,
+    ) -> Result<Files, SecurityError> {
+        let mut p = CertificateParams::new(leaf.hosts.clone()).map_err(rc)?;
+        for u in leaf.identity.uris() {
+            p.subject_alt_names
+                .push(SanType::URI(u.try_into().map_err(rc)?));
+        }
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, leaf.identity.label());
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        validity(&mut p, LEAF_VALIDITY);
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert = p.signed_by(&key, issuer).map_err(rc)?;
+        let f = self.files(&leaf.name);
+        // Key first, then the certificate: a reader that sees the new certificate finds
+        // its key (the reloader waits for both to change anyway).
+        write_file(&f.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&f.cert, cert.pem().as_bytes(), 0o644)?;
+        Ok(f)
+    }
+
+    /// The CA's parameters and key, created on first use. The parameters are rebuilt the
+    /// same way each time (same name, same key): that is all issuing needs.
+    fn ensure_ca(&self) -> Result<(CertificateParams, KeyPair), SecurityError> {
+        let key_path = self.dir.join("ca.key");
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "LDC platform CA");
+        p.distinguished_name.push(DnType::OrganizationName, "LDC");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        if key_path.exists() {
+            let pem = fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+            let key = KeyPair::from_pem(&pem).map_err(rc)?;
+            return Ok((p, key));
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        validity(&mut p, CA_VALIDITY);
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert = p.self_signed(&key).map_err(rc)?;
+        write_file(&self.ca_path(), cert.pem().as_bytes(), 0o644)?;
+        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        Ok((p, key))
+    }
+}
+
+fn validity(p: &mut CertificateParams, valid: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // A little in the past: clocks of the machines that check it may lag.
+    p.not_before = now - time::Duration::minutes(5);
+    p.not_after = now + valid;
+}
+
+/// Whether the certificate at `path` is unreadable or expires within `within`.
+fn expires_within(path: &Path, within: Duration) -> Result<bool, SecurityError> {
+    let Ok(pem) = fs::read(path) else {
+        return Ok(true);
+    };
+    match crate::tls::not_after(&pem) {
+        Some(t) => Ok(t < SystemTime::now() + within),
+        None => Ok(true),
+    }
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees half a file.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), SecurityError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    f.write_all(data).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+fn io(path: &Path, e: std::io::Error) -> SecurityError {
+    SecurityError::Io {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    }
+}
+
+fn rc(e: rcgen::Error) -> SecurityError {
+    SecurityError::Pki(e.to_string())
+}
