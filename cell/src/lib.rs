@@ -7,7 +7,8 @@
 //! * [`service`]: gRPC handlers; parse and validate, then hand over.
 //! * [`writer`]: group commit; many commands, one store transaction, one sync.
 //! * [`ledger`]: the payment logic and fencing, written against `ldc_store::Kv`.
-//! * [`relay`]: delivers cross-cell credits from the outbox, exactly once.
+//! * [`relay`]: delivers cross-cell credits from the outbox, exactly once, cell to cell.
+//! * [`gate`]: who may call a cell (routers the payment API, cells the relay).
 //! * [`reconcile`]: recomputes balances and proves money is conserved.
 //! * [`control`]: ownership, topology and routing records; applies planner plans.
 //! * [`keys`], [`model`], [`error`], [`metrics`]: key layout, records, errors, metrics.
@@ -15,6 +16,7 @@
 
 pub mod control;
 pub mod error;
+pub mod gate;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
@@ -28,7 +30,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use ldc_core::proto::{cell_relay_server::CellRelayServer, payments_server::PaymentsServer};
+use ldc_security::tls::Reloading;
 use ldc_store::Store;
+use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -40,10 +44,25 @@ pub struct CellConfig {
     /// `blue` or `green`: which deployment of the cell this process is (labels only).
     pub colour: String,
     pub store: Arc<dyn Store>,
-    /// Router address for outbox delivery; `None` disables the relay (tests of one cell).
-    pub router: Option<String>,
+    /// Whether this process delivers its outbox (off only for benchmarks of one cell).
+    pub relay: bool,
     pub queue_max: usize,
     pub batch_max: usize,
+    pub transport: Transport,
+}
+
+/// How a cell talks to the rest of the platform.
+#[derive(Clone)]
+pub enum Transport {
+    /// Mutual TLS with certificates of the platform CA: the payment API only for routers,
+    /// the relay only for cells, health for any component. `client` is this cell's own
+    /// certificate for delivering credits to other cells.
+    MutualTls {
+        server: Arc<Reloading<ServerConfig>>,
+        client: Arc<Reloading<ClientConfig>>,
+    },
+    /// Plaintext and no authentication: the explicit `--insecure` development switch only.
+    Insecure,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +117,7 @@ pub async fn serve(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let relay = cfg.router.clone().map(|router| {
+    let relay = cfg.relay.then(|| {
         let mut rx = stop_rx.clone();
         tokio::spawn(relay::run(
             cfg.store.clone(),
@@ -107,7 +126,7 @@ pub async fn serve(
                 cell: cfg.cell.clone(),
                 holder: format!("{}/{}", cfg.colour, std::process::id()),
                 shard_count,
-                router,
+                transport: cfg.transport.clone(),
             },
             wake.clone(),
             metrics.clone(),
@@ -127,27 +146,57 @@ pub async fn serve(
         .build_v1()
         .expect("descriptor set is valid");
 
-    tracing::info!(cell = %cfg.cell, colour = %cfg.colour, addr = ?listener.local_addr().ok(), engine = cfg.store.engine(), "cell serving");
-    // With our own listener tonic applies no socket options: turn Nagle off ourselves, or a
-    // small response can sit in the kernel waiting for the client's (delayed) ACK.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            if let Ok(s) = &conn
-                && let Err(e) = s.set_nodelay(true)
-            {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-            conn
-        },
-    );
-    let result = tonic::transport::Server::builder()
-        .add_service(health_service)
+    let secure = matches!(cfg.transport, Transport::MutualTls { .. });
+    tracing::info!(cell = %cfg.cell, colour = %cfg.colour, addr = ?listener.local_addr().ok(), engine = cfg.store.engine(), mutual_tls = secure, "cell serving");
+    let gate = |service, allow, only| {
+        gate::Gate::new(secure, service, allow, only, metrics.refused_peers.clone())
+    };
+    let router = tonic::transport::Server::builder()
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            health_service,
+            gate(
+                "grpc.health.v1.Health",
+                gate::components,
+                "platform components",
+            ),
+        ))
         .add_service(reflection)
-        .add_service(PaymentsServer::new(svc.clone()))
-        .add_service(CellRelayServer::new(svc.clone()))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(PaymentsServer::with_interceptor(
+            svc.clone(),
+            gate("ldc.v1.Payments", gate::routers, "routers"),
+        ))
+        .add_service(CellRelayServer::with_interceptor(
+            svc.clone(),
+            gate("ldc.v1.CellRelay", gate::cells, "cells"),
+        ));
+    let result = match &cfg.transport {
+        Transport::MutualTls { server, .. } => {
+            let _reload = AbortOnDrop(server.watch());
+            let incoming = ldc_security::net::incoming(listener, server.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        Transport::Insecure => {
+            // With our own listener tonic applies no socket options: turn Nagle off
+            // ourselves, or a small response can sit in the kernel waiting for the
+            // client's (delayed) ACK.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |conn| {
+                    if let Ok(s) = &conn
+                        && let Err(e) = s.set_nodelay(true)
+                    {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    conn
+                },
+            );
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     let _ = stop_tx.send(true);
     if let Some(r) = relay {
         let _ = r.await;
@@ -157,4 +206,13 @@ pub async fn serve(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     result?;
     Ok(())
+}
+
+/// Aborts a background task when dropped (the certificate reloader of a server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

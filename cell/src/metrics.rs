@@ -27,6 +27,8 @@ pub struct CellMetrics {
     pub relay_deliveries: IntCounterVec,
     /// Inbound credits that reused a delivered message id with other content (refused).
     pub relay_conflicts: IntCounter,
+    /// Calls refused before their handler because of who made them.
+    pub refused_peers: IntCounterVec,
     pub owned_shards: IntGauge,
 }
 
@@ -111,6 +113,14 @@ impl CellMetrics {
                 "Inbound credits refused because their message id was delivered before with other content (alarm on any)",
             )))
             .unwrap(),
+            refused_peers: IntCounterVec::new(
+                c(Opts::new(
+                    "ldc_cell_refused_peers_total",
+                    "Calls refused because the peer may not make them, by service and reason",
+                )),
+                &["service", "reason"],
+            )
+            .unwrap(),
             owned_shards: IntGauge::with_opts(c(Opts::new(
                 "ldc_cell_owned_shards",
                 "Shards this cell owns",
@@ -139,6 +149,9 @@ impl CellMetrics {
             .unwrap();
         registry
             .register(Box::new(m.relay_conflicts.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.refused_peers.clone()))
             .unwrap();
         registry.register(Box::new(m.owned_shards.clone())).unwrap();
         m

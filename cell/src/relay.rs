@@ -1,5 +1,10 @@
-//! The outbox relay: delivers queued credits of the shards this cell owns to the payee's
-//! cell, through the router, and settles each one on the payer side.
+//! The outbox relay: delivers queued credits of the shards this cell owns straight to the
+//! payee's cell, over mutual TLS, and settles each one on the payer side.
+//!
+//! Straight, not through the router: the relay is private (`CellRelay` is never served to
+//! clients, and a cell accepts `Deliver` only from a cell certificate). The payee's cell and
+//! its endpoints come from the routing table in the store (`sys/routing`), read in the same
+//! snapshot as the outbox; a stale table costs one "moved" answer and a retry next round.
 //!
 //! Exactly once, end to end: the debit and the outbox message commit together; the payee's
 //! cell applies a credit and its dedup record together; the payer settles (deletes the
@@ -8,11 +13,13 @@
 //! settle finds no message. The relay runs on whichever cell owns the payer's shard now, so
 //! a failover hands the outbox to the new owner with the shard.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ldc_core::planner::Owner;
 use ldc_core::proto::{self, DeliverOutcome, cell_relay_client::CellRelayClient};
+use ldc_core::routing::RoutingTable;
 use ldc_store::{Store, prefix_end};
 use prost::Message;
 use tokio::sync::Notify;
@@ -40,8 +47,50 @@ pub struct RelayConfig {
     /// one holding the cell's relay lease delivers (see [`lead`]).
     pub holder: String,
     pub shard_count: u32,
-    /// Router address (`host:port`) that routes by the payee's user header.
-    pub router: String,
+    /// How to reach other cells.
+    pub transport: crate::Transport,
+}
+
+/// Most relay connections kept (one per endpoint of another cell).
+const CHANNELS_MAX: usize = 1024;
+/// Connect timeout of a relay connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One lazily connected channel per endpoint, made on first use.
+struct Channels {
+    transport: crate::Transport,
+    by_addr: HashMap<String, CellRelayClient<Channel>>,
+}
+
+impl Channels {
+    fn get(&mut self, addr: &str) -> Result<CellRelayClient<Channel>, String> {
+        if let Some(c) = self.by_addr.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = match &self.transport {
+            crate::Transport::MutualTls { client, .. } => ldc_security::net::channel(
+                addr,
+                client.clone(),
+                ldc_security::Identity::is_cell,
+                CONNECT_TIMEOUT,
+                DELIVER_TIMEOUT,
+            ),
+            crate::Transport::Insecure => {
+                Endpoint::from_shared(format!("http://{addr}")).map(|e| {
+                    e.connect_timeout(CONNECT_TIMEOUT)
+                        .timeout(DELIVER_TIMEOUT)
+                        .connect_lazy()
+                })
+            }
+        }
+        .map_err(|e| format!("bad endpoint {addr:?}: {e}"))?;
+        if self.by_addr.len() >= CHANNELS_MAX {
+            self.by_addr.clear();
+        }
+        let c = CellRelayClient::new(channel);
+        self.by_addr.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
 }
 
 /// One pending message, as read from the store.
@@ -108,9 +157,24 @@ pub fn lead(
     }
 }
 
-/// Reads the outbox of every shard this cell owns (one consistent snapshot).
-fn scan_outbox(store: &dyn Store, cell: &str) -> Result<(u32, Vec<Pending>), PaymentError> {
+/// What one relay round works from.
+struct Round {
+    owned: u32,
+    pending: Vec<Pending>,
+    table: Option<RoutingTable>,
+}
+
+/// Reads the outbox of every shard this cell owns and the routing table (one consistent
+/// snapshot).
+fn scan_outbox(store: &dyn Store, cell: &str) -> Result<Round, PaymentError> {
     let mut t = store.begin_read()?;
+    let table = match t.get(ldc_core::routing::STORE_KEY)? {
+        Some(raw) => Some(
+            serde_json::from_slice::<RoutingTable>(&raw)
+                .map_err(|e| PaymentError::Corrupt(format!("routing table: {e}")))?,
+        ),
+        None => None,
+    };
     let owners = t.scan(
         keys::OWNER_PREFIX,
         &prefix_end(keys::OWNER_PREFIX),
@@ -145,7 +209,11 @@ fn scan_outbox(store: &dyn Store, cell: &str) -> Result<(u32, Vec<Pending>), Pay
     // The writer commits batches before they are synced: never send a credit whose debit a
     // crash could still take back. One sync covers every commit this snapshot can see.
     store.sync()?;
-    Ok((owned, out))
+    Ok(Round {
+        owned,
+        pending: out,
+        table,
+    })
 }
 
 /// Runs until `shutdown` resolves.
@@ -157,17 +225,10 @@ pub async fn run(
     metrics: CellMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let channel: Channel = match Endpoint::from_shared(format!("http://{}", cfg.router)) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(DELIVER_TIMEOUT)
-            .connect_lazy(),
-        Err(e) => {
-            tracing::error!(router = %cfg.router, error = %e, "bad router address; relay disabled");
-            return;
-        }
+    let mut channels = Channels {
+        transport: cfg.transport.clone(),
+        by_addr: HashMap::new(),
     };
-    let client = CellRelayClient::new(channel);
     tokio::pin!(shutdown);
     let mut backoff = IDLE_POLL;
     loop {
@@ -198,7 +259,11 @@ pub async fn run(
         let s = store.clone();
         let cell = cfg.cell.clone();
         let scanned = tokio::task::spawn_blocking(move || scan_outbox(&*s, &cell)).await;
-        let (owned, pending) = match scanned {
+        let Round {
+            owned,
+            pending,
+            table,
+        } = match scanned {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "outbox scan failed");
@@ -217,7 +282,12 @@ pub async fn run(
             backoff = IDLE_POLL;
             continue;
         }
-        let failures = deliver_all(&client, &writer, pending, &metrics).await;
+        let Some(table) = table else {
+            tracing::warn!("outbox has credits but no routing table is published yet; waiting");
+            backoff = IDLE_POLL;
+            continue;
+        };
+        let failures = deliver_all(&mut channels, &table, &writer, pending, &metrics).await;
         // Nothing failed: look again at once (more may be queued). Failures back off.
         backoff = if failures == 0 {
             Duration::ZERO
@@ -234,16 +304,32 @@ fn now_ms() -> u64 {
 }
 
 async fn deliver_all(
-    client: &CellRelayClient<Channel>,
+    channels: &mut Channels,
+    table: &RoutingTable,
     writer: &Writer,
     pending: Vec<Pending>,
     metrics: &CellMetrics,
 ) -> usize {
     let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut failures = 0;
     for p in pending {
+        let mut client = match payee_endpoint(table, &p.credit.to_user_id, p.created_ms)
+            .and_then(|addr| channels.get(addr))
+        {
+            Ok(c) => c,
+            Err(why) => {
+                metrics.relay_deliveries.with_label_values(&["error"]).inc();
+                tracing::debug!(
+                    message_id = p.credit.message_id,
+                    why,
+                    "cannot reach the payee's cell; will retry"
+                );
+                failures += 1;
+                continue;
+            }
+        };
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let mut client = client.clone();
         let writer = writer.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
@@ -251,13 +337,27 @@ async fn deliver_all(
             deliver_one(&mut client, &writer, p, &metrics).await
         });
     }
-    let mut failures = 0;
     while let Some(r) = tasks.join_next().await {
         if !matches!(r, Ok(true)) {
             failures += 1;
         }
     }
     failures
+}
+
+/// The endpoint of the payee's cell (any colour serves the cell's shards; `spread` picks
+/// one of several, so retries of a message move over them).
+fn payee_endpoint<'t>(table: &'t RoutingTable, user: &str, spread: u64) -> Result<&'t str, String> {
+    let r = table
+        .route_user(user, None)
+        .map_err(|e| format!("routing table epoch {}: {e}", table.epoch))?;
+    let cell = &table.cells[r.cell];
+    let all: Vec<&String> = cell.blue.iter().chain(cell.green.iter()).collect();
+    if all.is_empty() {
+        return Err(format!("cell {} lists no endpoints", r.cell));
+    }
+    let i = (spread.wrapping_add(now_ms() / 1000) % all.len() as u64) as usize;
+    Ok(all[i].as_str())
 }
 
 /// Delivers one message and settles it. Returns whether it is settled.
@@ -269,9 +369,6 @@ async fn deliver_one(
 ) -> bool {
     let message_id = p.credit.message_id.clone();
     let mut req = tonic::Request::new(p.credit.clone());
-    if let Ok(v) = p.credit.to_user_id.parse() {
-        req.metadata_mut().insert(ldc_core::USER_HEADER, v);
-    }
     req.set_timeout(DELIVER_TIMEOUT);
     let resp = match client.deliver(req).await {
         Ok(r) => r.into_inner(),

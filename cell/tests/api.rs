@@ -1,19 +1,26 @@
-//! The payment API of one real cell (gRPC over loopback, SQLite store in a temp dir): every
-//! bad input gets its precise status and a message that says what to do, and writes
-//! nothing; idempotency replays and key reuse behave as documented.
+//! The payment API of one real cell (gRPC over mutual TLS on loopback, certificates of a
+//! real platform CA, SQLite store in a temp dir): every bad input gets its precise status
+//! and a message that says what to do, and writes nothing; idempotency replays and key
+//! reuse behave as documented; only routers may pay and only cells may deliver.
 
 use std::sync::Arc;
 
-use ldc_cell::{CellConfig, control};
+use ldc_cell::{CellConfig, Transport, control};
 use ldc_core::planner::{CellInfo, Topology};
 use ldc_core::proto::{self, payments_client::PaymentsClient};
+use ldc_security::pki::Pki;
+use ldc_security::platform;
+use ldc_security::tls::ClientAuth;
 use ldc_store::{Store, prefix_end, sqlite::SqliteStore};
 use tonic::Code;
 use tonic::transport::Channel;
 
 struct Cell {
+    /// A client holding the router's certificate (the only peer that may pay).
     client: PaymentsClient<Channel>,
     client_channel: Channel,
+    addr: std::net::SocketAddr,
+    pki: Pki,
     store: Arc<dyn Store>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -42,6 +49,14 @@ async fn start() -> Cell {
     let mut t = store.begin().unwrap();
     control::init(&mut *t, &topo, &["c1", "c1", "c1", "c1", "c2"], 0).unwrap();
     t.commit().unwrap();
+    let pki = Pki::new(dir.path().join("pki"));
+    platform::ensure_local(&pki, ["c1", "c2"]).unwrap();
+    let registry = prometheus::Registry::new();
+    let own = pki.files(&platform::cell_leaf("c1"));
+    let transport = Transport::MutualTls {
+        server: platform::server(own.clone(), ClientAuth::Required, &registry, "cell").unwrap(),
+        client: platform::client(own).unwrap(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -49,26 +64,25 @@ async fn start() -> Cell {
         cell: "c1".into(),
         colour: "blue".into(),
         store: store.clone(),
-        router: None,
+        relay: false,
         queue_max: 1024,
         batch_max: 64,
+        transport,
     };
     let task = tokio::spawn(async move {
-        ldc_cell::serve(cfg, listener, prometheus::Registry::new(), async move {
+        ldc_cell::serve(cfg, listener, registry, async move {
             let _ = rx.await;
         })
         .await
         .unwrap();
     });
-    let client_channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let client_channel = channel_as(&pki, addr, platform::ROUTER);
     let client = PaymentsClient::new(client_channel.clone());
     Cell {
         client,
         client_channel,
+        addr,
+        pki,
         store,
         _dir: dir,
         stop: Some(tx),
@@ -91,6 +105,18 @@ impl Cell {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap();
     }
+}
+
+/// A mutual-TLS channel to the cell at `addr` presenting certificate `leaf` of `pki`.
+fn channel_as(pki: &Pki, addr: std::net::SocketAddr, leaf: &str) -> Channel {
+    ldc_security::net::channel(
+        &addr.to_string(),
+        platform::client(pki.files(leaf)).unwrap(),
+        ldc_security::Identity::is_cell,
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap()
 }
 
 /// A call's answer.
@@ -438,5 +464,112 @@ async fn replay_returns_the_first_result() {
         .into_inner();
     assert_eq!(got.amount, 250);
     assert!(ldc_cell::reconcile::run(&*cell.store).unwrap().is_clean());
+    cell.stop().await;
+}
+
+/// The connection failed under the call (tonic reports a broken transport as UNKNOWN or
+/// UNAVAILABLE): the request never reached a handler.
+fn refused_by_transport(e: &tonic::Status) {
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Unknown) && e.message().contains("transport"),
+        "{e:?}"
+    );
+}
+
+/// Only routers pay and only cells deliver: every other peer is refused before the handler,
+/// with the precise status, and nothing is written. A plaintext connection and a
+/// certificate of another CA do not get past the handshake.
+#[tokio::test]
+async fn only_routers_pay_and_only_cells_deliver() {
+    use ldc_core::proto::cell_relay_client::CellRelayClient;
+    let cell = start().await;
+    let (alice, _, _) = users();
+    let open = |user: &str| {
+        req(
+            user,
+            proto::OpenAccountRequest {
+                user_id: user.into(),
+                currency: "EUR".into(),
+                idempotency_key: "o".into(),
+            },
+        )
+    };
+    let credit = || proto::Credit {
+        message_id: "mallory:1".into(),
+        from_shard: 0,
+        from_user_id: "mallory".into(),
+        to_user_id: alice.clone(),
+        amount: 1_000_000,
+        currency: "EUR".into(),
+        kind: proto::CreditKind::Transfer as i32,
+        refund_of: String::new(),
+    };
+    let before = cell.user_keys();
+
+    // A client certificate (even one with every scope) is not a router.
+    let cli = channel_as(&cell.pki, cell.addr, platform::CLI);
+    let e = PaymentsClient::new(cli.clone())
+        .open_account(open(&alice))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("only routers"), "{}", e.message());
+    // Neither a client nor a router may deliver a credit.
+    for leaf in [platform::CLI, platform::ROUTER, platform::CONTROLLER] {
+        let e = CellRelayClient::new(channel_as(&cell.pki, cell.addr, leaf))
+            .deliver(credit())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{leaf}: {e:?}");
+        assert!(e.message().contains("only cells"), "{}", e.message());
+    }
+    assert_eq!(cell.user_keys(), before, "a refused peer wrote something");
+
+    // Plaintext h2c: the cell speaks only TLS, so the call fails and nothing is written.
+    let plain = Channel::from_shared(format!("http://{}", cell.addr))
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
+    let e = CellRelayClient::new(plain)
+        .deliver(credit())
+        .await
+        .unwrap_err();
+    refused_by_transport(&e);
+
+    // A cell certificate from another CA fails the handshake.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = Pki::new(other.path());
+    platform::ensure_local(&other_pki, ["c2"]).unwrap();
+    let foreign = ldc_security::net::channel(
+        &cell.addr.to_string(),
+        // Trusts our CA (so the client side completes), presents the other CA's cell cert.
+        platform::client(ldc_security::pki::Files {
+            ca: cell.pki.ca_path(),
+            ..other_pki.files(&platform::cell_leaf("c2"))
+        })
+        .unwrap(),
+        ldc_security::Identity::is_cell,
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = CellRelayClient::new(foreign)
+        .deliver(credit())
+        .await
+        .unwrap_err();
+    refused_by_transport(&e);
+    assert_eq!(cell.user_keys(), before, "a refused peer wrote something");
+
+    // The same credit from a real cell certificate is taken (rejected here: no account).
+    let d = CellRelayClient::new(channel_as(&cell.pki, cell.addr, &platform::cell_leaf("c2")))
+        .deliver(credit())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.outcome, proto::DeliverOutcome::Rejected as i32, "{d:?}");
+    // And the router's certificate opens the account.
+    let mut c = cell.client.clone();
+    c.open_account(open(&alice)).await.unwrap();
     cell.stop().await;
 }

@@ -12,6 +12,7 @@
 //!   files change, with the certificate's expiry as a metric;
 //! * [`token`]: ES256 bearer tokens (jsonwebtoken) for clients that cannot hold a
 //!   certificate;
+//! * [`platform`]: which component holds which certificate;
 //! * [`net`]: TLS accept (off the accept loop, bounded) and connect (checking who answered).
 //!
 //! No cryptography is written here: rustls, ring, rcgen and jsonwebtoken do it.
@@ -20,6 +21,7 @@
 pub mod identity;
 pub mod net;
 pub mod pki;
+pub mod platform;
 pub mod tls;
 pub mod token;
 
