@@ -48,8 +48,6 @@ pub fn quote_prefix(text: &str, chars_max: usize) -> String {
 
 /// Request header carrying the user id the router routes on.
 pub const USER_HEADER: &str = "x-ldc-user";
-/// Request header carrying a shard number (cell-to-cell relay traffic).
-pub const SHARD_HEADER: &str = "x-ldc-shard";
 /// Request header carrying a request id, propagated end to end for tracing.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Request header forcing a colour (`blue` or `green`) for testing, when the table allows it.

@@ -1,7 +1,5 @@
-//! Admin endpoints on the proxy's own port: `GET /healthz`, `/readyz`, `/metrics`,
-//! `/table`. One port keeps deployment simple (one Service port, one probe target); a GET
-//! that is not gRPC on one of these paths can never be a payment call, so the split is
-//! unambiguous.
+//! Admin endpoints on the admin port (never the client port): `GET /healthz`, `/readyz`,
+//! `/metrics`, `/table`. Read-only: nothing here changes the router.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -11,18 +9,13 @@ use prometheus::{Encoder, TextEncoder};
 use crate::body::RespBody;
 use crate::proxy::Shared;
 
-const PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/table"];
-
-/// Whether `req` is an admin request rather than a call to proxy.
-pub(crate) fn is_admin<B>(req: &Request<B>) -> bool {
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    req.method() == Method::GET && !grpc && PATHS.contains(&req.uri().path())
-}
-
 pub(crate) fn handle<B>(s: &Shared, req: &Request<B>) -> Response<RespBody> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the admin port serves GET only\n".into(),
+        );
+    }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match s.table.current() {
@@ -60,16 +53,19 @@ pub(crate) fn handle<B>(s: &Shared, req: &Request<B>) -> Response<RespBody> {
                 "no routing table yet\n".into(),
             ),
         },
-        _ => not_grpc(),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "the admin port serves GET /healthz, /readyz, /metrics and /table\n".into(),
+        ),
     }
 }
 
-/// Answer to an HTTP/1 request that is not an admin GET.
+/// Answer to an HTTP/1 request on the traffic port.
 pub(crate) fn not_grpc() -> Response<RespBody> {
     text(
         StatusCode::NOT_FOUND,
-        "this port proxies gRPC over HTTP/2 (cleartext, prior knowledge) and serves \
-         GET /healthz, /readyz, /metrics and /table\n"
+        "this port proxies gRPC over HTTP/2; probes, metrics and the table are on the \
+         router's admin port\n"
             .into(),
     )
 }

@@ -60,6 +60,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod auth;
 pub mod balance;
 pub mod body;
 pub mod grpc;
@@ -75,7 +76,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use server::serve;
+pub use auth::EdgeSecurity;
+pub use server::{Listeners, serve};
 pub use table::{TableHandle, poll_store};
 
 /// How a router behaves. Every field is a limit or a period; the defaults suit the

@@ -68,6 +68,10 @@ pub struct RouterMetrics {
     pub ejections: IntCounter,
     /// `ldc_router_errors_total{reason}`: answers the router made itself, by reason.
     pub router_errors: IntCounterVec,
+    /// `ldc_router_auth_refusals_total{code,reason}`: calls refused at the edge because
+    /// the caller is not authenticated (`UNAUTHENTICATED`) or not allowed
+    /// (`PERMISSION_DENIED`).
+    pub auth_refusals: IntCounterVec,
 }
 
 impl RouterMetrics {
@@ -111,6 +115,14 @@ impl RouterMetrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            auth_refusals: IntCounterVec::new(
+                Opts::new(
+                    "ldc_router_auth_refusals_total",
+                    "Calls refused at the edge: UNAUTHENTICATED or PERMISSION_DENIED, by reason",
+                ),
+                &["code", "reason"],
+            )
+            .expect("valid metric"),
         }
     }
 
@@ -125,6 +137,7 @@ impl RouterMetrics {
         registry.register(Box::new(self.moved_retries.clone()))?;
         registry.register(Box::new(self.ejections.clone()))?;
         registry.register(Box::new(self.router_errors.clone()))?;
+        registry.register(Box::new(self.auth_refusals.clone()))?;
         source.register(registry)
     }
 }

@@ -16,11 +16,13 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ldc_core::routing::{Colour, RouteError, RoutingTable, colour_for};
-use ldc_core::{COLOUR_HEADER, REQUEST_ID_HEADER, SHARD_HEADER, USER_HEADER};
+use ldc_core::{COLOUR_HEADER, REQUEST_ID_HEADER, USER_HEADER};
+use ldc_security::Identity;
 use tokio::time::Sleep;
 use tracing::Instrument;
 
 use crate::RouterConfig;
+use crate::auth::{self, EdgeSecurity};
 use crate::balance::{Balancer, Endpoint, InFlight};
 use crate::body::{Completion, ReplayBody, RespBody, UpstreamBody, buffer};
 use crate::grpc::{self, Code, Moved};
@@ -31,7 +33,6 @@ use crate::upstream::SendError;
 // Header names as constants: looking a header up by `&str` parses and validates the
 // name on every call (it showed in profiles); these are checked once, at compile time.
 const USER: HeaderName = HeaderName::from_static(USER_HEADER);
-const SHARD: HeaderName = HeaderName::from_static(SHARD_HEADER);
 const COLOUR: HeaderName = HeaderName::from_static(COLOUR_HEADER);
 const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -45,6 +46,7 @@ pub(crate) struct Shared {
     pub metrics: RouterMetrics,
     pub balancer: Balancer,
     pub registry: prometheus::Registry,
+    pub security: crate::auth::EdgeSecurity,
 }
 
 /// An answer the router makes itself.
@@ -59,7 +61,7 @@ pub(crate) struct Fail {
 }
 
 impl Fail {
-    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Fail {
+    pub(crate) fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Fail {
         Fail {
             code,
             reason,
@@ -67,6 +69,12 @@ impl Fail {
             cell: None,
             colour: None,
         }
+    }
+
+    /// The stable label of this refusal.
+    #[cfg(test)]
+    pub(crate) fn reason(&self) -> &'static str {
+        self.reason
     }
 
     fn at(mut self, d: &Decision<'_>) -> Fail {
@@ -90,8 +98,7 @@ struct Decision<'t> {
 /// What the router routes on, from the request headers.
 #[derive(Debug, Clone)]
 struct RouteKey {
-    user: Option<String>,
-    shard: Option<u32>,
+    user: String,
     forced: Option<Colour>,
 }
 
@@ -103,7 +110,11 @@ struct Head {
 }
 
 /// Entry point for requests that are not admin requests.
-pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+pub(crate) async fn proxy(
+    s: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: Option<Arc<Identity>>,
+) -> Response<RespBody> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let request_id = match parts.headers.get(&REQUEST_ID) {
@@ -126,7 +137,9 @@ pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<Re
         colour = tracing::field::Empty,
         endpoint = tracing::field::Empty,
     );
-    let result = route(&s, parts, body, started).instrument(span).await;
+    let result = route(&s, parts, body, peer.as_deref(), started)
+        .instrument(span)
+        .await;
     match result {
         Ok(resp) => resp,
         Err(fail) => {
@@ -135,6 +148,12 @@ pub(crate) async fn proxy(s: Arc<Shared>, req: Request<Incoming>) -> Response<Re
                 .router_errors
                 .with_label_values(&[fail.reason])
                 .inc();
+            if matches!(fail.code, Code::Unauthenticated | Code::PermissionDenied) {
+                s.metrics
+                    .auth_refusals
+                    .with_label_values(&[fail.code.name(), fail.reason])
+                    .inc();
+            }
             s.metrics
                 .requests
                 .with_label_values(&[
@@ -176,9 +195,17 @@ async fn route(
     s: &Shared,
     parts: http::request::Parts,
     body: Incoming,
+    peer: Option<&Identity>,
     started: Instant,
 ) -> Result<Response<RespBody>, Fail> {
     check_header_size(&parts.headers, s.config.header_bytes_max)?;
+    auth::public_method(parts.uri.path())?;
+    let principal = match &s.security {
+        EdgeSecurity::Tls { tokens, .. } => {
+            Some(auth::authenticate(&parts.headers, peer, tokens.as_deref())?)
+        }
+        EdgeSecurity::Insecure => None,
+    };
     let table = s.table.current().ok_or_else(|| {
         Fail::new(
             Code::Unavailable,
@@ -188,10 +215,11 @@ async fn route(
         )
     })?;
     let key = route_key(&parts.headers)?;
-    let span = tracing::Span::current();
-    if let Some(u) = &key.user {
-        span.record("user", u.as_str());
+    if let Some(p) = &principal {
+        ldc_core::authz::authorize(p, parts.uri.path(), &key.user).map_err(auth::denied)?;
     }
+    let span = tracing::Span::current();
+    span.record("user", key.user.as_str());
     let timeout = upstream_timeout(&parts.headers, s.config.request_timeout);
     let mut deadline: Deadline = Box::pin(tokio::time::sleep(timeout));
 
@@ -202,7 +230,11 @@ async fn route(
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        headers: forward_headers(parts.headers),
+        headers: {
+            let mut h = forward_headers(parts.headers);
+            auth::forward_principal(&mut h, principal.as_ref());
+            h
+        },
     };
 
     // Read the (small, unary) body first, so it can be sent again after "moved".
@@ -275,7 +307,7 @@ fn check_header_size(headers: &HeaderMap, max: usize) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Reads `x-ldc-user` (or `x-ldc-shard`) and `x-ldc-colour`.
+/// Reads `x-ldc-user` and `x-ldc-colour`.
 fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
     let forced = match headers.get(&COLOUR) {
         None => None,
@@ -311,39 +343,14 @@ fn route_key(headers: &HeaderMap) -> Result<RouteKey, Fail> {
             )
         })?;
         return Ok(RouteKey {
-            user: Some(user.to_string()),
-            shard: None,
-            forced,
-        });
-    }
-    if let Some(v) = headers.get(&SHARD) {
-        let shard = v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| {
-                Fail::new(
-                    Code::InvalidArgument,
-                    "bad_shard_header",
-                    format!(
-                        "header {SHARD_HEADER} is {:?}; it must be a shard number",
-                        String::from_utf8_lossy(v.as_bytes())
-                    ),
-                )
-            })?;
-        return Ok(RouteKey {
-            user: None,
-            shard: Some(shard),
+            user: user.to_string(),
             forced,
         });
     }
     Err(Fail::new(
         Code::InvalidArgument,
         "missing_user_header",
-        format!(
-            "request has no {USER_HEADER} header; set it to the user id the call is for \
-             (cell relay traffic may set {SHARD_HEADER} to a shard number instead)"
-        ),
+        format!("request has no {USER_HEADER} header; set it to the user id the call is for"),
     ))
 }
 
@@ -392,19 +399,10 @@ fn forward_headers(mut h: HeaderMap) -> HeaderMap {
 /// Routes with `table`. A forced colour the cell does not allow is ignored (the split
 /// decides): a stray test header must never break production traffic.
 fn decide<'t>(table: &'t RoutingTable, key: &RouteKey) -> Result<Decision<'t>, Fail> {
-    let routed = match (&key.user, key.shard) {
-        (Some(u), _) => table.route_user(u, key.forced),
-        (None, Some(s)) => table.route_shard(s, None, key.forced),
-        (None, None) => unreachable!("route_key gives a user or a shard"),
-    };
-    let routed = match routed {
+    let routed = match table.route_user(&key.user, key.forced) {
         Err(RouteError::ForcedColourRefused { cell, colour }) => {
             tracing::debug!(%cell, %colour, "forced colour not allowed for this cell; ignoring the header");
-            match (&key.user, key.shard) {
-                (Some(u), _) => table.route_user(u, None),
-                (None, Some(s)) => table.route_shard(s, None, None),
-                (None, None) => unreachable!(),
-            }
+            table.route_user(&key.user, None)
         }
         other => other,
     };
@@ -416,13 +414,6 @@ fn decide<'t>(table: &'t RoutingTable, key: &RouteKey) -> Result<Decision<'t>, F
             endpoints: r.endpoints,
             table_epoch: table.epoch,
         }),
-        // The shard count is fixed per platform, so a shard number beyond it names
-        // nothing: NOT_FOUND (the number itself parsed fine).
-        Err(e @ RouteError::UnknownShard(..)) => Err(Fail::new(
-            Code::NotFound,
-            "unknown_shard",
-            format!("{e}; check the {SHARD_HEADER} header"),
-        )),
         Err(e) => Err(Fail::new(
             Code::Internal,
             "table_inconsistent",
@@ -448,11 +439,9 @@ fn decide_after_moved<'t>(
     let Some((owner_name, owner)) = table.cells.get_key_value(&moved.owner) else {
         return Ok(d);
     };
-    let colour = match (key.forced, &key.user) {
-        (Some(c), _) if owner.allow_forced_colour => c,
-        (_, Some(u)) => colour_for(u, owner.green_weight_bp),
-        (_, None) if owner.green_weight_bp >= ldc_core::routing::BP_MAX => Colour::Green,
-        (_, None) => Colour::Blue,
+    let colour = match key.forced {
+        Some(c) if owner.allow_forced_colour => c,
+        _ => colour_for(&key.user, owner.green_weight_bp),
     };
     tracing::info!(owner = %moved.owner, "table still names the refusing cell; following the cell's moved hint");
     Ok(Decision {
@@ -540,7 +529,15 @@ async fn send(
     *req.headers_mut() = head.headers.clone();
 
     let guard = ep.start();
-    let sent = ep.upstream().send(ep.addr(), s.config.connect_timeout, req);
+    let how = crate::upstream::Connect {
+        timeout: s.config.connect_timeout,
+        tls: match &s.security {
+            EdgeSecurity::Tls { upstream, .. } => Some(upstream.current()),
+            EdgeSecurity::Insecure => None,
+        },
+        cell: d.cell,
+    };
+    let sent = ep.upstream().send(ep.addr(), &how, req);
     match before(deadline, sent).await {
         Some(Ok(resp)) => {
             s.balancer.restore(&ep);
@@ -695,17 +692,16 @@ mod tests {
         h.insert(USER_HEADER, HeaderValue::from_static("alice"));
         h.insert(COLOUR_HEADER, HeaderValue::from_static("green"));
         let k = route_key(&h).unwrap();
-        assert_eq!(k.user.as_deref(), Some("alice"));
+        assert_eq!(k.user, "alice");
         assert_eq!(k.forced, Some(Colour::Green));
 
         h.insert(COLOUR_HEADER, HeaderValue::from_static("purple"));
         assert_eq!(route_key(&h).unwrap_err().reason, "bad_colour_header");
 
+        // Routing by shard number was for the relay, which no longer passes the router.
         let mut h = HeaderMap::new();
-        h.insert(SHARD_HEADER, HeaderValue::from_static("42"));
-        assert_eq!(route_key(&h).unwrap().shard, Some(42));
-        h.insert(SHARD_HEADER, HeaderValue::from_static("x"));
-        assert_eq!(route_key(&h).unwrap_err().reason, "bad_shard_header");
+        h.insert("x-ldc-shard", HeaderValue::from_static("42"));
+        assert_eq!(route_key(&h).unwrap_err().reason, "missing_user_header");
     }
 
     #[test]

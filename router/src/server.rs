@@ -1,7 +1,11 @@
-//! The accept loop and the active health checker.
+//! The accept loops (traffic and admin) and the active health checker.
 //!
-//! One listener speaks HTTP/1.1 and HTTP/2 (hyper-util's auto builder reads the preface):
-//! gRPC clients use HTTP/2 prior knowledge, probes and Prometheus use HTTP/1.1 GETs.
+//! The traffic listener is the edge: TLS (client certificates optional, ALPN h2), each
+//! handshake in the connection's own task with a deadline, so a silent socket costs one
+//! connection slot for a few seconds and never the accept loop. The admin listener is
+//! plain HTTP/1.1 (`/healthz`, `/readyz`, `/metrics`, `/table`) on its own port, which
+//! carries no payment traffic and no control: it is for probes and Prometheus, and is kept
+//! off the client network (loopback for `ldc up`, a NetworkPolicy on Kubernetes).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -15,25 +19,43 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use ldc_security::Identity;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::auth::EdgeSecurity;
 use crate::balance::Balancer;
 use crate::metrics::RouterMetrics;
 use crate::proxy::{self, Shared};
 use crate::{RouterConfig, RouterError, TableHandle, admin};
 
-/// Serves the proxy and the admin endpoints on `listener` until `shutdown` resolves, then
-/// stops accepting and waits (at most `config.drain_timeout`) for requests in flight.
-/// Metrics are registered in `registry`; the table comes from `table` (see
-/// [`crate::poll_store`]).
+/// Where a router listens.
+pub struct Listeners {
+    /// Client traffic (gRPC).
+    pub traffic: TcpListener,
+    /// Probes, metrics and the table (HTTP/1.1 GET).
+    pub admin: TcpListener,
+}
+
+/// Most admin connections served at once.
+const ADMIN_CONNECTIONS_MAX: usize = 64;
+
+/// Serves the proxy on `listeners.traffic` and the admin endpoints on `listeners.admin`
+/// until `shutdown` resolves, then stops accepting and waits (at most
+/// `config.drain_timeout`) for requests in flight. Metrics are registered in `registry`;
+/// the table comes from `table` (see [`crate::poll_store`]).
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     table: TableHandle,
     config: RouterConfig,
+    security: EdgeSecurity,
     registry: prometheus::Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    let Listeners {
+        traffic: listener,
+        admin,
+    } = listeners;
     let metrics = RouterMetrics::new();
     metrics.register(&registry, table.metrics())?;
     if let Some(t) = table.current() {
@@ -50,10 +72,24 @@ pub async fn serve(
         metrics,
         registry,
         config: config.clone(),
+        security: security.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health = tokio::spawn(health_check(shared.clone(), stop_rx));
+    let health = tokio::spawn(health_check(shared.clone(), stop_rx.clone()));
+    let admin_addr = admin.local_addr()?;
+    let admin = tokio::spawn(serve_admin(admin, shared.clone(), stop_rx));
+    let reloads: Vec<_> = match &security {
+        EdgeSecurity::Tls {
+            server, upstream, ..
+        } => vec![server.watch(), upstream.watch()],
+        EdgeSecurity::Insecure => {
+            tracing::warn!(
+                "INSECURE: the router serves plaintext and authenticates no one (--insecure);                  anyone who reaches it can move money. Never run this outside a development machine."
+            );
+            vec![]
+        }
+    };
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -74,7 +110,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.connections_max));
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "router listening");
+    tracing::info!(%addr, admin = %admin_addr, tls = security.is_secure(), "router listening");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -94,18 +130,32 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let s = shared.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let s = s.clone();
-            async move { Ok::<_, Infallible>(dispatch(s, req).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (s, builder, watcher) = (shared.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match &s.security {
+                EdgeSecurity::Tls { server, .. } => {
+                    let tls = match ldc_security::net::accept(stream, server.current()).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let id = ldc_security::net::peer_identity(tls.get_ref().1).map(Arc::new);
+                    let svc = traffic_service(s.clone(), id);
+                    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                EdgeSecurity::Insecure => {
+                    let svc = traffic_service(s.clone(), None);
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
             }
         });
     }
@@ -121,19 +171,77 @@ pub async fn serve(
         );
     }
     let _ = health.await;
+    let _ = admin.await;
+    for r in reloads {
+        r.abort();
+    }
     Ok(())
 }
 
-async fn dispatch(s: Arc<Shared>, req: Request<Incoming>) -> http::Response<crate::body::RespBody> {
-    if admin::is_admin(&req) {
-        return admin::handle(&s, &req);
-    }
+/// The service of one traffic connection, whose client certificate named `peer`.
+fn traffic_service(
+    s: Arc<Shared>,
+    peer: Option<Arc<Identity>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<crate::body::RespBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::body::RespBody>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
+        let (s, peer) = (s.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(dispatch(s, req, peer).await) }
+    })
+}
+
+async fn dispatch(
+    s: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: Option<Arc<Identity>>,
+) -> http::Response<crate::body::RespBody> {
     if req.version() != Version::HTTP_2 {
         return admin::not_grpc();
     }
     // Boxed: the request's future is large (every state of a proxied call); hyper moves the
     // service future into each stream task it spawns, so it moves a pointer instead.
-    Box::pin(proxy::proxy(s, req)).await
+    Box::pin(proxy::proxy(s, req, peer)).await
+}
+
+/// The admin listener: plain HTTP/1.1 GETs, a few connections at a time.
+async fn serve_admin(listener: TcpListener, s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|v| *v) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue;
+        };
+        let s = s.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let s = s.clone();
+                async move { Ok::<_, Infallible>(admin::handle(&s, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Probes every endpoint of the table each interval with a TCP connect: a failure ejects

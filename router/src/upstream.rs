@@ -6,12 +6,16 @@
 //! takes a slot (round-robin if there are several), clones its `SendRequest` (an `Arc`
 //! increment) and sends.
 //!
+//! Connections are mutual TLS when the router is secure: the router presents its own
+//! certificate, and the endpoint must present the certificate of the cell the table names
+//! there, or the connection is dropped before any request is sent.
+//!
 //! Safety of the one transparent retry here: a request goes to a new connection only
 //! when the old one gave the request back unsent (closed before the stream was opened),
 //! so nothing can have reached the cell.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,6 +24,15 @@ use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::ReplayBody;
+
+/// How to open a connection to an endpoint.
+pub struct Connect<'a> {
+    pub timeout: Duration,
+    /// The router's mutual-TLS client configuration (`None`: plaintext, `--insecure`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The cell the routing table says serves this endpoint.
+    pub cell: &'a str,
+}
 
 /// HTTP/2 connections per endpoint. One connection carries every stream to the endpoint
 /// and batches their frames into fewer writes: in bench/router.sh one connection cost
@@ -77,14 +90,14 @@ impl Upstream {
     pub async fn send(
         &self,
         addr: &str,
-        connect_timeout: Duration,
+        how: &Connect<'_>,
         mut req: Request<ReplayBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
         for _ in 0..SEND_ATTEMPTS_MAX {
             let mut sender = match slot.live() {
                 Some(s) => s,
-                None => slot.connect(addr, connect_timeout).await?,
+                None => slot.connect(addr, how).await?,
             };
             if sender.ready().await.is_err() {
                 slot.clear();
@@ -126,13 +139,14 @@ impl Slot {
     async fn connect(
         &self,
         addr: &str,
-        timeout: Duration,
+        how: &Connect<'_>,
     ) -> Result<SendRequest<ReplayBody>, SendError> {
         let _connecting = self.connecting.lock().await;
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let sender = tokio::time::timeout(timeout, handshake(addr))
+        let timeout = how.timeout;
+        let sender = tokio::time::timeout(timeout, open(addr, how))
             .await
             .map_err(|_| {
                 SendError::Connect(format!("connect to {addr} timed out after {timeout:?}"))
@@ -142,11 +156,35 @@ impl Slot {
     }
 }
 
-async fn handshake(addr: &str) -> Result<SendRequest<ReplayBody>, SendError> {
-    let tcp = tokio::net::TcpStream::connect(addr)
+/// Opens one connection: TCP, then TLS checking the cell's certificate (when secure), then
+/// the HTTP/2 handshake.
+async fn open(addr: &str, how: &Connect<'_>) -> Result<SendRequest<ReplayBody>, SendError> {
+    let Some(tls) = &how.tls else {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| SendError::Connect(format!("tcp connect error: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        return handshake(addr, tcp).await;
+    };
+    let (stream, id) = ldc_security::net::connect(addr, tls.clone())
         .await
-        .map_err(|e| SendError::Connect(format!("tcp connect error: {e}")))?;
-    let _ = tcp.set_nodelay(true);
+        .map_err(|e| SendError::Connect(format!("TLS connect error: {e}")))?;
+    match id {
+        Some(ldc_security::Identity::Cell(name)) if name == how.cell => {
+            handshake(addr, stream).await
+        }
+        other => Err(SendError::Connect(format!(
+            "the endpoint's certificate names {}, not cell {}; the connection was closed              before sending anything",
+            other.map_or_else(|| "nobody".to_string(), |i| i.label()),
+            how.cell
+        ))),
+    }
+}
+
+async fn handshake<IO>(addr: &str, io: IO) -> Result<SendRequest<ReplayBody>, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
@@ -154,7 +192,7 @@ async fn handshake(addr: &str) -> Result<SendRequest<ReplayBody>, SendError> {
         .adaptive_window(false)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .handshake(TokioIo::new(tcp))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| SendError::Connect(format!("http/2 handshake: {e}")))?;
     let peer = addr.to_string();

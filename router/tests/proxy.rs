@@ -1,4 +1,7 @@
-//! The router end to end: a real `serve` in front of small tonic backends.
+//! The router end to end: a real `serve` in front of small tonic backends, with security
+//! on: clients reach the router over TLS with a certificate or a token of a real platform
+//! CA (made once per test binary in a temp dir), the router reaches each backend over
+//! mutual TLS and checks the backend holds the certificate of the cell the table names.
 //!
 //! `EchoCell` is a test double for a payment cell: it implements only `GetBalance`, answers
 //! with its own name in `Account.cell` (so a test sees which backend served), and can be
@@ -16,12 +19,114 @@ use ldc_core::proto::payments_server::{Payments, PaymentsServer};
 use ldc_core::proto::{self, GetBalanceRequest};
 use ldc_core::routing::{BP_MAX, CellRoute, RoutingTable, STORE_KEY, ShardRoute, colour_for};
 use ldc_core::shard::shard_of;
-use ldc_router::{RouterConfig, TableHandle};
+use ldc_router::{EdgeSecurity, Listeners, RouterConfig, TableHandle};
+use ldc_security::Identity;
+use ldc_security::pki::{Leaf, Pki};
+use ldc_security::platform;
+use ldc_security::tls::ClientAuth;
+use ldc_security::token::{TokenIssuer, TokenVerifier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 const SHARDS: u32 = 100;
+
+// ---------------------------------------------------------------------------------------
+// The platform CA of this test binary.
+
+/// Cell names the tables of these tests use.
+const CELLS: [&str; 2] = ["A", "B"];
+
+fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<(tempfile::TempDir, Pki)> = std::sync::OnceLock::new();
+    &PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let mut leaves = platform::local_leaves(CELLS);
+        for (name, principal) in [
+            (
+                "alice",
+                ldc_core::authz::Principal::user("alice", [ldc_core::authz::Scope::Read]),
+            ),
+            (
+                "reports",
+                ldc_core::authz::Principal::service("reports", [ldc_core::authz::Scope::Read]),
+            ),
+        ] {
+            leaves.push(Leaf {
+                name: name.into(),
+                identity: Identity::Client(principal),
+                hosts: vec![],
+            });
+        }
+        pki.ensure(&leaves).unwrap();
+        (dir, pki)
+    })
+    .1
+}
+
+fn issuer() -> TokenIssuer {
+    TokenIssuer::from_pem_file(&pki().token_key_path()).unwrap()
+}
+
+fn edge_security() -> EdgeSecurity {
+    let p = pki();
+    EdgeSecurity::Tls {
+        server: platform::server(
+            p.files(platform::ROUTER),
+            ClientAuth::Optional,
+            &prometheus::Registry::new(),
+            "router",
+        )
+        .unwrap(),
+        upstream: platform::client(p.files(platform::ROUTER)).unwrap(),
+        tokens: Some(Arc::new(
+            TokenVerifier::from_pem_files(&[p.token_public_path()]).unwrap(),
+        )),
+    }
+}
+
+fn is_router(id: &Identity) -> bool {
+    matches!(id, Identity::Router)
+}
+
+/// A TLS channel to the router presenting certificate `leaf` (or none).
+fn channel_to(addr: SocketAddr, leaf: Option<&str>) -> Channel {
+    let cfg = match leaf {
+        Some(l) => platform::client(pki().files(l)).unwrap(),
+        None => ldc_security::tls::Reloading::new(pki().files(platform::ROUTER), |c| {
+            let mut cfg = ldc_security::tls::client_config(c)?;
+            cfg.client_auth_cert_resolver = Arc::new(NoClientCert);
+            Ok(cfg)
+        })
+        .unwrap(),
+    };
+    ldc_security::net::channel(
+        &addr.to_string(),
+        cfg,
+        is_router,
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
+/// Presents no client certificate (a client that authenticates with a token).
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // EchoCell: the test double for a cell.
@@ -132,13 +237,15 @@ struct Backend {
 }
 
 impl Backend {
-    fn start(name: &str) -> Backend {
+    /// A backend named `name` holding the certificate of cell `cell`.
+    fn start(cell: &str, name: &str) -> Backend {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let behaviour = Arc::new(Mutex::new(Behaviour::Serve));
         let request_ids = Arc::new(Mutex::new(Vec::new()));
+        let cell_name = cell;
         let cell = EchoCell {
             name: name.to_string(),
             calls: calls.clone(),
@@ -150,11 +257,19 @@ impl Backend {
             .enable_all()
             .build()
             .unwrap();
+        let files = pki().files(&platform::cell_leaf(cell_name));
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let tls = platform::server(
+                files,
+                ClientAuth::Required,
+                &prometheus::Registry::new(),
+                "cell",
+            )
+            .unwrap();
             tonic::transport::Server::builder()
                 .add_service(PaymentsServer::new(cell))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .serve_with_incoming(ldc_security::net::incoming(listener, tls))
                 .await
                 .unwrap();
         });
@@ -203,19 +318,23 @@ impl Drop for Backend {
 
 struct Router {
     addr: SocketAddr,
+    admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), ldc_router::RouterError>>>,
 }
 
 impl Router {
     async fn start(table: TableHandle, config: RouterConfig) -> Router {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let traffic = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = traffic.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(ldc_router::serve(
-            listener,
+            Listeners { traffic, admin },
             table,
             config,
+            edge_security(),
             prometheus::Registry::new(),
             async move {
                 let _ = rx.await;
@@ -223,20 +342,20 @@ impl Router {
         ));
         Router {
             addr,
+            admin: admin_addr,
             stop: Some(tx),
             task: Some(task),
         }
     }
 
+    /// A client with the CLI's certificate (a service with every scope).
     async fn client(&self) -> PaymentsClient<Channel> {
-        PaymentsClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+        PaymentsClient::new(channel_to(self.addr, Some(platform::CLI)))
     }
 
-    /// A plain HTTP/1.1 GET on the router's port: (status, body).
+    /// A plain HTTP/1.1 GET on the router's admin port: (status, body).
     async fn get(&self, path: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n").as_bytes(),
         )
@@ -418,9 +537,9 @@ fn poll_on_demand(store: Arc<MemStore>, table: TableHandle) -> tokio::sync::ones
 // Tests.
 
 #[tokio::test]
-async fn routes_users_and_shards_to_the_owning_cell() {
-    let a = Backend::start("A");
-    let b = Backend::start("B");
+async fn routes_users_to_the_owning_cell() {
+    let a = Backend::start("A", "A");
+    let b = Backend::start("B", "B");
     let t = table(
         1,
         BTreeMap::from([
@@ -451,19 +570,12 @@ async fn routes_users_and_shards_to_the_owning_cell() {
         "both cells owned some of the users: {seen:?}"
     );
 
-    // Relay traffic routes by shard number.
-    let by_shard = |s: &'static str| [(ldc_core::SHARD_HEADER, s)];
-    assert_eq!(
-        balance(&mut client, &by_shard("3")).await.unwrap().cell,
-        "A"
-    );
-    assert_eq!(
-        balance(&mut client, &by_shard("77")).await.unwrap().cell,
-        "B"
-    );
-    let e = balance(&mut client, &by_shard("100")).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(e.message().contains("shard 100"), "{}", e.message());
+    // A shard number routes nothing: every call is for a user (the relay, which routed by
+    // shard, goes cell to cell and never through the router).
+    let e = balance(&mut client, &[("x-ldc-shard", "3")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // Every forwarded request carries a request id; a client's own is kept.
     assert_eq!(a.request_ids.lock().unwrap().len(), a.calls());
@@ -486,8 +598,8 @@ async fn routes_users_and_shards_to_the_owning_cell() {
 
 #[tokio::test]
 async fn blue_green_split_at_0_50_100_is_sticky() {
-    let blue = Backend::start("blue");
-    let green = Backend::start("green");
+    let blue = Backend::start("A", "blue");
+    let green = Backend::start("A", "green");
     let handle = TableHandle::new();
     let router = Router::start(handle.clone(), config()).await;
     let mut client = router.client().await;
@@ -524,8 +636,8 @@ async fn blue_green_split_at_0_50_100_is_sticky() {
 
 #[tokio::test]
 async fn forced_colour_only_where_allowed() {
-    let blue = Backend::start("blue");
-    let green = Backend::start("green");
+    let blue = Backend::start("A", "blue");
+    let green = Backend::start("A", "green");
     let handle = TableHandle::new();
     handle.offer(one_cell_table(1, cell(&[&blue], &[&green], 0, false)));
     let router = Router::start(handle.clone(), config()).await;
@@ -562,8 +674,8 @@ async fn forced_colour_only_where_allowed() {
 
 #[tokio::test]
 async fn table_epoch_never_goes_backwards() {
-    let a = Backend::start("A");
-    let b = Backend::start("B");
+    let a = Backend::start("A", "A");
+    let b = Backend::start("B", "B");
     let handle = TableHandle::new();
     let router = Router::start(handle.clone(), config()).await;
     let mut client = router.client().await;
@@ -584,7 +696,7 @@ async fn table_epoch_never_goes_backwards() {
 
 #[tokio::test]
 async fn store_source_keeps_the_last_good_table_when_the_store_fails() {
-    let a = Backend::start("A");
+    let a = Backend::start("A", "A");
     let store = Arc::new(MemStore::default());
     store.publish(&one_cell_table(1, cell(&[&a], &[], 0, false)));
     let handle = TableHandle::new();
@@ -631,8 +743,8 @@ async fn store_source_keeps_the_last_good_table_when_the_store_fails() {
 /// Two cells; every shard starts on A. A answers "moved" (to B, epoch 2) and the store
 /// holds a newer table that gives the shards to B.
 async fn moved_setup() -> (Backend, Backend, Arc<MemStore>, TableHandle, RoutingTable) {
-    let a = Backend::start("A");
-    let b = Backend::start("B");
+    let a = Backend::start("A", "A");
+    let b = Backend::start("B", "B");
     let cells = BTreeMap::from([
         ("A".to_string(), cell(&[&a], &[], 0, false)),
         ("B".to_string(), cell(&[&b], &[], 0, false)),
@@ -773,7 +885,7 @@ async fn other_errors_are_returned_as_is_and_never_retried() {
 
 #[tokio::test]
 async fn upstream_timeout_is_deadline_exceeded_and_not_retried() {
-    let a = Backend::start("A");
+    let a = Backend::start("A", "A");
     a.set(Behaviour::Stall(Duration::from_secs(3)));
     let handle = TableHandle::new();
     handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
@@ -798,7 +910,7 @@ async fn upstream_timeout_is_deadline_exceeded_and_not_retried() {
 
 #[tokio::test]
 async fn bad_or_missing_user_header_is_invalid_argument() {
-    let a = Backend::start("A");
+    let a = Backend::start("A", "A");
     let handle = TableHandle::new();
     handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
     let router = Router::start(handle, config()).await;
@@ -836,7 +948,7 @@ async fn bad_or_missing_user_header_is_invalid_argument() {
 
 #[tokio::test]
 async fn no_table_is_unavailable_and_not_ready() {
-    let a = Backend::start("A");
+    let a = Backend::start("A", "A");
     let handle = TableHandle::new();
     let router = Router::start(handle.clone(), config()).await;
     let mut client = router.client().await;
@@ -866,8 +978,8 @@ async fn no_table_is_unavailable_and_not_ready() {
 
 #[tokio::test]
 async fn a_killed_endpoint_is_ejected_and_its_colour_keeps_serving() {
-    let mut dead = Backend::start("blue-1");
-    let alive = Backend::start("blue-2");
+    let mut dead = Backend::start("A", "blue-1");
+    let alive = Backend::start("A", "blue-2");
     let handle = TableHandle::new();
     handle.offer(one_cell_table(1, cell(&[&dead, &alive], &[], 0, false)));
     let router = Router::start(handle, config()).await;
@@ -910,8 +1022,8 @@ async fn a_killed_endpoint_is_ejected_and_its_colour_keeps_serving() {
 
 #[tokio::test]
 async fn metrics_count_requests_by_cell_colour_and_code() {
-    let blue = Backend::start("blue");
-    let green = Backend::start("green");
+    let blue = Backend::start("A", "blue");
+    let green = Backend::start("A", "green");
     let handle = TableHandle::new();
     handle.offer(one_cell_table(7, cell(&[&blue], &[&green], 0, false)));
     let router = Router::start(handle, config()).await;
@@ -972,7 +1084,7 @@ async fn a_body_too_large_to_replay_is_not_retried_after_moved() {
 
 #[tokio::test]
 async fn no_usable_endpoint_names_the_cell_and_colour() {
-    let mut only = Backend::start("blue");
+    let mut only = Backend::start("A", "blue");
     let handle = TableHandle::new();
     handle.offer(one_cell_table(1, cell(&[&only], &[], 0, false)));
     let router = Router::start(handle.clone(), config()).await;
@@ -1014,5 +1126,266 @@ async fn no_usable_endpoint_names_the_cell_and_colour() {
         e.message(),
         "cell A has no green endpoints in routing table epoch 2"
     );
+    router.stop().await;
+}
+
+/// `r` was refused with `code` and a message saying `says`.
+fn check<T: std::fmt::Debug>(r: Result<Response<T>, Status>, code: Code, says: &str) {
+    let e = r.expect_err("refused");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(e.message().contains(says), "{}", e.message());
+}
+
+/// A request for `user` carrying `token` (if any) as a bearer token.
+fn with_token<T>(msg: T, user: &str, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(ldc_core::USER_HEADER, user.parse().unwrap());
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+/// Every call is authenticated and authorized at the edge. Each refusal has its precise
+/// code and reason, is counted, and nothing reaches a cell.
+#[tokio::test]
+async fn the_edge_refuses_who_may_not_and_sends_nothing() {
+    use ldc_core::authz::{Principal, Scope};
+    use ldc_core::proto::cell_relay_client::CellRelayClient;
+    let a = Backend::start("A", "A");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let router = Router::start(handle, config()).await;
+    let hour = Duration::from_secs(3600);
+    let token = |p: Principal| issuer().issue(&p, hour).unwrap();
+    let alice_read = token(Principal::user("alice", [Scope::Read]));
+    let alice_pay = token(Principal::user("alice", [Scope::Read, Scope::Transfer]));
+    let alice_all = token(Principal::user("alice", Scope::ALL));
+    let payments = token(Principal::service("payments", [Scope::Transfer]));
+    let expired = issuer()
+        .issue_at(
+            &Principal::user("alice", [Scope::Read]),
+            std::time::SystemTime::now() - 2 * hour,
+            hour,
+        )
+        .unwrap();
+    let foreign = {
+        let dir = tempfile::tempdir().unwrap();
+        let other = Pki::new(dir.path());
+        other.ensure(&[]).unwrap();
+        TokenIssuer::from_pem_file(&other.token_key_path())
+            .unwrap()
+            .issue(&Principal::user("alice", Scope::ALL), hour)
+            .unwrap()
+    };
+    let anon = PaymentsClient::new(channel_to(router.addr, None));
+    let transfer = || proto::TransferRequest {
+        user_id: "alice".into(),
+        to_user_id: "bob".into(),
+        amount: 10,
+        currency: "EUR".into(),
+        idempotency_key: "k".into(),
+    };
+    let money = || proto::WithdrawRequest {
+        user_id: "alice".into(),
+        amount: 10,
+        currency: "EUR".into(),
+        idempotency_key: "k".into(),
+    };
+    let read = |user: &str, t: Option<&str>| {
+        with_token(
+            GetBalanceRequest {
+                user_id: user.into(),
+            },
+            user,
+            t,
+        )
+    };
+
+    let mut c = anon.clone();
+    // Missing, expired, foreign and garbled credentials: UNAUTHENTICATED.
+    check(
+        c.withdraw(with_token(money(), "alice", None)).await,
+        Code::Unauthenticated,
+        "no credentials",
+    );
+    check(
+        c.get_balance(read("alice", Some(&expired))).await,
+        Code::Unauthenticated,
+        "expired",
+    );
+    check(
+        c.get_balance(read("alice", Some(&foreign))).await,
+        Code::Unauthenticated,
+        "not signed by a key this platform trusts",
+    );
+    check(
+        c.get_balance(read("alice", Some("e30.e30.e30"))).await,
+        Code::Unauthenticated,
+        "malformed",
+    );
+    // Valid but not allowed: PERMISSION_DENIED.
+    check(
+        c.get_balance(read("bob", Some(&alice_read))).await,
+        Code::PermissionDenied,
+        "cannot act for user \"bob\"",
+    );
+    check(
+        c.transfer(with_token(transfer(), "alice", Some(&alice_read)))
+            .await,
+        Code::PermissionDenied,
+        "lacks scope payments:transfer",
+    );
+    check(
+        c.withdraw(with_token(money(), "alice", Some(&alice_all)))
+            .await,
+        Code::PermissionDenied,
+        "only a service",
+    );
+    check(
+        c.withdraw(with_token(money(), "alice", Some(&payments)))
+            .await,
+        Code::PermissionDenied,
+        "lacks scope payments:funds",
+    );
+    // A user certificate is a user credential; a read-only service certificate reads only.
+    let mut alice_cert = PaymentsClient::new(channel_to(router.addr, Some("alice")));
+    check(
+        alice_cert.get_balance(read("bob", None)).await,
+        Code::PermissionDenied,
+        "cannot act for user",
+    );
+    let mut reports = PaymentsClient::new(channel_to(router.addr, Some("reports")));
+    check(
+        reports
+            .transfer(with_token(transfer(), "alice", None))
+            .await,
+        Code::PermissionDenied,
+        "lacks scope payments:transfer",
+    );
+    // The relay is never public, whoever asks (even the CLI's all-scopes certificate).
+    let mut relay = CellRelayClient::new(channel_to(router.addr, Some(platform::CLI)));
+    let mut forged = with_token(
+        proto::Credit {
+            message_id: "mallory:1".into(),
+            to_user_id: "alice".into(),
+            amount: 1_000_000,
+            currency: "EUR".into(),
+            ..Default::default()
+        },
+        "alice",
+        None,
+    );
+    forged.set_timeout(Duration::from_secs(5));
+    check(
+        relay.deliver(forged).await,
+        Code::PermissionDenied,
+        "private cell-to-cell relay",
+    );
+    assert_eq!(a.calls(), 0, "a refused call reached the cell");
+
+    // What is allowed passes: own reads by token and certificate, a service reading anyone.
+    assert_eq!(
+        c.get_balance(read("alice", Some(&alice_read)))
+            .await
+            .unwrap()
+            .into_inner()
+            .cell,
+        "A"
+    );
+    alice_cert.get_balance(read("alice", None)).await.unwrap();
+    reports.get_balance(read("bob", None)).await.unwrap();
+    // (EchoCell implements only GetBalance: reaching it is UNIMPLEMENTED.)
+    let e = c
+        .transfer(with_token(transfer(), "alice", Some(&alice_pay)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(a.calls(), 3);
+
+    let (_, metrics) = router.get("/metrics").await;
+    for (code, reason) in [
+        ("UNAUTHENTICATED", "no_credentials"),
+        ("UNAUTHENTICATED", "token_expired"),
+        ("UNAUTHENTICATED", "token_signature"),
+        ("PERMISSION_DENIED", "other_user"),
+        ("PERMISSION_DENIED", "missing_scope"),
+        ("PERMISSION_DENIED", "funds_need_service"),
+        ("PERMISSION_DENIED", "relay_not_public"),
+    ] {
+        let line = format!("ldc_router_auth_refusals_total{{code=\"{code}\",reason=\"{reason}\"}}");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
+    router.stop().await;
+}
+
+/// TLS is the only way in: plaintext h2c and client certificates of another CA fail the
+/// handshake; an endpoint whose certificate names another cell than the table does gets
+/// nothing (the router closes the connection before sending).
+#[tokio::test]
+async fn only_tls_with_this_platforms_certificates_gets_through() {
+    let a = Backend::start("A", "A");
+    let impostor = Backend::start("B", "impostor");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let router = Router::start(handle.clone(), config()).await;
+
+    let plain = Channel::from_shared(format!("http://{}", router.addr))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let e = balance(
+        &mut PaymentsClient::new(plain),
+        &[(ldc_core::USER_HEADER, "alice")],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Unknown) && e.message().contains("transport"),
+        "{e:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let other = Pki::new(dir.path());
+    platform::ensure_local(&other, []).unwrap();
+    let foreign_cert = ldc_security::net::channel(
+        &router.addr.to_string(),
+        platform::client(ldc_security::pki::Files {
+            ca: pki().ca_path(),
+            ..other.files(platform::CLI)
+        })
+        .unwrap(),
+        is_router,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = balance(
+        &mut PaymentsClient::new(foreign_cert),
+        &[(ldc_core::USER_HEADER, "alice")],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Unknown) && e.message().contains("transport"),
+        "{e:?}"
+    );
+    assert_eq!(a.calls(), 0);
+
+    // The table points cell A at a backend holding cell B's certificate.
+    handle.offer(one_cell_table(2, cell(&[&impostor], &[], 0, false)));
+    let mut c = router.client().await;
+    let e = balance(&mut c, &[(ldc_core::USER_HEADER, "alice")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("names cell:B, not cell A") && e.message().contains("safe to retry"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(impostor.calls(), 0);
     router.stop().await;
 }
