@@ -64,6 +64,23 @@ pub struct Global {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// The platform's PKI directory (CA, component certificates, token keys). Default:
+    /// DATA_DIR/pki, which `ldc up` creates.
+    #[arg(long, global = true, env = "LDC_PKI")]
+    pub pki: Option<PathBuf>,
+    /// Client commands: the certificate to authenticate with, a name in the PKI directory
+    /// (`cli`, the administrator credential `ldc up` creates) or a path to a `.pem` with
+    /// its `.key` beside it.
+    #[arg(long, global = true, env = "LDC_CREDENTIAL", default_value = "cli")]
+    pub credential: String,
+    /// Client commands: authenticate with this bearer token instead of a certificate
+    /// (`ldc token` makes one).
+    #[arg(long, global = true, env = "LDC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Development only: no TLS and no authentication anywhere. Prints a warning on every
+    /// start. Never use it where real money or a real network is involved.
+    #[arg(long, global = true)]
+    pub insecure: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +161,24 @@ pub enum Cmd {
     },
     /// Closed-loop load generator (the benchmark).
     Load(crate::load::LoadArgs),
+    /// Make a bearer token for a user (or, with --service, a service), signed with the
+    /// platform's token key (DATA_DIR/pki/token.key).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The user id (or the service's name with --service).
+    pub subject: String,
+    /// Make a service token, which acts for any user within its scopes.
+    #[arg(long)]
+    pub service: bool,
+    /// Scopes: read, transfer, funds (funds only for services). Default: read,transfer.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["read".to_string(), "transfer".to_string()])]
+    pub scope: Vec<String>,
+    /// Lifetime, e.g. 30m, 12h, 7d.
+    #[arg(long, default_value = "12h")]
+    pub ttl: String,
 }
 
 #[derive(Args, Debug)]
@@ -303,6 +338,14 @@ pub enum RouterCmd {
 pub struct RouterServeArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// Where probes, metrics and the routing table are served (plain HTTP, GET only; keep
+    /// it off the client network).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin_listen: String,
+    /// Public keys (PEM) whose ES256 bearer tokens the router accepts; repeat for several.
+    /// Default: the PKI's token.pub.pem.
+    #[arg(long = "token-public-key")]
+    pub token_public_keys: Vec<PathBuf>,
     #[arg(long, hide = true)]
     pub die_with_parent: bool,
     /// Where the routing table comes from.
@@ -403,6 +446,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
         Cmd::Route { users, stdin } => crate::traffic::route(&g, users, stdin).await,
         Cmd::Load(a) => crate::load::run(&g, a).await,
+        Cmd::Token(a) => crate::token::run(&g, a),
         other => crate::client::run(&g, other).await,
     }
 }

@@ -10,19 +10,23 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use ldc_core::proto::{self, PaymentKind, PaymentStatus, payments_client::PaymentsClient};
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::security::Credential;
 
 use crate::cli::{AccountCmd, Cmd, Global, Output, PaymentCmd};
 
 const ATTEMPTS: u32 = 5;
 
-pub async fn connect(addr: &str) -> Result<PaymentsClient<Channel>> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad router address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
-    Ok(PaymentsClient::new(ch))
+/// The payment API client of `ldc` commands: TLS to the router with the command's
+/// credential (see [`crate::security`]).
+pub type Client = PaymentsClient<InterceptedService<Channel, Credential>>;
+
+pub async fn connect(g: &Global, addr: &str) -> Result<Client> {
+    let (ch, cred) = crate::security::client_channel(g, addr)
+        .with_context(|| format!("cannot set up a connection to {addr}"))?;
+    Ok(PaymentsClient::with_interceptor(ch, cred))
 }
 
 /// A request carrying the routing header and a request id.
@@ -147,7 +151,7 @@ fn fail(addr: &str, s: tonic::Status) -> Result<ExitCode> {
 
 pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
     let addr = g.router_addr();
-    let client = connect(&addr).await?;
+    let client = connect(g, &addr).await?;
     let out = g.output;
     let r = match cmd {
         Cmd::Account {

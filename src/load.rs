@@ -50,17 +50,44 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
     }
 }
 
-async fn connect(addr: &str) -> Result<PaymentsClient<H2>> {
+/// One connection to `addr`: TLS with the command's credential (a router needs a client
+/// credential; a cell loaded directly needs `--credential router`), or plaintext with
+/// `--insecure`.
+async fn connect(g: &Global, addr: &str) -> Result<PaymentsClient<H2>> {
     let origin: http::Uri = format!("http://{addr}")
         .parse()
         .with_context(|| format!("bad target address {addr:?}"))?;
-    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .with_context(|| format!("connecting to {addr} timed out"))?
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    tcp.set_nodelay(true)?;
+    if g.token.is_some() {
+        bail!("ldc load authenticates with a certificate (--credential), not a token");
+    }
+    let timeout = Duration::from_secs(2);
+    let send = match crate::security::client_tls(g)? {
+        Some(tls) => {
+            let (stream, _) =
+                tokio::time::timeout(timeout, ldc_security::net::connect(addr, tls.current()))
+                    .await
+                    .with_context(|| format!("connecting to {addr} timed out"))?
+                    .with_context(|| format!("cannot connect to {addr} over TLS"))?;
+            h2(addr, stream).await?
+        }
+        None => {
+            let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .with_context(|| format!("connecting to {addr} timed out"))?
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            tcp.set_nodelay(true)?;
+            h2(addr, tcp).await?
+        }
+    };
+    Ok(PaymentsClient::with_origin(H2(send), origin))
+}
+
+async fn h2<IO>(addr: &str, io: IO) -> Result<SendRequest<tonic::body::Body>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(tcp))
+        .handshake(TokioIo::new(io))
         .await
         .with_context(|| format!("HTTP/2 handshake with {addr} failed"))?;
     tokio::spawn(async move {
@@ -68,7 +95,7 @@ async fn connect(addr: &str) -> Result<PaymentsClient<H2>> {
             tracing::debug!(error = %e, "load connection closed");
         }
     });
-    Ok(PaymentsClient::with_origin(H2(send), origin))
+    Ok(send)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -122,7 +149,7 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
     let mut clients = Vec::new();
     for _ in 0..a.connections {
         // Separate channels are separate HTTP/2 connections.
-        clients.push(connect(&target).await?);
+        clients.push(connect(g, &target).await?);
     }
     // Setup: open and fund every user (idempotent keys: a rerun reuses the accounts).
     let setup = Instant::now();

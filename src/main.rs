@@ -12,6 +12,8 @@ mod cli;
 mod client;
 mod load;
 mod ops;
+mod security;
+mod token;
 mod traffic;
 mod up;
 

@@ -117,6 +117,7 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         metrics_listener.local_addr()?
     );
     let registry = prometheus::Registry::new();
+    let transport = crate::security::cell_transport(g, &a.cell, &registry)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut m_rx = stop_rx.clone();
     tokio::spawn(ldc_cell::metrics::serve_metrics(
@@ -134,13 +135,10 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         cell: a.cell,
         colour: a.colour,
         store,
-        router: if a.no_relay {
-            None
-        } else {
-            Some(g.router_addr())
-        },
+        relay: !a.no_relay,
         queue_max: a.queue_max,
         batch_max: a.batch_max,
+        transport,
     };
     let mut rx = stop_rx;
     ldc_cell::serve(cfg, listener, registry, async move {
@@ -160,7 +158,12 @@ pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
         format!("cannot listen on {listen}; is another `ldc up` running? pick another address with --listen")
     })?;
     let addr = listener.local_addr()?;
+    let admin = TcpListener::bind(&a.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", a.admin_listen))?;
+    let admin_addr = admin.local_addr()?;
     let registry = prometheus::Registry::new();
+    let security = crate::security::router_security(g, &a.token_public_keys, &registry)?;
     let table = ldc_router::TableHandle::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -193,15 +196,19 @@ pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
             });
         }
     }
-    println!("READY listen={addr} metrics={addr}");
+    println!("READY listen={addr} metrics={admin_addr}");
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     ldc_router::serve(
-        listener,
+        ldc_router::Listeners {
+            traffic: listener,
+            admin,
+        },
         table,
         ldc_router::RouterConfig::default(),
+        security,
         registry,
         stopped(stop_rx),
     )
@@ -298,6 +305,12 @@ async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
     if let Some(r) = &g.router {
         cmd.arg("--router").arg(r);
     }
+    if let Some(p) = &g.pki {
+        cmd.arg("--pki").arg(p);
+    }
+    if g.insecure {
+        cmd.arg("--insecure");
+    }
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -333,11 +346,9 @@ impl Proc {
         self.metrics = metrics;
         self.failures = 0;
         self.restart_at = None;
-        self.health = tonic::transport::Endpoint::from_shared(format!("http://{}", self.listen))
+        self.health = crate::security::controller_channel(g, &self.listen)
             .ok()
-            .map(|e| {
-                HealthClient::new(e.connect_timeout(Duration::from_millis(300)).connect_lazy())
-            });
+            .map(HealthClient::new);
         Ok(())
     }
 
@@ -607,7 +618,27 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         topo.shard_count
     );
 
-    // Router first: cells deliver cross-cell credits through it.
+    if g.insecure {
+        crate::security::warn_insecure("`ldc up`");
+    } else {
+        let pki = g.pki();
+        let cells: Vec<String> = topo.cells.iter().map(|c| c.id.clone()).collect();
+        let issued = blocking(move || {
+            ldc_security::platform::ensure_local(&pki, cells.iter().map(String::as_str))
+                .map_err(Into::into)
+        })
+        .await
+        .context("cannot create the platform's certificates")?;
+        if !issued.is_empty() {
+            eprintln!(
+                "issued {} certificate(s) in {}: {}",
+                issued.len(),
+                g.pki().dir().display(),
+                issued.join(", ")
+            );
+        }
+    }
+    // Router first, so the cells' table has a front door when they start.
     let mut router = Proc::new(
         "router".into(),
         vec![
@@ -622,6 +653,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     );
     router.start(g).await.context("router did not start")?;
     std::fs::write(g.data_dir.join("router.addr"), &router.listen)?;
+    std::fs::write(g.data_dir.join("router.admin"), &router.metrics)?;
     // Children must use this router even if --listen asked for port 0.
     router.args[3] = router.listen.clone();
     let g = Global {
@@ -660,6 +692,10 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         "LDC is up: router {} (routing epoch {epoch})",
         router.listen
     );
+    println!(
+        "  router admin http://{}/ (healthz, readyz, metrics, table)",
+        router.metrics
+    );
     println!("  controller metrics http://{metrics_addr}/metrics");
     for c in &cells {
         let w = weights.get(&c.id).copied().unwrap_or(0);
@@ -678,6 +714,12 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 }
             );
         }
+    }
+    if !g.insecure {
+        println!(
+            "  credentials in {}: `ldc` commands use cli.pem (every scope); a user's own token: ldc token alice",
+            g.pki().dir().display()
+        );
     }
     println!("try: ldc account open alice --currency EUR && ldc topup alice 1000 --currency EUR");
     println!("     ldc cell status      (Ctrl-C stops everything; a later `ldc up` resumes)");

@@ -359,6 +359,11 @@ impl World {
         self.dir.path().join("store.db")
     }
 
+    /// Where the client credential the operator issued is written (its `pki/`).
+    fn client_data(&self) -> PathBuf {
+        self.dir.path().join("client")
+    }
+
     fn router_addr(&self) -> String {
         self.router.as_ref().unwrap().addr(7400)
     }
@@ -799,7 +804,7 @@ async fn payments_through_the_router_survive_every_operation() {
     let installed = t0.elapsed();
 
     // ---- users on every serving cell, funded through the router.
-    let c = client(&w.router_addr()).await;
+    let c = client(&w.client_data(), &w.router_addr()).await;
     let users: Vec<String> = (0..48).map(|i| format!("pay-{i}")).collect();
     for cell in ["r1-a", "r1-b", "r2-a", "r2-b"] {
         assert!(

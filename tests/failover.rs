@@ -17,7 +17,7 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ldc");
     let platform = Platform::start(&data, &[]);
-    let c = client(&platform.router).await;
+    let c = platform.client().await;
 
     let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
     for u in &users {
@@ -139,7 +139,7 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
         assert!(!alive(p), "process {p} survived `ldc up` stopping");
     }
     let again = Platform::start(&data, &[]);
-    let c2 = client(&again.router).await;
+    let c2 = again.client().await;
     let after = balances(c2, users.clone()).await;
     assert_eq!(before, after, "balances changed across a restart");
     assert_eq!(reconcile(&data)["clean"], true);

@@ -71,9 +71,18 @@ async fn deposed_owner_cannot_commit() {
         }
         t.commit().unwrap();
     }
+    ldc_security::platform::ensure_local(
+        &ldc_security::pki::Pki::new(data.join("pki")),
+        ["a", "b"],
+    )
+    .unwrap();
     let (mut a, a_addr) = start_cell(&data, "a");
     let (mut b, b_addr) = start_cell(&data, "b");
-    let (ca, cb) = (client(&a_addr).await, client(&b_addr).await);
+    // Cells take payment calls from routers only: this test is the router.
+    let (ca, cb) = (
+        client_as(&data, &a_addr, ldc_security::platform::ROUTER),
+        client_as(&data, &b_addr, ldc_security::platform::ROUTER),
+    );
     let user = "alice";
     open_and_fund(&ca, user, 1_000).await;
 

@@ -34,14 +34,14 @@ const CELL: &str = "r1-a";
 const SETTLE: Duration = Duration::from_secs(30);
 
 /// The router's table epoch (from its `/table` admin endpoint).
-async fn router_epoch(router: &str) -> u64 {
-    let t: serde_json::Value = serde_json::from_str(&http_get(router, "/table").await).unwrap();
+async fn router_epoch(admin: &str) -> u64 {
+    let t: serde_json::Value = serde_json::from_str(&http_get(admin, "/table").await).unwrap();
     t["epoch"].as_u64().unwrap()
 }
 
-async fn wait_router_epoch(router: &str, epoch: u64) {
+async fn wait_router_epoch(admin: &str, epoch: u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while router_epoch(router).await < epoch {
+    while router_epoch(admin).await < epoch {
         assert!(
             Instant::now() < deadline,
             "router did not take routing epoch {epoch}"
@@ -144,7 +144,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ldc");
     let platform = Platform::start(&data, &[]);
-    let c = client(&platform.router).await;
+    let c = platform.client().await;
     let (on, off) = users_split(&platform, CELL, 16);
     let users: Vec<String> = on.iter().chain(&off).cloned().collect();
     fund(&c, &users).await;
@@ -157,7 +157,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
     );
 
     let errors_before = counter(
-        &http_get(&platform.router, "/metrics").await,
+        &http_get(&platform.admin, "/metrics").await,
         "ldc_router_errors_total",
         &[],
     );
@@ -171,7 +171,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
         (vec!["--abort"], 0),
     ] {
         let epoch = traffic_shift(&platform, CELL, &args);
-        wait_router_epoch(&platform.router, epoch).await;
+        wait_router_epoch(&platform.admin, epoch).await;
         assert_eq!(platform.cell(CELL)["green_weight_bp"], bp);
         load.wait_progress(40, Duration::from_secs(30)).await;
         for u in &on {
@@ -199,7 +199,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
     );
 
     // The router's own counters agree: the cell got green traffic, and no error answers.
-    let m = http_get(&platform.router, "/metrics").await;
+    let m = http_get(&platform.admin, "/metrics").await;
     assert!(
         counter(
             &m,
@@ -237,22 +237,22 @@ async fn switchover_with_a_stale_router_table_is_invisible_to_clients() {
     let data = dir.path().join("ldc");
     // The router re-reads the table only every 5 s, unless a "moved" answer asks it to.
     let platform = Platform::start(&data, &["--router-poll-ms", "5000"]);
-    let c = client(&platform.router).await;
+    let c = platform.client().await;
     let (on, off) = users_split(&platform, CELL, 12);
     let users: Vec<String> = on.iter().chain(&off).cloned().collect();
     fund(&c, &users).await;
     // Half of the cell's users on green, so the move crosses colours too.
     let epoch = traffic_shift(&platform, CELL, &["--green", "50"]);
-    wait_router_epoch(&platform.router, epoch).await;
+    wait_router_epoch(&platform.admin, epoch).await;
 
     let load = Load::start(&c, &users, 6);
     load.wait_progress(30, Duration::from_secs(30)).await;
     let moved_before = counter(
-        &http_get(&platform.router, "/metrics").await,
+        &http_get(&platform.admin, "/metrics").await,
         "ldc_router_moved_retries_total",
         &[],
     );
-    let epoch_before = router_epoch(&platform.router).await;
+    let epoch_before = router_epoch(&platform.admin).await;
     let out = ldc()
         .arg("--data-dir")
         .arg(&data)
@@ -263,7 +263,7 @@ async fn switchover_with_a_stale_router_table_is_invisible_to_clients() {
     // The first request for a moved shard meets "moved"; the router refreshes at once,
     // long before its next poll.
     let deadline = Instant::now() + Duration::from_secs(4);
-    while router_epoch(&platform.router).await == epoch_before {
+    while router_epoch(&platform.admin).await == epoch_before {
         assert!(
             Instant::now() < deadline,
             "the router did not refresh its table on a moved answer"
@@ -272,7 +272,7 @@ async fn switchover_with_a_stale_router_table_is_invisible_to_clients() {
     }
     load.wait_progress(60, Duration::from_secs(30)).await;
     let moved_after = counter(
-        &http_get(&platform.router, "/metrics").await,
+        &http_get(&platform.admin, "/metrics").await,
         "ldc_router_moved_retries_total",
         &[],
     );
@@ -304,12 +304,12 @@ async fn green_process_killed_at_50_percent_is_ejected_and_replays_hide_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ldc");
     let platform = Platform::start(&data, &[]);
-    let c = client(&platform.router).await;
+    let c = platform.client().await;
     let (on, off) = users_split(&platform, CELL, 12);
     let users: Vec<String> = on.iter().chain(&off).cloned().collect();
     fund(&c, &users).await;
     let epoch = traffic_shift(&platform, CELL, &["--green", "50"]);
-    wait_router_epoch(&platform.router, epoch).await;
+    wait_router_epoch(&platform.admin, epoch).await;
     let green_user = on
         .iter()
         .find(|u| colour_for(u, 5000) == Colour::Green)
@@ -358,7 +358,7 @@ async fn green_process_killed_at_50_percent_is_ejected_and_replays_hide_it() {
         failed_payments,
     } = load.stop().await;
     let failed_attempts = failed_attempts.len();
-    let m = http_get(&platform.router, "/metrics").await;
+    let m = http_get(&platform.admin, "/metrics").await;
     let ejections = counter(&m, "ldc_router_ejections_total", &[]);
     eprintln!(
         "green killed: {} payments acknowledged, {failed_attempts} attempts retried, {ejections} ejections",

@@ -156,7 +156,8 @@ type Build<T> = Box<dyn Fn(&Credentials) -> Result<T, SecurityError> + Send + Sy
 
 /// A configuration built from files, rebuilt when they change.
 pub struct Reloading<T> {
-    files: Files,
+    /// `None`: a fixed configuration (see [`Reloading::fixed`]).
+    files: Option<Files>,
     build: Build<T>,
     state: RwLock<(Arc<T>, Stamp)>,
     expiry: Option<prometheus::Gauge>,
@@ -165,9 +166,12 @@ pub struct Reloading<T> {
 /// Modification times of the three files.
 type Stamp = [Option<SystemTime>; 3];
 
-fn stamp(f: &Files) -> Stamp {
+fn stamp(f: &Option<Files>) -> Stamp {
     let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    [m(&f.cert), m(&f.key), m(&f.ca)]
+    match f {
+        Some(f) => [m(&f.cert), m(&f.key), m(&f.ca)],
+        None => [None; 3],
+    }
 }
 
 impl<T: Send + Sync + 'static> Reloading<T> {
@@ -200,13 +204,25 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Self::load(files, Box::new(build), Some(gauge))
     }
 
+    /// A configuration that never changes (one not built from certificate files, such as
+    /// a client that authenticates with a token and only needs the CA).
+    pub fn fixed(cfg: T) -> Arc<Self> {
+        Arc::new(Reloading {
+            files: None,
+            build: Box::new(|_| Err(SecurityError::Tls("a fixed configuration".into()))),
+            state: RwLock::new((Arc::new(cfg), [None; 3])),
+            expiry: None,
+        })
+    }
+
     fn load(
         files: Files,
         build: Build<T>,
         expiry: Option<prometheus::Gauge>,
     ) -> Result<Arc<Self>, SecurityError> {
-        let s = stamp(&files);
         let creds = Credentials::load(&files)?;
+        let files = Some(files);
+        let s = stamp(&files);
         if let Some(g) = &expiry {
             set_expiry(g, &creds);
         }
@@ -226,11 +242,14 @@ impl<T: Send + Sync + 'static> Reloading<T> {
 
     /// Rebuilds if a file changed. Returns whether a new configuration is in use.
     pub fn reload_if_changed(&self) -> bool {
+        let Some(files) = &self.files else {
+            return false;
+        };
         let s = stamp(&self.files);
         if self.state.read().expect("tls state lock").1 == s {
             return false;
         }
-        let built = Credentials::load(&self.files).and_then(|c| {
+        let built = Credentials::load(files).and_then(|c| {
             if let Some(g) = &self.expiry {
                 set_expiry(g, &c);
             }
@@ -239,12 +258,12 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         match built {
             Ok(cfg) => {
                 *self.state.write().expect("tls state lock") = (Arc::new(cfg), s);
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
                 true
             }
             Err(e) => {
                 // Keep the last good one; look again next period (the writer may be midway).
-                tracing::warn!(cert = %self.files.cert.display(), error = %e, "TLS files changed but do not load; keeping the previous certificate");
+                tracing::warn!(cert = %files.cert.display(), error = %e, "TLS files changed but do not load; keeping the previous certificate");
                 false
             }
         }

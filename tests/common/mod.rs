@@ -45,6 +45,8 @@ pub fn ldc_json(data: &Path, args: &[&str]) -> serde_json::Value {
 pub struct Platform {
     pub child: Child,
     pub router: String,
+    /// The router's admin port (`/healthz`, `/readyz`, `/metrics`, `/table`).
+    pub admin: String,
     pub data: PathBuf,
 }
 
@@ -74,11 +76,21 @@ impl Platform {
         let router = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("ldc up did not come up");
+        let admin = std::fs::read_to_string(data.join("router.admin"))
+            .expect("ldc up records the router's admin address")
+            .trim()
+            .to_string();
         Platform {
             child,
             router,
+            admin,
             data: data.to_path_buf(),
         }
+    }
+
+    /// A client of the router with the CLI credential.
+    pub async fn client(&self) -> PaymentsClient<Channel> {
+        client(&self.data, &self.router).await
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -148,12 +160,24 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-pub async fn client(addr: &str) -> PaymentsClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
+/// A client of the router at `addr` with the data directory's CLI credential (a service
+/// with every scope), over TLS.
+pub async fn client(data: &Path, addr: &str) -> PaymentsClient<Channel> {
+    client_as(data, addr, ldc_security::platform::CLI)
+}
+
+/// A client of `addr` (a router or a cell) presenting certificate `leaf` of the data
+/// directory's PKI; cells take payment calls only from `router`.
+pub fn client_as(data: &Path, addr: &str, leaf: &str) -> PaymentsClient<Channel> {
+    let pki = ldc_security::pki::Pki::new(data.join("pki"));
+    let ch = ldc_security::net::channel(
+        addr,
+        ldc_security::platform::client(pki.files(leaf)).unwrap(),
+        |id| matches!(id, ldc_security::Identity::Router) || id.is_cell(),
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     PaymentsClient::new(ch)
 }
 
