@@ -101,6 +101,9 @@ struct Proc {
     env: Vec<(String, String)>,
     /// The hosts file standing for the cluster's DNS (None: the host's own).
     hosts: Option<PathBuf>,
+    /// Secret volumes: (a local directory holding the Secret's files, the mount path),
+    /// bind-mounted in the process's mount namespace as the kubelet mounts them.
+    mounts: Vec<(PathBuf, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -170,7 +173,9 @@ impl Proc {
         if let Some(k) = kubeconfig {
             env.push(("KUBECONFIG".into(), k.display().to_string()));
         }
+        let mounts = secret_mounts(&name, spec, c, ns, dir);
         Proc {
+            mounts,
             log: dir.join(format!("{name}.log")),
             name,
             ip: ip.into(),
@@ -194,9 +199,19 @@ impl Proc {
             .unwrap();
         let mut cmd = match &self.hosts {
             Some(hosts) => {
+                let mut script = String::from(r#"mount --bind "$0" /etc/hosts"#);
+                for (src, dst) in &self.mounts {
+                    write!(
+                        script,
+                        " && mkdir -p '{dst}' && mount --bind '{}' '{dst}'",
+                        src.display()
+                    )
+                    .unwrap();
+                }
+                script.push_str(r#" && exec "$@""#);
                 let mut c = Command::new("unshare");
                 c.args(["--mount", "--", "sh", "-c"])
-                    .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                    .arg(script)
                     .arg(hosts)
                     .arg(&self.program);
                 c
@@ -246,6 +261,52 @@ impl Drop for Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// The Secret volumes of container `c` in pod `spec`, materialized as the kubelet does:
+/// each Secret's keys written as files into a local directory, to bind-mount at the
+/// container's mount path.
+fn secret_mounts(
+    name: &str,
+    spec: &Value,
+    c: &Value,
+    ns: &str,
+    dir: &Path,
+) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let vol = m["name"].as_str().unwrap();
+        let Some(secret) = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == vol)
+            .and_then(|v| v["secret"]["secretName"].as_str())
+        else {
+            continue;
+        };
+        let local = dir.join(format!("{name}-{vol}"));
+        write_secret(ns, secret, &local);
+        out.push((local, m["mountPath"].as_str().unwrap().to_string()));
+    }
+    out
+}
+
+/// Writes the keys of Secret `secret` as files into `to`.
+fn write_secret(ns: &str, secret: &str, to: &Path) {
+    use base64::Engine as _;
+    let mut c = Command::new("kubectl");
+    c.args(["-n", ns, "get", "secret", secret, "-o", "json"]);
+    let (ok, out, err) = output(c, "kubectl");
+    assert!(ok, "Secret {secret} (the operator issues it): {err}");
+    let s: Value = serde_json::from_str(&out).unwrap();
+    std::fs::create_dir_all(to).unwrap();
+    for (k, v) in s["data"].as_object().unwrap() {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap();
+        std::fs::write(to.join(k), bytes).unwrap();
     }
 }
 
@@ -359,13 +420,23 @@ impl World {
         self.dir.path().join("store.db")
     }
 
-    /// Where the client credential the operator issued is written (its `pki/`).
+    /// A data directory whose `pki/` holds the CLI credential the operator issued (a user
+    /// with kubectl access to the namespace's Secrets takes it the same way).
     fn client_data(&self) -> PathBuf {
-        self.dir.path().join("client")
+        let d = self.dir.path().join("client");
+        if !d.join("pki").exists() {
+            write_secret(&self.ns, &format!("{TOPOLOGY}-pki-cli"), &d.join("pki"));
+        }
+        d
     }
 
     fn router_addr(&self) -> String {
         self.router.as_ref().unwrap().addr(7400)
+    }
+
+    /// The router's admin port (`/table`, `/metrics`, probes).
+    fn router_admin(&self) -> String {
+        self.router.as_ref().unwrap().addr(7401)
     }
 
     fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
@@ -431,7 +502,7 @@ impl World {
 
     /// The router's own table (its `/table` admin endpoint).
     async fn router_table(&self) -> Value {
-        serde_json::from_str(&http_get(&self.router_addr(), "/table").await).unwrap()
+        serde_json::from_str(&http_get(&self.router_admin(), "/table").await).unwrap()
     }
 
     async fn wait_router_epoch(&self, epoch: u64) {
@@ -804,7 +875,13 @@ async fn payments_through_the_router_survive_every_operation() {
     let installed = t0.elapsed();
 
     // ---- users on every serving cell, funded through the router.
-    let c = client(&w.client_data(), &w.router_addr()).await;
+    // The pod IP stands for the router's Service, whose name its certificate carries.
+    let c = client_named(
+        &w.client_data(),
+        &w.router_addr(),
+        &format!("{RELEASE}-router"),
+        ldc_security::platform::CLI,
+    );
     let users: Vec<String> = (0..48).map(|i| format!("pay-{i}")).collect();
     for cell in ["r1-a", "r1-b", "r2-a", "r2-b"] {
         assert!(

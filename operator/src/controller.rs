@@ -65,6 +65,8 @@ pub enum Error {
     Join(String),
     #[error("object has no namespace")]
     NoNamespace,
+    #[error("certificates: {0}")]
+    Pki(#[from] crate::pki::PkiError),
 }
 
 impl Error {
@@ -97,6 +99,7 @@ impl Error {
             },
             Error::Join(_) => "join",
             Error::NoNamespace => "no_namespace",
+            Error::Pki(_) => "pki",
         }
     }
 }
@@ -417,7 +420,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         Err(e) => return Err(e),
     };
 
-    // ---- act: Deployments and Services per cell and colour
+    // ---- act: certificates first (pods mount them), then Deployments and Services per
+    // cell and colour
+    let names: Vec<String> = live.iter().map(|c| c.name_any()).collect();
+    crate::pki::ensure(&client, &topo, &names).await?;
     let pp = PatchParams::apply(MANAGER).force();
     let dep_api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);

@@ -26,6 +26,7 @@ pub mod fence;
 pub mod lease;
 pub mod metrics;
 pub mod model;
+pub mod pki;
 pub mod plugin;
 pub mod specs;
 pub mod teardown;

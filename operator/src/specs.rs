@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EnvVar, GRPCAction, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, Service, ServicePort, ServiceSpec,
+    ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -74,7 +75,8 @@ pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerR
 }
 
 /// The Deployment of one cell colour. Its pods run `ldc cell serve` against the topology's
-/// store; readiness is the gRPC health service, which a cell answers only once serving.
+/// store, with the cell's certificate from its PKI Secret (see [`crate::pki`]); probes use
+/// the plain-HTTP metrics port, since the gRPC port speaks only mutual TLS.
 pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployment {
     let name = cell.metadata.name.clone().unwrap_or_default();
     let topo_name = topo.metadata.name.clone().unwrap_or_default();
@@ -97,15 +99,18 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
     ]
     .map(String::from)
     .to_vec();
-    let grpc_probe = |period: i32| Probe {
-        grpc: Some(GRPCAction {
-            port: CELL_GRPC_PORT,
-            service: None,
+    let probe = |period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".into()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(2),
         ..Default::default()
     };
+    let pki_secret =
+        crate::pki::leaf_secret_name(&topo_name, &ldc_security::platform::cell_leaf(&name));
     Deployment {
         metadata: ObjectMeta {
             name: Some(workload_name(&name, colour)),
@@ -143,11 +148,17 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                                 ..Default::default()
                             },
                             EnvVar {
-                                name: "LDC_ROUTER".into(),
-                                value: Some(topo.spec.router_address.clone()),
+                                name: "LDC_PKI".into(),
+                                value: Some(crate::pki::MOUNT_PATH.into()),
                                 ..Default::default()
                             },
                         ]),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "pki".into(),
+                            mount_path: crate::pki::MOUNT_PATH.into(),
+                            read_only: Some(true),
+                            ..Default::default()
+                        }]),
                         ports: Some(vec![
                             ContainerPort {
                                 name: Some("grpc".into()),
@@ -160,8 +171,8 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                                 ..Default::default()
                             },
                         ]),
-                        readiness_probe: Some(grpc_probe(2)),
-                        liveness_probe: Some(grpc_probe(10)),
+                        readiness_probe: Some(probe(2)),
+                        liveness_probe: Some(probe(10)),
                         resources: Some(ResourceRequirements {
                             requests: Some(BTreeMap::from([
                                 ("cpu".into(), Quantity("100m".into())),
@@ -171,6 +182,15 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                         }),
                         ..Default::default()
                     }],
+                    volumes: Some(vec![Volume {
+                        name: "pki".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(pki_secret),
+                            default_mode: Some(0o440),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
                     ..Default::default()
                 }),
             },
@@ -199,7 +219,6 @@ pub fn cell_service(topo: &Topology, cell: &Cell, colour: Colour) -> Service {
                     name: Some("grpc".into()),
                     port: CELL_GRPC_PORT,
                     target_port: Some(IntOrString::String("grpc".into())),
-                    app_protocol: Some("kubernetes.io/h2c".into()),
                     ..Default::default()
                 },
                 ServicePort {

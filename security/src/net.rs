@@ -167,7 +167,16 @@ pub async fn connect(
     addr: &str,
     config: Arc<ClientConfig>,
 ) -> io::Result<(client::TlsStream<TcpStream>, Option<Identity>)> {
-    let host = host_of(addr);
+    connect_named(addr, host_of(addr), config).await
+}
+
+/// Like [`connect`], verifying the server's certificate for `host` instead of the host of
+/// `addr` (an address that is not the name the certificate carries, e.g. a pod IP).
+pub async fn connect_named(
+    addr: &str,
+    host: &str,
+    config: Arc<ClientConfig>,
+) -> io::Result<(client::TlsStream<TcpStream>, Option<Identity>)> {
     let name = ServerName::try_from(host.to_string()).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -196,11 +205,31 @@ pub fn channel(
     connect_timeout: Duration,
     request_timeout: Duration,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let target = addr.to_string();
+    let host = host_of(addr).to_string();
+    channel_named(
+        addr,
+        &host,
+        config,
+        expect,
+        connect_timeout,
+        request_timeout,
+    )
+}
+
+/// Like [`channel`], verifying the server's certificate for `host` (see [`connect_named`]).
+pub fn channel_named(
+    addr: &str,
+    host: &str,
+    config: Arc<Reloading<ClientConfig>>,
+    expect: fn(&Identity) -> bool,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let (target, host) = (addr.to_string(), host.to_string());
     let connector = tower::service_fn(move |_uri: http::Uri| {
-        let (target, cfg) = (target.clone(), config.current());
+        let (target, host, cfg) = (target.clone(), host.clone(), config.current());
         async move {
-            let (tls, id) = connect(&target, cfg).await?;
+            let (tls, id) = connect_named(&target, &host, cfg).await?;
             match id {
                 Some(id) if expect(&id) => Ok(hyper_util::rt::TokioIo::new(tls)),
                 other => Err(io::Error::new(

@@ -85,24 +85,20 @@ impl Pki {
     /// [`RENEW_BEFORE`]. Returns the leaves (re)issued.
     pub fn ensure(&self, leaves: &[Leaf]) -> Result<Vec<String>, SecurityError> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
-        let (ca_params, ca_key) = self.ensure_ca()?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let ca = self.authority()?;
         if !self.token_key_path().exists() {
-            let k = KeyPair::generate().map_err(rc)?;
-            write_file(
-                &self.token_public_path(),
-                k.public_key_pem().as_bytes(),
-                0o644,
-            )?;
-            write_file(&self.token_key_path(), k.serialize_pem().as_bytes(), 0o600)?;
+            let (private, public) = token_key_pair()?;
+            write_file(&self.token_public_path(), public.as_bytes(), 0o644)?;
+            write_file(&self.token_key_path(), private.as_bytes(), 0o600)?;
         }
         let mut issued = Vec::new();
         for leaf in leaves {
             let f = self.files(&leaf.name);
-            if f.key.exists() && !expires_within(&f.cert, RENEW_BEFORE)? {
+            let current = fs::read(&f.cert).ok();
+            if f.key.exists() && !current.as_deref().is_none_or(needs_renewal) {
                 continue;
             }
-            self.issue_with(&issuer, leaf)?;
+            self.write_leaf(&ca, leaf)?;
             issued.push(leaf.name.clone());
         }
         Ok(issued)
@@ -110,15 +106,101 @@ impl Pki {
 
     /// Issues (or re-issues) one leaf now.
     pub fn issue(&self, leaf: &Leaf) -> Result<Files, SecurityError> {
-        let (ca_params, ca_key) = self.ensure_ca()?;
-        self.issue_with(&Issuer::new(ca_params, ca_key), leaf)
+        let ca = self.authority()?;
+        self.write_leaf(&ca, leaf)
     }
 
-    fn issue_with(
-        &self,
-        issuer: &Issuer<'_, KeyPair>,
-        leaf: &Leaf,
-    ) -> Result<Files, SecurityError> {
+    fn write_leaf(&self, ca: &Authority, leaf: &Leaf) -> Result<Files, SecurityError> {
+        let issued = ca.issue(leaf)?;
+        let f = self.files(&leaf.name);
+        // Key first, then the certificate: a reader that sees the new certificate finds
+        // its key (the reloader waits for both to change anyway).
+        write_file(&f.key, issued.key_pem.as_bytes(), 0o600)?;
+        write_file(&f.cert, issued.cert_pem.as_bytes(), 0o644)?;
+        Ok(f)
+    }
+
+    /// The directory's CA, created on first use.
+    pub fn authority(&self) -> Result<Authority, SecurityError> {
+        let key_path = self.dir.join("ca.key");
+        if key_path.exists() {
+            let key = fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+            let cert = fs::read_to_string(self.ca_path()).map_err(|e| io(&self.ca_path(), e))?;
+            return Authority::from_pem(&cert, &key);
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let ca = Authority::generate()?;
+        write_file(&self.ca_path(), ca.cert_pem().as_bytes(), 0o644)?;
+        write_file(&key_path, ca.key_pem().as_bytes(), 0o600)?;
+        Ok(ca)
+    }
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate authority in memory: the directory PKI of `ldc up` and the operator's
+/// Secrets both issue through it.
+pub struct Authority {
+    params: CertificateParams,
+    key: KeyPair,
+    cert_pem: String,
+}
+
+impl Authority {
+    /// The CA's name and constraints: the same every time, so an authority can be rebuilt
+    /// from its key and certificate (issuing needs the name and the key).
+    fn params() -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "LDC platform CA");
+        p.distinguished_name.push(DnType::OrganizationName, "LDC");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p
+    }
+
+    /// A new CA valid for [`CA_VALIDITY`].
+    pub fn generate() -> Result<Authority, SecurityError> {
+        let mut params = Self::params();
+        validity(&mut params, CA_VALIDITY);
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert_pem = params.self_signed(&key).map_err(rc)?.pem();
+        Ok(Authority {
+            params,
+            key,
+            cert_pem,
+        })
+    }
+
+    /// The CA whose certificate and key these are.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Authority, SecurityError> {
+        Ok(Authority {
+            params: Self::params(),
+            key: KeyPair::from_pem(key_pem).map_err(rc)?,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// A new certificate for `leaf`, valid for [`LEAF_VALIDITY`].
+    pub fn issue(&self, leaf: &Leaf) -> Result<Issued, SecurityError> {
         let mut p = CertificateParams::new(leaf.hosts.clone()).map_err(rc)?;
         for u in leaf.identity.uris() {
             p.subject_alt_names
@@ -138,43 +220,24 @@ impl Pki {
         p.use_authority_key_identifier_extension = true;
         validity(&mut p, LEAF_VALIDITY);
         let key = KeyPair::generate().map_err(rc)?;
-        let cert = p.signed_by(&key, issuer).map_err(rc)?;
-        let f = self.files(&leaf.name);
-        // Key first, then the certificate: a reader that sees the new certificate finds
-        // its key (the reloader waits for both to change anyway).
-        write_file(&f.key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&f.cert, cert.pem().as_bytes(), 0o644)?;
-        Ok(f)
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = p.signed_by(&key, &issuer).map_err(rc)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
+}
 
-    /// The CA's parameters and key, created on first use. The parameters are rebuilt the
-    /// same way each time (same name, same key): that is all issuing needs.
-    fn ensure_ca(&self) -> Result<(CertificateParams, KeyPair), SecurityError> {
-        let key_path = self.dir.join("ca.key");
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name
-            .push(DnType::CommonName, "LDC platform CA");
-        p.distinguished_name.push(DnType::OrganizationName, "LDC");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        if key_path.exists() {
-            let pem = fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
-            let key = KeyPair::from_pem(&pem).map_err(rc)?;
-            return Ok((p, key));
-        }
-        fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
-        validity(&mut p, CA_VALIDITY);
-        let key = KeyPair::generate().map_err(rc)?;
-        let cert = p.self_signed(&key).map_err(rc)?;
-        write_file(&self.ca_path(), cert.pem().as_bytes(), 0o644)?;
-        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        Ok((p, key))
-    }
+/// A new ES256 key pair for signing bearer tokens: (private PKCS#8 PEM, public PEM).
+pub fn token_key_pair() -> Result<(String, String), SecurityError> {
+    let k = KeyPair::generate().map_err(rc)?;
+    Ok((k.serialize_pem(), k.public_key_pem()))
+}
+
+/// Whether a PEM certificate is unreadable or expires within [`RENEW_BEFORE`].
+pub fn needs_renewal(cert_pem: &[u8]) -> bool {
+    crate::tls::not_after(cert_pem).is_none_or(|t| t < SystemTime::now() + RENEW_BEFORE)
 }
 
 fn validity(p: &mut CertificateParams, valid: Duration) {
@@ -182,17 +245,6 @@ fn validity(p: &mut CertificateParams, valid: Duration) {
     // A little in the past: clocks of the machines that check it may lag.
     p.not_before = now - time::Duration::minutes(5);
     p.not_after = now + valid;
-}
-
-/// Whether the certificate at `path` is unreadable or expires within `within`.
-fn expires_within(path: &Path, within: Duration) -> Result<bool, SecurityError> {
-    let Ok(pem) = fs::read(path) else {
-        return Ok(true);
-    };
-    match crate::tls::not_after(&pem) {
-        Some(t) => Ok(t < SystemTime::now() + within),
-        None => Ok(true),
-    }
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees half a file.

@@ -169,16 +169,33 @@ pub async fn client(data: &Path, addr: &str) -> PaymentsClient<Channel> {
 /// A client of `addr` (a router or a cell) presenting certificate `leaf` of the data
 /// directory's PKI; cells take payment calls only from `router`.
 pub fn client_as(data: &Path, addr: &str, leaf: &str) -> PaymentsClient<Channel> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    client_named(data, addr, host, leaf)
+}
+
+/// Like [`client_as`], checking the server's certificate for `host` rather than the host
+/// of `addr` (a pod IP standing for a Service name).
+pub fn client_named(data: &Path, addr: &str, host: &str, leaf: &str) -> PaymentsClient<Channel> {
+    PaymentsClient::new(channel_named(data, addr, host, leaf))
+}
+
+/// A TLS channel to `addr` (a router or a cell) presenting certificate `leaf`.
+pub fn channel_as(data: &Path, addr: &str, leaf: &str) -> Channel {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    channel_named(data, addr, host, leaf)
+}
+
+fn channel_named(data: &Path, addr: &str, host: &str, leaf: &str) -> Channel {
     let pki = ldc_security::pki::Pki::new(data.join("pki"));
-    let ch = ldc_security::net::channel(
+    ldc_security::net::channel_named(
         addr,
+        host,
         ldc_security::platform::client(pki.files(leaf)).unwrap(),
         |id| matches!(id, ldc_security::Identity::Router) || id.is_cell(),
         Duration::from_secs(1),
         Duration::from_secs(5),
     )
-    .unwrap();
-    PaymentsClient::new(ch)
+    .unwrap()
 }
 
 pub fn req<T>(user: &str, m: T) -> tonic::Request<T> {

@@ -12,17 +12,30 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- define "ldc.storeVolume" -}}
 {{- if and .Values.store.hostPath (not (hasPrefix "tikv://" .Values.store.spec)) }}
 volumes:
-  - name: store
-    hostPath:
-      path: {{ .Values.store.hostPath }}
-      type: DirectoryOrCreate
+  {{- include "ldc.storeVolumeItem" . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- /* The store volume as one list item (for pods with other volumes too). */}}
+{{- define "ldc.storeVolumeItem" -}}
+{{- if and .Values.store.hostPath (not (hasPrefix "tikv://" .Values.store.spec)) }}
+- name: store
+  hostPath:
+    path: {{ .Values.store.hostPath }}
+    type: DirectoryOrCreate
 {{- end }}
 {{- end -}}
 
 {{- define "ldc.storeMount" -}}
 {{- if and .Values.store.hostPath (not (hasPrefix "tikv://" .Values.store.spec)) }}
 volumeMounts:
-  - name: store
-    mountPath: {{ .Values.store.hostPath }}
+  {{- include "ldc.storeMountItem" . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "ldc.storeMountItem" -}}
+{{- if and .Values.store.hostPath (not (hasPrefix "tikv://" .Values.store.spec)) }}
+- name: store
+  mountPath: {{ .Values.store.hostPath }}
 {{- end }}
 {{- end -}}
