@@ -34,7 +34,8 @@ echo "== LDC: one cell, embedded store (SQLite WAL, synchronous=FULL), group com
 PIDS+=($!)
 for _ in $(seq 1 100); do grep -q "LDC is up" "$WORK/up.log" 2>/dev/null && break; sleep 0.2; done
 CELL=$("$LDC" --data-dir "$WORK/ldc" cell status -o json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([c for c in d["cells"] if c["cell"]=="r1-a"][0]["endpoints"]["blue"][0])')
-LDC_JSON=$("$LDC" --data-dir "$WORK/ldc" -o json load --target "$CELL" --concurrency "$CLIENTS" --seconds "$SECONDS_EACH" --users 1000)
+# A cell takes payment calls only from a router certificate: the load generator plays the router.
+LDC_JSON=$("$LDC" --data-dir "$WORK/ldc" --credential router -o json load --target "$CELL" --concurrency "$CLIENTS" --seconds "$SECONDS_EACH" --users 1000)
 echo "$LDC_JSON"
 
 echo "== PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'): pgbench TPC-B-like, default durable settings (fsync=on, synchronous_commit=on)"

@@ -346,6 +346,10 @@ pub struct RouterServeArgs {
     /// Default: the PKI's token.pub.pem.
     #[arg(long = "token-public-key")]
     pub token_public_keys: Vec<PathBuf>,
+    /// Public key (PEM) of the routing-table publisher; tables not signed with it are
+    /// refused. Default: the PKI's routing.pub.pem.
+    #[arg(long)]
+    pub table_public_key: Option<PathBuf>,
     #[arg(long, hide = true)]
     pub die_with_parent: bool,
     /// Where the routing table comes from.

@@ -252,11 +252,12 @@ pub async fn run(g: &Global, cmd: CellCmd) -> Result<ExitCode> {
     }
     let spec = g.store_spec();
     let p = plan.clone();
+    let signer = crate::security::table_signer(g)?;
     let epoch = blocking(move || {
         let store = ldc_store::open(&spec)?;
         let mut t = store.begin()?;
         control::apply_plan(&mut *t, &p)?;
-        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        let table = control::publish_routing(&mut *t, &BTreeMap::new(), signer.as_deref())?;
         record_op(&mut *t, &id, &p, table.epoch, &crate::traffic::who())?;
         t.commit()?;
         Ok(table.epoch)

@@ -203,3 +203,41 @@ pub fn client_channel(g: &Global, addr: &str) -> Result<(Channel, Credential)> {
     };
     Ok((channel, cred))
 }
+
+/// The key signing the routing tables this process publishes (`ldc up`'s controller and
+/// the `ldc cell` verbs): the PKI's `routing.key`. `None` with `--insecure`.
+pub fn table_signer(g: &Global) -> Result<Option<Arc<ldc_security::table::TableSigner>>> {
+    if g.insecure {
+        return Ok(None);
+    }
+    let path = g.pki().routing_key_path();
+    let s = ldc_security::table::TableSigner::from_pem_file(&path).with_context(|| {
+        format!(
+            "cannot read the routing-table signing key {} (`ldc up` creates it; ldc cell \
+             commands must run where the platform's PKI is)",
+            path.display()
+        )
+    })?;
+    Ok(Some(Arc::new(s)))
+}
+
+/// The key routers verify published tables with: `--table-public-key`, else the PKI's
+/// `routing.pub.pem`. `None` with `--insecure`.
+pub fn table_verifier(
+    g: &Global,
+    key: Option<&Path>,
+) -> Result<Option<ldc_security::table::TableVerifier>> {
+    if g.insecure {
+        return Ok(None);
+    }
+    let default = g.pki().routing_public_path();
+    let path = key.unwrap_or(&default);
+    Ok(Some(
+        ldc_security::table::TableVerifier::from_pem_file(path).with_context(|| {
+            format!(
+                "cannot read the routing-table public key {}: a router takes only signed tables",
+                path.display()
+            )
+        })?,
+    ))
+}

@@ -138,6 +138,7 @@ enum Outcome {
 
 /// `ldc cell traffic-shift`.
 pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
+    let signer = crate::security::table_signer(g)?;
     let action = match (a.green, a.pause, a.resume, a.promote, a.abort || a.undo) {
         (Some(pct), ..) => match pct_to_bp(pct) {
             Ok(bp) => Action::Set(bp),
@@ -220,8 +221,11 @@ pub async fn shift(g: &Global, a: TrafficShiftArgs) -> Result<ExitCode> {
         }
         let d = &report.decision;
         if d.after_bp != d.before_bp {
-            let published =
-                control::publish_routing(&mut *t, &BTreeMap::from([(cell.clone(), d.after_bp)]))?;
+            let published = control::publish_routing(
+                &mut *t,
+                &BTreeMap::from([(cell.clone(), d.after_bp)]),
+                signer.as_deref(),
+            )?;
             report.routing_epoch_after = published.epoch;
         }
         state.green_weight_bp = d.after_bp;

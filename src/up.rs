@@ -164,7 +164,10 @@ pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
     let admin_addr = admin.local_addr()?;
     let registry = prometheus::Registry::new();
     let security = crate::security::router_security(g, &a.token_public_keys, &registry)?;
-    let table = ldc_router::TableHandle::new();
+    let table = match crate::security::table_verifier(g, a.table_public_key.as_deref())? {
+        Some(v) => ldc_router::TableHandle::verified(v),
+        None => ldc_router::TableHandle::new(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -496,8 +499,8 @@ async fn load_weights(store: &Arc<dyn Store>) -> Result<BTreeMap<String, u16>> {
 }
 
 /// Writes every cell's runtime record and republishes the routing table, in one txn.
-async fn publish(store: &Arc<dyn Store>, cells: &[Cell]) -> Result<u64> {
-    let store = store.clone();
+async fn publish(store: &Arc<dyn Store>, cells: &[Cell], signer: &Signer) -> Result<u64> {
+    let (store, signer) = (store.clone(), signer.clone());
     let rts: Vec<(String, CellRuntime)> =
         cells.iter().map(|c| (c.id.clone(), c.runtime())).collect();
     blocking(move || {
@@ -505,20 +508,24 @@ async fn publish(store: &Arc<dyn Store>, cells: &[Cell]) -> Result<u64> {
         for (name, rt) in &rts {
             control::put_cell_runtime(&mut *t, name, rt)?;
         }
-        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        let table = control::publish_routing(&mut *t, &BTreeMap::new(), signer.as_deref())?;
         t.commit()?;
         Ok(table.epoch)
     })
     .await
 }
 
+/// The key signing the routing tables this controller publishes (`None`: `--insecure`).
+type Signer = Option<Arc<ldc_security::table::TableSigner>>;
+
 /// Plans and applies a failover of `cell`, and republishes routing, in one transaction.
 async fn failover(
     store: &Arc<dyn Store>,
     cells: &[Cell],
     cell: &str,
+    signer: &Signer,
 ) -> Result<Option<(planner::Plan, u64)>> {
-    let store = store.clone();
+    let (store, signer) = (store.clone(), signer.clone());
     let health: BTreeMap<String, Health> = cells
         .iter()
         .map(|p| {
@@ -550,7 +557,7 @@ async fn failover(
         for (name, rt) in &rts {
             control::put_cell_runtime(&mut *t, name, rt)?;
         }
-        let table = control::publish_routing(&mut *t, &BTreeMap::new())?;
+        let table = control::publish_routing(&mut *t, &BTreeMap::new(), signer.as_deref())?;
         // Recorded like a manual move, so `ldc cell revert` can send the shards home.
         crate::ops::record_op(
             &mut *t,
@@ -638,6 +645,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             );
         }
     }
+    let signer = crate::security::table_signer(g)?;
     // Router first, so the cells' table has a front door when they start.
     let mut router = Proc::new(
         "router".into(),
@@ -671,7 +679,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         }
         cells.push(cell);
     }
-    let epoch = publish(&store, &cells).await?;
+    let epoch = publish(&store, &cells, &signer).await?;
     let mut weights = load_weights(&store).await?;
     let registry = prometheus::Registry::new();
     let metrics = ControllerMetrics::new(&registry)?;
@@ -829,7 +837,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 .find(|c| c.id == cell)
                 .and_then(Cell::failing_since)
                 .unwrap_or(started);
-            match failover(&store, &cells, &cell).await {
+            match failover(&store, &cells, &cell, &signer).await {
                 Ok(Some((plan, epoch))) => {
                     metrics.routing_epoch.set(epoch as i64);
                     metrics.failovers.with_label_values(&[&cell, "ok"]).inc();
@@ -857,7 +865,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             }
         }
         if changed {
-            match publish(&store, &cells).await {
+            match publish(&store, &cells, &signer).await {
                 Ok(epoch) => metrics.routing_epoch.set(epoch as i64),
                 Err(e) => eprintln!("publishing the routing table failed: {e:#}"),
             }
@@ -908,7 +916,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     for c in cells.iter_mut() {
         c.healthy = false;
     }
-    let _ = publish(&store, &cells).await;
+    let _ = publish(&store, &cells, &signer).await;
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
 }

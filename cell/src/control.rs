@@ -6,6 +6,7 @@
 //! written first, then the routing table is rebuilt from them. The local platform does both
 //! in one store transaction; the operator commits ownership, then publishes the table.
 
+use ldc_security::table::TableSigner;
 use std::collections::BTreeMap;
 
 use ldc_core::planner::{Owner, Plan, ShardMap, Topology};
@@ -242,12 +243,32 @@ pub fn load_cell_runtimes(kv: &mut dyn Kv) -> Result<BTreeMap<String, CellRuntim
         .collect()
 }
 
+/// Stores `table` under [`routing::STORE_KEY`] with the publisher's signature of those
+/// exact bytes under [`routing::SIGNATURE_KEY`] (none with `--insecure`: routers that
+/// verify then refuse it). Every publisher (`ldc up`, the operator) writes through here.
+/// Returns the JSON stored and its signature.
+pub fn store_routing(
+    kv: &mut dyn Kv,
+    table: &RoutingTable,
+    signer: Option<&TableSigner>,
+) -> Result<(String, Option<String>), ControlError> {
+    let json = serde_json::to_string(table).expect("routing tables encode");
+    kv.put(routing::STORE_KEY, json.as_bytes())?;
+    let signature = signer.map(|s| s.sign(json.as_bytes()));
+    match &signature {
+        Some(sig) => kv.put(routing::SIGNATURE_KEY, sig.as_bytes())?,
+        None => kv.delete(routing::SIGNATURE_KEY)?,
+    }
+    Ok((json, signature))
+}
+
 /// Rebuilds the routing table from ownership and cell runtimes, keeps each cell's green
 /// weight from the previous table unless `weights` overrides it, bumps the epoch, and
-/// stores it. Returns the new table.
+/// stores it, signed by `signer`. Returns the new table.
 pub fn publish_routing(
     kv: &mut dyn Kv,
     weights: &BTreeMap<String, u16>,
+    signer: Option<&TableSigner>,
 ) -> Result<RoutingTable, ControlError> {
     let cfg = load_config(kv)?;
     let topo = load_topology(kv)?;
@@ -292,7 +313,7 @@ pub fn publish_routing(
         what: "routing table".into(),
         why: e.to_string(),
     })?;
-    put_json(kv, routing::STORE_KEY, &table)?;
+    store_routing(kv, &table, signer)?;
     Ok(table)
 }
 

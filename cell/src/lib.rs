@@ -170,8 +170,8 @@ pub async fn serve(
             gate("ldc.v1.CellRelay", gate::cells, "cells"),
         ));
     let result = match &cfg.transport {
-        Transport::MutualTls { server, .. } => {
-            let _reload = AbortOnDrop(server.watch());
+        Transport::MutualTls { server, client } => {
+            let _reload = (AbortOnDrop(server.watch()), AbortOnDrop(client.watch()));
             let incoming = ldc_security::net::incoming(listener, server.clone());
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)

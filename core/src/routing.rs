@@ -20,6 +20,8 @@ use crate::shard::{fnv1a64, shard_of};
 /// Routers of `ldc up` poll it; on Kubernetes the operator publishes the same value to a
 /// resource the routers watch.
 pub const STORE_KEY: &[u8] = b"sys/routing";
+/// Store key of the publisher's signature of the bytes under [`STORE_KEY`].
+pub const SIGNATURE_KEY: &[u8] = b"sys/routing.sig";
 
 /// Basis points in 100%.
 pub const BP_MAX: u16 = 10_000;

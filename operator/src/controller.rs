@@ -423,7 +423,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     // ---- act: certificates first (pods mount them), then Deployments and Services per
     // cell and colour
     let names: Vec<String> = live.iter().map(|c| c.name_any()).collect();
-    crate::pki::ensure(&client, &topo, &names).await?;
+    let keys = Arc::new(crate::pki::ensure(&client, &topo, &names).await?);
     let pp = PatchParams::apply(MANAGER).force();
     let dep_api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -590,7 +590,14 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
                     summary.as_str(),
                 )
             });
-            fence::commit_step(&*store, shard_count, &scope, op_ref, build)
+            fence::commit_step(
+                &*store,
+                shard_count,
+                &scope,
+                op_ref,
+                build,
+                Some(&keys.routing),
+            )
         })
         .await?
     };
@@ -611,7 +618,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         .and_then(|cm| cm.annotations().get(EPOCH_ANNOTATION).cloned())
         .and_then(|e| e.parse::<u64>().ok());
     if published != Some(step.table.epoch) {
-        let cm = specs::routing_config_map(&topo, &step.table);
+        let cm = specs::routing_config_map(&topo, step.table.epoch, &step.published);
         cm_api.patch(&cm_name, &pp, &Patch::Apply(&cm)).await?;
         tracing::info!(topology = %name, epoch = step.table.epoch, "routing table published");
         ctx.event(

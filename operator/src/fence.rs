@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use ldc_cell::control::{self, ControlError};
 use ldc_core::planner::{Plan, ShardMap, Topology};
-use ldc_core::routing::{RoutingTable, STORE_KEY};
+use ldc_core::routing::{RoutingTable, SIGNATURE_KEY, STORE_KEY};
+use ldc_security::table::TableSigner;
 use ldc_store::{Store, StoreError, Txn};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -77,6 +78,9 @@ pub struct Step {
     pub table: RoutingTable,
     /// Whether a new table was written.
     pub table_changed: bool,
+    /// The table as stored (its JSON) and the publisher's signature of those bytes: what
+    /// the routing ConfigMap carries, byte for byte.
+    pub published: (String, Option<String>),
     /// The operation's record, when one was given (applied now or by an earlier run).
     pub op: Option<AppliedOp>,
 }
@@ -179,6 +183,7 @@ pub fn commit_step(
     scope: &str,
     op: Option<(&str, &Plan, &str)>,
     build: impl Fn(&ShardMap) -> RoutingTable,
+    signer: Option<&TableSigner>,
 ) -> Result<Step, FenceError> {
     let mut txn = store.begin()?;
     let r = (|| {
@@ -203,13 +208,31 @@ pub fn commit_step(
         }
         let map = control::load_map(kv, shard_count)?;
         let prev = control::load_routing(kv)?;
-        let (table, table_changed) = match crate::model::next_table(prev.as_ref(), build(&map)) {
-            Some(t) => {
-                kv.put(STORE_KEY, &serde_json::to_vec(&t).expect("table encodes"))?;
-                (t, true)
-            }
-            None => (prev.expect("unchanged implies a previous table"), false),
-        };
+        let (table, table_changed, published) =
+            match crate::model::next_table(prev.as_ref(), build(&map)) {
+                Some(t) => {
+                    let published = control::store_routing(kv, &t, signer)?;
+                    (t, true, published)
+                }
+                None => {
+                    let t = prev.expect("unchanged implies a previous table");
+                    let json = kv
+                        .get(STORE_KEY)?
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .unwrap_or_default();
+                    let sig = kv
+                        .get(SIGNATURE_KEY)?
+                        .and_then(|b| String::from_utf8(b).ok());
+                    let published = match (sig, signer) {
+                        (Some(sig), _) => (json, Some(sig)),
+                        // Stored unsigned (an older operator, or --insecure): sign it now,
+                        // routers take only signed tables.
+                        (None, Some(_)) => control::store_routing(kv, &t, signer)?,
+                        (None, None) => (json, None),
+                    };
+                    (t, false, published)
+                }
+            };
         if let Some((key, shards_moved, summary, moved_from)) = fresh_op {
             let rec = AppliedOp {
                 shards_moved,
@@ -224,6 +247,7 @@ pub fn commit_step(
             map,
             table,
             table_changed,
+            published,
             op: record,
         })
     })();
@@ -274,9 +298,9 @@ mod tests {
         let serving = vec!["a".to_string(), "b".to_string()];
         let map = ensure_initialised(&*store, &topo(), &serving, 0).unwrap();
         assert_eq!(map.owned_by("a"), vec![0, 1]);
-        let s0 = commit_step(&*store, 4, "ns/t", None, build).unwrap();
+        let s0 = commit_step(&*store, 4, "ns/t", None, build, None).unwrap();
         assert_eq!((s0.table.epoch, s0.table_changed), (1, true));
-        let again = commit_step(&*store, 4, "ns/t", None, build).unwrap();
+        let again = commit_step(&*store, 4, "ns/t", None, build, None).unwrap();
         assert_eq!((again.table.epoch, again.table_changed), (1, false));
 
         let health: BTreeMap<String, Health> = [("b", Health::Healthy), ("s", Health::Healthy)]
@@ -290,7 +314,15 @@ mod tests {
             &Command::Failover { cell: "a".into() },
         )
         .unwrap();
-        let s1 = commit_step(&*store, 4, "ns/t", Some(("op1", &plan, "a -> s")), build).unwrap();
+        let s1 = commit_step(
+            &*store,
+            4,
+            "ns/t",
+            Some(("op1", &plan, "a -> s")),
+            build,
+            None,
+        )
+        .unwrap();
         assert_eq!(s1.map.owned_by("s"), vec![0, 1]);
         assert_eq!(s1.map.owners[0].epoch, 2, "epoch bumped in the store");
         assert_eq!(s1.table.epoch, 2);
@@ -298,14 +330,23 @@ mod tests {
         assert_eq!(s1.op.as_ref().unwrap().routing_epoch, 2);
 
         // A re-run of the same operation (operator restarted before recording it) moves nothing.
-        let s2 = commit_step(&*store, 4, "ns/t", Some(("op1", &plan, "a -> s")), build).unwrap();
+        let s2 = commit_step(
+            &*store,
+            4,
+            "ns/t",
+            Some(("op1", &plan, "a -> s")),
+            build,
+            None,
+        )
+        .unwrap();
         assert_eq!(s2.map, s1.map);
         assert_eq!((s2.table.epoch, s2.table_changed), (2, false));
         assert_eq!(s2.op, s1.op);
         assert_eq!(applied_op(&*store, "ns/t", "op1").unwrap(), s1.op);
 
         // The same plan under a new id is stale: the fence refuses it and nothing changes.
-        let err = commit_step(&*store, 4, "ns/t", Some(("op2", &plan, "")), build).unwrap_err();
+        let err =
+            commit_step(&*store, 4, "ns/t", Some(("op2", &plan, "")), build, None).unwrap_err();
         assert_eq!(err.label(), "stale_plan");
         assert_eq!(load(&*store, 4).unwrap().0, s1.map);
 

@@ -1,10 +1,12 @@
 //! The operator-managed PKI: a CA and one certificate per component, in Secrets of the
 //! topology's namespace (as CloudNativePG's operator manages its clusters' certificates).
 //!
-//! * `{topology}-ca`: the CA (`ca.pem`, `ca.key`) and the key pair that signs bearer tokens
-//!   (`token.key`, `token.pub.pem`). Created once; it never leaves the operator.
+//! * `{topology}-ca`: the CA (`ca.pem`, `ca.key`), the key pair that signs bearer tokens
+//!   (`token.key`, `token.pub.pem`) and the one that signs routing tables (`routing.key`,
+//!   `routing.pub.pem`). Created once; it never leaves the operator.
 //! * `{topology}-pki-{leaf}`: one per component, laid out as a PKI directory (`ca.pem`,
-//!   `{leaf}.pem`, `{leaf}.key`, plus `token.pub.pem` for the router), so a pod mounts it
+//!   `{leaf}.pem`, `{leaf}.key`, plus `token.pub.pem` and `routing.pub.pem` for the
+//!   router), so a pod mounts it
 //!   at [`MOUNT_PATH`] and runs with `LDC_PKI` pointing there. Leaves: `router`, `cli` (the
 //!   administrator's client credential), `cell-{name}` for every cell.
 //!
@@ -100,8 +102,18 @@ pub enum PkiError {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Security(#[from] ldc_security::SecurityError),
-    #[error("Secret {0} exists but is not an LDC CA (missing ca.pem, ca.key or token.pub.pem)")]
+    #[error(
+        "Secret {0} exists but is not an LDC CA (missing ca.pem, ca.key, token.pub.pem or routing.key); delete it to have a new CA issued"
+    )]
     BadCa(String),
+}
+
+/// What the CA Secret holds besides the CA.
+pub struct Keys {
+    pub token_public: String,
+    pub routing_public: String,
+    /// Signs the routing tables the operator publishes.
+    pub routing: ldc_security::table::TableSigner,
 }
 
 fn secret(topo: &Topology, name: String, data: BTreeMap<String, String>) -> Secret {
@@ -132,26 +144,36 @@ fn field(s: &Secret, key: &str) -> Option<String> {
     String::from_utf8(b.0.clone()).ok()
 }
 
-/// Creates the CA Secret if there is none; returns the CA and the token public key.
-async fn ensure_ca(api: &Api<Secret>, topo: &Topology) -> Result<(Authority, String), PkiError> {
+/// Creates the CA Secret if there is none; returns the CA and its keys.
+async fn ensure_ca(api: &Api<Secret>, topo: &Topology) -> Result<(Authority, Keys), PkiError> {
     let name = ca_secret_name(&topo.name_any());
     if let Some(s) = api.get_opt(&name).await? {
-        let (Some(cert), Some(key), Some(token)) = (
+        let (Some(cert), Some(key), Some(token), Some(routing), Some(routing_public)) = (
             field(&s, "ca.pem"),
             field(&s, "ca.key"),
             field(&s, "token.pub.pem"),
+            field(&s, "routing.key"),
+            field(&s, "routing.pub.pem"),
         ) else {
             return Err(PkiError::BadCa(name));
         };
-        return Ok((Authority::from_pem(&cert, &key)?, token));
+        let keys = Keys {
+            token_public: token,
+            routing_public,
+            routing: ldc_security::table::TableSigner::from_pem(routing.as_bytes())?,
+        };
+        return Ok((Authority::from_pem(&cert, &key)?, keys));
     }
     let ca = Authority::generate()?;
     let (token_private, token_public) = token_key_pair()?;
+    let (routing_private, routing_public) = token_key_pair()?;
     let data = BTreeMap::from([
         ("ca.pem".to_string(), ca.cert_pem().to_string()),
         ("ca.key".to_string(), ca.key_pem()),
         ("token.key".to_string(), token_private),
         ("token.pub.pem".to_string(), token_public.clone()),
+        ("routing.key".to_string(), routing_private.clone()),
+        ("routing.pub.pem".to_string(), routing_public.clone()),
     ]);
     // Create, never overwrite: a CA replaced under running components would cut them off.
     match api
@@ -160,7 +182,12 @@ async fn ensure_ca(api: &Api<Secret>, topo: &Topology) -> Result<(Authority, Str
     {
         Ok(_) => {
             tracing::info!(secret = %name, "created the platform CA");
-            Ok((ca, token_public))
+            let keys = Keys {
+                token_public,
+                routing_public,
+                routing: ldc_security::table::TableSigner::from_pem(routing_private.as_bytes())?,
+            };
+            Ok((ca, keys))
         }
         // Another reconcile created it first: use that one.
         Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(ensure_ca(api, topo)).await,
@@ -169,15 +196,15 @@ async fn ensure_ca(api: &Api<Secret>, topo: &Topology) -> Result<(Authority, Str
 }
 
 /// Makes sure the CA and every leaf Secret of `topo` exist and are fresh. Returns the
-/// names of the leaves (re)issued.
+/// CA Secret's keys (the routing-table signer among them).
 pub async fn ensure(
     client: &kube::Client,
     topo: &Topology,
     cells: &[String],
-) -> Result<Vec<String>, PkiError> {
+) -> Result<Keys, PkiError> {
     let ns = topo.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let (ca, token_public) = ensure_ca(&api, topo).await?;
+    let (ca, keys) = ensure_ca(&api, topo).await?;
     let leaves = leaves(topo, cells);
     let mut current = BTreeMap::new();
     for l in &leaves {
@@ -202,7 +229,8 @@ pub async fn ensure(
             (format!("{}.key", l.name), cert.key_pem),
         ]);
         if l.name == platform::ROUTER {
-            data.insert("token.pub.pem".into(), token_public.clone());
+            data.insert("token.pub.pem".into(), keys.token_public.clone());
+            data.insert("routing.pub.pem".into(), keys.routing_public.clone());
         }
         let name = leaf_secret_name(&topo.name_any(), &l.name);
         api.patch(&name, &pp, &Patch::Apply(&secret(topo, name.clone(), data)))
@@ -212,7 +240,7 @@ pub async fn ensure(
     if !issued.is_empty() {
         tracing::info!(topology = %topo.name_any(), leaves = ?issued, "issued certificates");
     }
-    Ok(issued)
+    Ok(keys)
 }
 
 #[cfg(test)]

@@ -234,8 +234,16 @@ pub fn cell_service(topo: &Topology, cell: &Cell, colour: Colour) -> Service {
     }
 }
 
-/// The ConfigMap carrying `table` to the routers, owned by the topology.
-pub fn routing_config_map(topo: &Topology, table: &RoutingTable) -> ConfigMap {
+/// Key of the publisher's signature of [`TABLE_KEY`]'s bytes.
+pub const SIGNATURE_KEY: &str = "routing.json.sig";
+
+/// The ConfigMap carrying the table of `epoch` to the routers, owned by the topology:
+/// `published` is the table's JSON as stored and the publisher's signature of it.
+pub fn routing_config_map(
+    topo: &Topology,
+    epoch: u64,
+    published: &(String, Option<String>),
+) -> ConfigMap {
     let topo_name = topo.metadata.name.clone().unwrap_or_default();
     ConfigMap {
         metadata: ObjectMeta {
@@ -251,15 +259,20 @@ pub fn routing_config_map(topo: &Topology, table: &RoutingTable) -> ConfigMap {
             ])),
             annotations: Some(BTreeMap::from([(
                 EPOCH_ANNOTATION.to_string(),
-                table.epoch.to_string(),
+                epoch.to_string(),
             )])),
             owner_references: controller_ref(topo).map(|r| vec![r]),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(
-            TABLE_KEY.to_string(),
-            serde_json::to_string(table).expect("routing table encodes"),
-        )])),
+        data: Some(
+            [
+                (TABLE_KEY, Some(&published.0)),
+                (SIGNATURE_KEY, published.1.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?.clone())))
+            .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -390,7 +403,9 @@ pub(crate) mod tests {
             epoch: 7,
             ..Default::default()
         };
-        let cm = routing_config_map(&topo(), &table);
+        let json = serde_json::to_string(&table).unwrap();
+        let cm = routing_config_map(&topo(), table.epoch, &(json, Some("sig".into())));
+        assert_eq!(cm.data.as_ref().unwrap()[SIGNATURE_KEY], "sig");
         assert_eq!(cm.metadata.name.as_deref(), Some("prod-routing"));
         assert_eq!(
             cm.metadata.annotations.as_ref().unwrap()[EPOCH_ANNOTATION],

@@ -583,6 +583,7 @@ async fn kubectl_cell_failover_fences_in_store_then_routes() {
         "router took the published table"
     );
     assert_eq!(specs::TABLE_KEY, ldc_router::kube_source::TABLE_KEY);
+    assert_eq!(specs::SIGNATURE_KEY, ldc_router::kube_source::SIGNATURE_KEY);
 
     let (ok, out, err) = env.kubectl_cell(&["failover", "r1-a", "--dry-run"]);
     assert!(ok, "{out}{err}");

@@ -19,6 +19,8 @@ use crate::table::TableHandle;
 
 /// Key of the routing table (JSON) inside the operator's ConfigMap.
 pub const TABLE_KEY: &str = "routing.json";
+/// Key of the publisher's signature of [`TABLE_KEY`]'s bytes.
+pub const SIGNATURE_KEY: &str = "routing.json.sig";
 
 /// Why a ConfigMap gave no table.
 #[derive(Debug, thiserror::Error)]
@@ -53,17 +55,16 @@ pub fn table_of(cm: &ConfigMap) -> Result<RoutingTable, KubeSourceError> {
 }
 
 fn offer_cm(table: &TableHandle, cm: &ConfigMap) {
-    match table_of(cm) {
-        Ok(t) => {
-            if let Err(e) = table.try_offer(t) {
-                table.record_source_error("invalid");
-                tracing::warn!(error = %e, "refused the ConfigMap's routing table");
-            }
-        }
-        Err(e) => {
-            table.record_source_error(e.label());
-            tracing::warn!(error = %e, "cannot read the routing table ConfigMap");
-        }
+    let data = cm.data.as_ref();
+    let Some(bytes) = data.and_then(|d| d.get(TABLE_KEY)) else {
+        table.record_source_error(KubeSourceError::Missing.label());
+        tracing::warn!("the routing table ConfigMap has no {TABLE_KEY} key");
+        return;
+    };
+    let signature = data.and_then(|d| d.get(SIGNATURE_KEY));
+    if let Err(e) = table.offer_published(bytes.as_bytes(), signature.map(|s| s.as_bytes())) {
+        table.record_source_error(e.label());
+        tracing::warn!(error = %e, "refused the ConfigMap's routing table");
     }
 }
 

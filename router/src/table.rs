@@ -2,7 +2,10 @@
 //!
 //! [`TableHandle::offer`] is the only way in: a table is validated, then taken only if its
 //! epoch is higher than the current one. Sources may race, repeat themselves, or replay old
-//! values; the router still never routes backwards.
+//! values; the router still never routes backwards. Sources hand over what was published
+//! with [`TableHandle::offer_published`]: with a verifier (every secure router), the
+//! publisher's signature of those exact bytes must verify, or the table is refused and
+//! alarmed (`ldc_router_source_errors_total{reason="unsigned"|"bad_signature"}`).
 //!
 //! A request that meets a "moved" answer calls [`TableHandle::request_refresh`] and waits
 //! (bounded) for a newer epoch. A source that can fetch on demand listens on
@@ -14,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ldc_core::routing::{RoutingTable, STORE_KEY, TableError};
+use ldc_core::routing::{RoutingTable, SIGNATURE_KEY, STORE_KEY, TableError};
+use ldc_security::table::{TableSignatureError, TableVerifier};
 use tokio::sync::{Notify, watch};
 
 use crate::metrics::SourceMetrics;
@@ -32,6 +36,29 @@ struct Inner {
     /// When a source last delivered the current table or a newer one.
     confirmed_at: Mutex<Option<Instant>>,
     metrics: SourceMetrics,
+    /// The publisher's key; `None` takes unsigned tables (tests, `--insecure`).
+    verifier: Option<TableVerifier>,
+}
+
+/// Why a published table was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishedError {
+    #[error("{0}")]
+    Signature(#[from] TableSignatureError),
+    #[error("the routing table is not valid JSON: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("the routing table is invalid: {0}")]
+    Invalid(#[from] TableError),
+}
+
+impl PublishedError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            PublishedError::Signature(e) => e.label(),
+            PublishedError::Decode(_) => "decode",
+            PublishedError::Invalid(_) => "invalid",
+        }
+    }
 }
 
 impl Default for TableHandle {
@@ -43,6 +70,15 @@ impl Default for TableHandle {
 impl TableHandle {
     /// A handle with no table: the router answers UNAVAILABLE until a table is offered.
     pub fn new() -> Self {
+        TableHandle::with_verifier(None)
+    }
+
+    /// A handle that takes published tables only with the publisher's signature.
+    pub fn verified(verifier: TableVerifier) -> Self {
+        TableHandle::with_verifier(Some(verifier))
+    }
+
+    fn with_verifier(verifier: Option<TableVerifier>) -> Self {
         let (tx, _) = watch::channel(None);
         TableHandle {
             inner: Arc::new(Inner {
@@ -51,8 +87,26 @@ impl TableHandle {
                 has_source: AtomicBool::new(false),
                 confirmed_at: Mutex::new(None),
                 metrics: SourceMetrics::new(),
+                verifier,
             }),
         }
+    }
+
+    /// Offers a table as published: `bytes` (its JSON) and the signature stored beside
+    /// them. A table whose signature does not verify is refused and alarmed.
+    pub fn offer_published(
+        &self,
+        bytes: &[u8],
+        signature: Option<&[u8]>,
+    ) -> Result<bool, PublishedError> {
+        if let Some(v) = &self.inner.verifier
+            && let Err(e) = v.verify(bytes, signature)
+        {
+            tracing::error!(error = %e, "ALARM: refused a routing table that is not signed by the platform's publisher; keeping the current one");
+            return Err(e.into());
+        }
+        let t: RoutingTable = serde_json::from_slice(bytes)?;
+        Ok(self.try_offer(t)?)
     }
 
     /// Offers a table. It is taken (and `true` returned) only if it is valid and its epoch
@@ -172,10 +226,8 @@ pub enum SourceError {
     Store(#[from] ldc_store::StoreError),
     #[error("no routing table is published under {key:?} yet", key = String::from_utf8_lossy(STORE_KEY))]
     Missing,
-    #[error("the routing table in the store is not valid JSON: {0}")]
-    Decode(#[from] serde_json::Error),
-    #[error("the routing table in the store is invalid: {0}")]
-    Invalid(#[from] TableError),
+    #[error("the routing table in the store was refused: {0}")]
+    Refused(#[from] PublishedError),
     #[error("the store read took longer than {0:?}")]
     Timeout(Duration),
     #[error("the store read task failed: {0}")]
@@ -188,8 +240,7 @@ impl SourceError {
         match self {
             SourceError::Store(_) => "store",
             SourceError::Missing => "missing",
-            SourceError::Decode(_) => "decode",
-            SourceError::Invalid(_) => "invalid",
+            SourceError::Refused(e) => e.label(),
             SourceError::Timeout(_) => "timeout",
             SourceError::Join(_) => "join",
         }
@@ -205,19 +256,22 @@ pub async fn read_store_once(
     let store = store.clone();
     // Store transactions are synchronous (SQLite may block on a lock): keep them off the
     // async workers.
-    let read = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, SourceError> {
+    type Published = (Option<Vec<u8>>, Option<Vec<u8>>);
+    let read = tokio::task::spawn_blocking(move || -> Result<Published, SourceError> {
         let mut txn = store.begin_read()?;
-        let value = txn.get(STORE_KEY);
+        // One snapshot: the table and its signature as committed together.
+        let value = txn
+            .get(STORE_KEY)
+            .and_then(|v| Ok((v, txn.get(SIGNATURE_KEY)?)));
         txn.rollback()?;
         Ok(value?)
     });
-    let bytes = tokio::time::timeout(timeout, read)
+    let (bytes, signature) = tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| SourceError::Timeout(timeout))?
-        .map_err(|e| SourceError::Join(e.to_string()))??
-        .ok_or(SourceError::Missing)?;
-    let t: RoutingTable = serde_json::from_slice(&bytes)?;
-    Ok(table.try_offer(t)?)
+        .map_err(|e| SourceError::Join(e.to_string()))??;
+    let bytes = bytes.ok_or(SourceError::Missing)?;
+    Ok(table.offer_published(&bytes, signature.as_deref())?)
 }
 
 /// Polls the store key [`STORE_KEY`] (a JSON [`RoutingTable`]) every `every`, and at once

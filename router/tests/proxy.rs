@@ -17,7 +17,9 @@ use std::time::Duration;
 use ldc_core::proto::payments_client::PaymentsClient;
 use ldc_core::proto::payments_server::{Payments, PaymentsServer};
 use ldc_core::proto::{self, GetBalanceRequest};
-use ldc_core::routing::{BP_MAX, CellRoute, RoutingTable, STORE_KEY, ShardRoute, colour_for};
+use ldc_core::routing::{
+    BP_MAX, CellRoute, RoutingTable, SIGNATURE_KEY, STORE_KEY, ShardRoute, colour_for,
+};
 use ldc_core::shard::shard_of;
 use ldc_router::{EdgeSecurity, Listeners, RouterConfig, TableHandle};
 use ldc_security::Identity;
@@ -466,12 +468,33 @@ struct MemStore {
 }
 
 impl MemStore {
+    /// Publishes `t` as `ldc up` or the operator does: its JSON and the publisher's
+    /// signature of those bytes.
     fn publish(&self, t: &RoutingTable) {
-        self.data
-            .lock()
-            .unwrap()
-            .insert(STORE_KEY.to_vec(), serde_json::to_vec(t).unwrap());
+        let json = serde_json::to_vec(t).unwrap();
+        let sig = signer().sign(&json);
+        self.publish_raw(json, Some(sig.into_bytes()));
     }
+
+    fn publish_raw(&self, json: Vec<u8>, sig: Option<Vec<u8>>) {
+        let mut d = self.data.lock().unwrap();
+        d.insert(STORE_KEY.to_vec(), json);
+        match sig {
+            Some(s) => d.insert(SIGNATURE_KEY.to_vec(), s),
+            None => d.remove(SIGNATURE_KEY),
+        };
+    }
+}
+
+fn signer() -> ldc_security::table::TableSigner {
+    ldc_security::table::TableSigner::from_pem_file(&pki().routing_key_path()).unwrap()
+}
+
+/// A table handle that takes only tables signed by the test platform's publisher.
+fn verified_handle() -> TableHandle {
+    TableHandle::verified(
+        ldc_security::table::TableVerifier::from_pem_file(&pki().routing_public_path()).unwrap(),
+    )
 }
 
 struct MemTxn(HashMap<Vec<u8>, Vec<u8>>);
@@ -699,7 +722,7 @@ async fn store_source_keeps_the_last_good_table_when_the_store_fails() {
     let a = Backend::start("A", "A");
     let store = Arc::new(MemStore::default());
     store.publish(&one_cell_table(1, cell(&[&a], &[], 0, false)));
-    let handle = TableHandle::new();
+    let handle = verified_handle();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let poller = tokio::spawn(ldc_router::poll_store(
         store.clone(),
@@ -756,7 +779,7 @@ async fn moved_setup() -> (Backend, Backend, Arc<MemStore>, TableHandle, Routing
     }
     let store = Arc::new(MemStore::default());
     store.publish(&v1);
-    (a, b, store, TableHandle::new(), v2)
+    (a, b, store, verified_handle(), v2)
 }
 
 #[tokio::test]
@@ -1343,7 +1366,8 @@ async fn only_tls_with_this_platforms_certificates_gets_through() {
     .await
     .unwrap_err();
     assert!(
-        matches!(e.code(), Code::Unavailable | Code::Unknown) && e.message().contains("transport"),
+        std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some()),
         "{e:?}"
     );
 
@@ -1369,7 +1393,8 @@ async fn only_tls_with_this_platforms_certificates_gets_through() {
     .await
     .unwrap_err();
     assert!(
-        matches!(e.code(), Code::Unavailable | Code::Unknown) && e.message().contains("transport"),
+        std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some()),
         "{e:?}"
     );
     assert_eq!(a.calls(), 0);
@@ -1388,4 +1413,89 @@ async fn only_tls_with_this_platforms_certificates_gets_through() {
     );
     assert_eq!(impostor.calls(), 0);
     router.stop().await;
+}
+
+/// Someone who can write the store key (or the ConfigMap) cannot point the router at a
+/// cell of their own: a table whose bytes were changed after signing, a table signed by
+/// another key and an unsigned table are each refused, alarmed and counted, and the router
+/// keeps routing with the last signed table.
+#[tokio::test]
+async fn a_tampered_routing_table_is_refused_and_the_signed_one_kept() {
+    let a = Backend::start("A", "A");
+    let evil = Backend::start("A", "evil");
+    let store = Arc::new(MemStore::default());
+    store.publish(&one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let handle = verified_handle();
+    let stop = poll_on_demand(store.clone(), handle.clone());
+    let router = Router::start(handle.clone(), config()).await;
+    wait_until("the first table", || handle.current().is_some()).await;
+
+    let forged_table = one_cell_table(2, cell(&[&evil], &[], 0, false));
+    let genuine = serde_json::to_vec(&one_cell_table(2, cell(&[&a], &[], 0, false))).unwrap();
+    let other_key = {
+        let (private, _) = ldc_security::pki::token_key_pair().unwrap();
+        ldc_security::table::TableSigner::from_pem(private.as_bytes()).unwrap()
+    };
+    let forged = serde_json::to_vec(&forged_table).unwrap();
+    for (reason, json, sig) in [
+        (
+            "bad_signature",
+            forged.clone(),
+            Some(signer().sign(&genuine)),
+        ),
+        (
+            "bad_signature",
+            forged.clone(),
+            Some(other_key.sign(&forged)),
+        ),
+        ("unsigned", forged.clone(), None),
+    ] {
+        store.publish_raw(json, sig.map(String::into_bytes));
+        handle.request_refresh();
+        let (_, m) = router.get("/metrics").await;
+        let before = counter_of(&m, reason);
+        wait_until_async("the refusal", || async {
+            handle.request_refresh();
+            let (_, m) = router.get("/metrics").await;
+            counter_of(&m, reason) > before
+        })
+        .await;
+        assert_eq!(handle.current().unwrap().epoch, 1, "{reason}: table taken");
+    }
+    let mut client = router.client().await;
+    assert_eq!(served_by(&mut client, "alice").await, "A");
+    assert_eq!(evil.calls(), 0);
+
+    // The publisher's own next table is taken.
+    store.publish(&one_cell_table(3, cell(&[&a], &[], 0, false)));
+    handle.request_refresh();
+    wait_until("the signed table", || handle.current().unwrap().epoch == 3).await;
+    let _ = stop.send(());
+    router.stop().await;
+}
+
+fn counter_of(metrics: &str, reason: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("ldc_router_source_errors_total{")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -13,6 +13,7 @@
 //! * [`token`]: ES256 bearer tokens (jsonwebtoken) for clients that cannot hold a
 //!   certificate;
 //! * [`platform`]: which component holds which certificate;
+//! * [`table`]: the routing table's signature (publishers sign, routers verify);
 //! * [`net`]: TLS accept (off the accept loop, bounded) and connect (checking who answered).
 //!
 //! No cryptography is written here: rustls, ring, rcgen and jsonwebtoken do it.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod net;
 pub mod pki;
 pub mod platform;
+pub mod table;
 pub mod tls;
 pub mod token;
 

@@ -3,7 +3,8 @@
 //!
 //! Layout: `ca.pem` + `ca.key` (the CA), `{name}.pem` + `{name}.key` per component or
 //! client (`router`, `controller`, `cell-r1-a`, `treasury`, …), `token.key` +
-//! `token.pub.pem` (the ES256 key pair that signs bearer tokens). Keys are written 0600.
+//! `token.pub.pem` (the ES256 key pair that signs bearer tokens), `routing.key` +
+//! `routing.pub.pem` (the key pair that signs routing tables). Keys are written 0600.
 //! [`Pki::ensure`] creates what is missing and re-issues certificates that are close to
 //! expiry, so running it at every start is both the setup and the rotation.
 
@@ -81,15 +82,29 @@ impl Pki {
         self.dir.join("token.pub.pem")
     }
 
+    /// The key that signs routing tables (the publisher's; see [`crate::table`]).
+    pub fn routing_key_path(&self) -> PathBuf {
+        self.dir.join("routing.key")
+    }
+
+    pub fn routing_public_path(&self) -> PathBuf {
+        self.dir.join("routing.pub.pem")
+    }
+
     /// Creates the CA, the token key pair and every leaf that is missing or expires within
     /// [`RENEW_BEFORE`]. Returns the leaves (re)issued.
     pub fn ensure(&self, leaves: &[Leaf]) -> Result<Vec<String>, SecurityError> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
         let ca = self.authority()?;
-        if !self.token_key_path().exists() {
-            let (private, public) = token_key_pair()?;
-            write_file(&self.token_public_path(), public.as_bytes(), 0o644)?;
-            write_file(&self.token_key_path(), private.as_bytes(), 0o600)?;
+        for (private_path, public_path) in [
+            (self.token_key_path(), self.token_public_path()),
+            (self.routing_key_path(), self.routing_public_path()),
+        ] {
+            if !private_path.exists() {
+                let (private, public) = token_key_pair()?;
+                write_file(&public_path, public.as_bytes(), 0o644)?;
+                write_file(&private_path, private.as_bytes(), 0o600)?;
+            }
         }
         let mut issued = Vec::new();
         for leaf in leaves {
@@ -229,7 +244,7 @@ impl Authority {
     }
 }
 
-/// A new ES256 key pair for signing bearer tokens: (private PKCS#8 PEM, public PEM).
+/// A new ES256 key pair (bearer tokens, routing tables): (private PKCS#8 PEM, public PEM).
 pub fn token_key_pair() -> Result<(String, String), SecurityError> {
     let k = KeyPair::generate().map_err(rc)?;
     Ok((k.serialize_pem(), k.public_key_pem()))
