@@ -2,6 +2,13 @@
 # Benchmark (not a test): the LDC router versus nginx (Debian package) doing the same job,
 # side by side on this machine, in one run, with the same load generator (h2load).
 #
+# With security on, as users run it: both terminate the clients' TLS and speak mutual TLS
+# to the cells with the router's certificate (nginx: `grpc_pass grpcs://` with
+# grpc_ssl_certificate, verifying the cells against the platform CA). The router also
+# authenticates every call (an ES256 bearer token, as h2load cannot present a client
+# certificate) and authorizes it; nginx does neither. There is no run straight to the
+# cells: they take calls only from a router certificate, which h2load cannot present.
+#
 # Both proxies sit in front of the same cell processes of one `ldc up`. The job: read the
 # user header (x-ldc-user), send the gRPC call to the owning cell's endpoint of the user's
 # colour (the sticky blue/green split; r1-a runs at 50% green and r2-a at 10% during the
@@ -59,13 +66,17 @@ PIDS+=($!)
 for _ in $(seq 1 150); do grep -q "LDC is up" "$WORK/up.log" 2>/dev/null && break; sleep 0.2; done
 grep -q "LDC is up" "$WORK/up.log" || { cat "$WORK/up.err"; echo "ldc up did not start" >&2; exit 1; }
 ROUTER=$(sed -n 's/^LDC is up: router \([^ ]*\).*/\1/p' "$WORK/up.log")
+ADMIN=$(sed -n 's|^  router admin http://\([^/]*\)/.*|\1|p' "$WORK/up.log")
 L=("$LDC" --data-dir "$WORK/ldc")
+PKI=$WORK/ldc/pki
+# A read-only service credential for the load (GetBalance of any user).
+TOKEN=$("${L[@]}" token bench --service --scope read --ttl 1h)
 "${L[@]}" cell traffic-shift r1-a --green 50
 "${L[@]}" cell traffic-shift r2-a --green 10
 # The router picks the table up within its poll period; wait until it routes with it.
 EPOCH=$("${L[@]}" cell status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["routing_epoch"])')
 for _ in $(seq 1 100); do
-  python3 - "$ROUTER" "$EPOCH" <<'PY' && break
+  python3 - "$ADMIN" "$EPOCH" <<'PY' && break
 import json, sys, urllib.request
 t = json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/table", timeout=2))
 sys.exit(0 if t["epoch"] >= int(sys.argv[2]) else 1)
@@ -78,9 +89,9 @@ echo "== routing $MAP_USERS users with the published table (ldc route), generati
 seq 0 $((MAP_USERS - 1)) | sed 's/^/bench-/' | "${L[@]}" -o json route --stdin > "$WORK/routes.jsonl"
 NGINX_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$WORK/nginx-tmp"
-python3 - "$WORK" "$NGINX_PORT" "$LOAD_USERS" <<'PY'
+python3 - "$WORK" "$NGINX_PORT" "$LOAD_USERS" "$PKI" <<'PY'
 import json, sys
-work, port, load_users = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+work, port, load_users, pki = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 routes = [json.loads(l) for l in open(f"{work}/routes.jsonl")]
 upstreams = {}
 for r in routes:
@@ -113,8 +124,19 @@ for name, eps in sorted(upstreams.items()):
 lines += [
     "  upstream no_such_user { server 127.0.0.1:9; }",
     "  server {",
-    f"    listen 127.0.0.1:{port} http2;",
-    "    location / { grpc_pass grpc://$ldc_upstream; }",
+    f"    listen 127.0.0.1:{port} ssl http2;",
+    f"    ssl_certificate {pki}/router.pem;",
+    f"    ssl_certificate_key {pki}/router.key;",
+    "    ssl_session_cache shared:edge:10m;",
+    "    location / {",
+    "      grpc_pass grpcs://$ldc_upstream;",
+    f"      grpc_ssl_certificate {pki}/router.pem;",
+    f"      grpc_ssl_certificate_key {pki}/router.key;",
+    f"      grpc_ssl_trusted_certificate {pki}/ca.pem;",
+    "      grpc_ssl_verify on;",
+    "      grpc_ssl_name localhost;",
+    "      grpc_ssl_session_reuse on;",
+    "    }",
     "  }",
     "}",
 ]
@@ -141,10 +163,6 @@ for u in picked:
     # GetBalanceRequest { user_id = 1 (string) }.
     pb = b"\x0a" + bytes([len(u)]) + u.encode()
     open(f"{work}/body-{u}", "wb").write(b"\x00" + len(pb).to_bytes(4, "big") + pb)
-    # The first endpoint of the user's cell and colour: the no-proxy baseline hits it
-    # directly.
-    ep = next(r["endpoints"][0] for r in routes if r["user"] == u)
-    open(f"{work}/direct-{u}", "w").write(ep + "\n")
 print("load users: " + ", ".join(f"{u} ({r['cell']}/{r['colour']})" for u in picked for r in routes if r["user"] == u))
 PY
 "$NGINX" -t -c "$WORK/nginx.conf" -p "$WORK" >/dev/null 2>&1 || { "$NGINX" -t -c "$WORK/nginx.conf" -p "$WORK"; exit 1; }
@@ -180,8 +198,8 @@ for c in json.load(sys.stdin)["cells"]:
 print(int(total))'
 }
 
-# run NAME ADDR PIDS...: h2load against ADDR, one process per load user, all at once
-# (ADDR "direct": each user's own cell endpoint, no proxy).
+# run NAME ADDR PIDS...: h2load over TLS against ADDR, one process per load user, all at
+# once; every request carries the bearer token.
 run() {
   local name=$1 addr=$2; shift 2
   local per=$((CONNECTIONS / LOAD_USERS)); [ "$per" -ge 1 ] || per=1
@@ -190,11 +208,10 @@ run() {
   ok0=$(grpc_ok)
   cpu0=$(cpu_ticks "$@")
   while read -r u; do
-    local a=$addr
-    [ "$addr" != direct ] || a=$(cat "$WORK/direct-$u")
     h2load -D "$SECONDS_EACH" --warm-up-time "$WARMUP" -c "$per" -m "$STREAMS" -t 1 \
       -d "$WORK/body-$u" -H "content-type: application/grpc" -H "te: trailers" -H "x-ldc-user: $u" \
-      --log-file "$WORK/$name-$u.log" "http://$a/ldc.v1.Payments/GetBalance" > "$WORK/$name-$u.out" 2>&1 &
+      -H "authorization: Bearer $TOKEN" \
+      --log-file "$WORK/$name-$u.log" "https://$addr/ldc.v1.Payments/GetBalance" > "$WORK/$name-$u.out" 2>&1 &
     hp+=($!)
   done < "$WORK/load-users"
   wait "${hp[@]}"
@@ -207,9 +224,6 @@ NGINX_PIDS=("$(cat "$WORK/nginx.pid")")
 NGINX_PIDS+=($(pgrep -P "${NGINX_PIDS[0]}"))
 run router "$ROUTER" "$ROUTER_PID"
 run nginx "127.0.0.1:$NGINX_PORT" "${NGINX_PIDS[@]}"
-# The ceiling: the same load straight to the cells. If it is not well above both proxies,
-# the cells or h2load (sharing the 2 cores) bound the comparison, not the proxies.
-[ "${DIRECT:-1}" = 0 ] || run direct direct
 
 python3 - "$WORK" "$(getconf CLK_TCK)" "$SECONDS_EACH" "$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" <<'PY'
 import glob, re, sys
@@ -219,7 +233,7 @@ for line in open(f"{work}/cpu"):
     name, ticks, ok = line.split()
     cpu[name] = (int(ticks), int(ok))
 res = {}
-for name in [n for n in ("router", "nginx", "direct") if n in cpu]:
+for name in [n for n in ("router", "nginx") if n in cpu]:
     rps = 0.0; done = 0; ok2xx = 0; errors = 0
     for out in glob.glob(f"{work}/{name}-*.out"):
         t = open(out).read()
@@ -242,11 +256,8 @@ for name in [n for n in ("router", "nginx", "direct") if n in cpu]:
 r, n = res["router"], res["nginx"]
 print()
 print(f"{'':26}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'CPU us/req':>12}{'gRPC OK':>10}{'h2load errors':>15}")
-for label, x in ((f"ldc-router", r), (f"nginx {nginx_version} grpc_pass", n)):
+for label, x in ((f"ldc-router (TLS+authz)", r), (f"nginx {nginx_version} grpcs", n)):
     print(f"{label:26}{x['rps']:>12.0f}{x['p50']:>9.2f}{x['p99']:>9.2f}{x['p999']:>10.2f}{x['cpu']:>12.1f}{x['ok']:>10}{x['errors']:>15}")
-if "direct" in res:
-    x = res["direct"]
-    print(f"{'direct to cells (no proxy)':26}{x['rps']:>12.0f}{x['p50']:>9.2f}{x['p99']:>9.2f}{x['p999']:>10.2f}{'-':>12}{x['ok']:>10}{x['errors']:>15}")
 print()
 print(f"throughput router / nginx: {r['rps'] / n['rps']:.2f}x   (target >= 1.5x)")
 print(f"p99        router / nginx: {r['p99'] / n['p99']:.2f}x   (target <= 0.5x)")

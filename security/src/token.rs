@@ -115,10 +115,16 @@ impl TokenIssuer {
     }
 }
 
+/// Verified tokens remembered, so a client reusing its token costs one signature check
+/// per token, not per call (as Envoy's JWT filter caches). Cleared when full.
+pub const VERIFIED_CACHE_MAX: usize = 10_000;
+
 /// Verifies tokens against the configured public keys.
 pub struct TokenVerifier {
     keys: Vec<DecodingKey>,
     validation: Validation,
+    /// token → (principal, expiry in Unix seconds).
+    verified: std::sync::Mutex<std::collections::HashMap<String, (Principal, u64)>>,
 }
 
 impl TokenVerifier {
@@ -148,18 +154,49 @@ impl TokenVerifier {
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
-        Ok(TokenVerifier { keys, validation })
+        Ok(TokenVerifier {
+            keys,
+            validation,
+            verified: Default::default(),
+        })
     }
 
-    /// The principal a token names.
+    /// The principal a token names. A token verified before is answered from memory until
+    /// it expires (the same leeway as a full check).
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
         if token.len() > TOKEN_BYTES_MAX {
             return Err(TokenError::TooLong);
         }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        {
+            let cache = self.verified.lock().expect("token cache lock");
+            if let Some((p, exp)) = cache.get(token) {
+                if now <= exp + LEEWAY_SECS {
+                    return Ok(p.clone());
+                }
+                drop(cache);
+                return Err(TokenError::Expired);
+            }
+        }
+        let (p, exp) = self.verify_signature(token)?;
+        let mut cache = self.verified.lock().expect("token cache lock");
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(token.to_string(), (p.clone(), exp));
+        Ok(p)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<(Principal, u64), TokenError> {
         let mut last = TokenError::BadSignature;
         for k in &self.keys {
             match jsonwebtoken::decode::<Claims>(token, k, &self.validation) {
-                Ok(d) => return principal(d.claims),
+                Ok(d) => {
+                    let exp = d.claims.exp;
+                    return principal(d.claims).map(|p| (p, exp));
+                }
                 Err(e) => {
                     last = match e.kind() {
                         ErrorKind::InvalidSignature => TokenError::BadSignature,
