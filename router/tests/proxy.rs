@@ -96,12 +96,9 @@ fn is_router(id: &Identity) -> bool {
 fn channel_to(addr: SocketAddr, leaf: Option<&str>) -> Channel {
     let cfg = match leaf {
         Some(l) => platform::client(pki().files(l)).unwrap(),
-        None => ldc_security::tls::Reloading::new(pki().files(platform::ROUTER), |c| {
-            let mut cfg = ldc_security::tls::client_config(c)?;
-            cfg.client_auth_cert_resolver = Arc::new(NoClientCert);
-            Ok(cfg)
-        })
-        .unwrap(),
+        None => ldc_security::tls::Reloading::fixed(
+            ldc_security::tls::anonymous_client_config(&pki().ca_path()).unwrap(),
+        ),
     };
     ldc_security::net::channel(
         &addr.to_string(),
@@ -111,23 +108,6 @@ fn channel_to(addr: SocketAddr, leaf: Option<&str>) -> Channel {
         Duration::from_secs(10),
     )
     .unwrap()
-}
-
-/// Presents no client certificate (a client that authenticates with a token).
-#[derive(Debug)]
-struct NoClientCert;
-
-impl rustls::client::ResolvesClientCert for NoClientCert {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        None
-    }
-    fn has_certs(&self) -> bool {
-        false
-    }
 }
 
 // ---------------------------------------------------------------------------------------
