@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -137,6 +137,7 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                 spec: Some(PodSpec {
                     // Cells never call the Kubernetes API.
                     automount_service_account_token: Some(false),
+                    security_context: Some(pod_security()),
                     containers: vec![Container {
                         name: "cell".into(),
                         image: Some(cell.spec.image.clone()),
@@ -173,11 +174,16 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                         ]),
                         readiness_probe: Some(probe(2)),
                         liveness_probe: Some(probe(10)),
+                        security_context: Some(container_security()),
                         resources: Some(ResourceRequirements {
                             requests: Some(BTreeMap::from([
                                 ("cpu".into(), Quantity("100m".into())),
                                 ("memory".into(), Quantity("64Mi".into())),
                             ])),
+                            limits: Some(BTreeMap::from([(
+                                "memory".into(),
+                                Quantity("512Mi".into()),
+                            )])),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -197,6 +203,38 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// The user every LDC container runs as (the image's non-root user).
+pub const RUN_AS: i64 = 65532;
+
+/// Non-root, with the group that may read the mounted PKI Secret (mode 0440), and the
+/// runtime's default seccomp profile.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// No privilege escalation, no capabilities, a read-only root filesystem.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -395,6 +433,45 @@ pub(crate) mod tests {
             "ldc-cell",
             "the ServiceMonitor selects cell Services by this label"
         );
+    }
+
+    /// Cell pods run hardened, with their cell's certificate and probes off the TLS port.
+    #[test]
+    fn cell_pods_are_hardened_and_mount_their_certificate() {
+        let (t, c) = (topo(), cell("r1-a", "r1", CellRole::Serving));
+        let pod = cell_deployment(&t, &c, Colour::Green)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let psc = pod.security_context.clone().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.fs_group, Some(RUN_AS));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let ct = &pod.containers[0];
+        let csc = ct.security_context.clone().unwrap();
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.capabilities.unwrap().drop, Some(vec!["ALL".into()]));
+        assert!(ct.resources.as_ref().unwrap().limits.is_some());
+        let vol = &pod.volumes.as_ref().unwrap()[0];
+        let secret = vol.secret.as_ref().unwrap().secret_name.clone().unwrap();
+        let topo_name = t.metadata.name.clone().unwrap();
+        assert_eq!(secret, format!("{topo_name}-pki-cell-r1-a"));
+        let env = ct.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "LDC_PKI" && e.value.as_deref() == Some(crate::pki::MOUNT_PATH))
+        );
+        let probe = ct
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.port, IntOrString::String("metrics".into()));
     }
 
     #[test]
