@@ -1268,7 +1268,7 @@ async fn payments_through_the_router_survive_every_operation() {
     loop {
         let (ok, out, err) = w.kubectl(&[
             "get",
-            "topologies,cells,deployments,services,configmaps,serviceaccounts,roles,rolebindings,leases,pods",
+            "topologies,cells,deployments,services,configmaps,serviceaccounts,roles,rolebindings,leases,pods,secrets,networkpolicies,poddisruptionbudgets",
             "-o",
             "name",
         ]);

@@ -427,13 +427,17 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     let pp = PatchParams::apply(MANAGER).force();
     let dep_api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let pdb_api: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        Api::namespaced(client.clone(), &ns);
     for c in &live {
         for colour in COLOURS {
             let d = specs::cell_deployment(&topo, c, colour);
             let s = specs::cell_service(&topo, c, colour);
+            let b = specs::cell_pdb(&topo, c, colour);
             let n = specs::workload_name(&c.name_any(), colour);
             dep_api.patch(&n, &pp, &Patch::Apply(&d)).await?;
             svc_api.patch(&n, &pp, &Patch::Apply(&s)).await?;
+            pdb_api.patch(&n, &pp, &Patch::Apply(&b)).await?;
         }
     }
 

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
     PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
     SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -238,6 +239,31 @@ fn container_security() -> SecurityContext {
     }
 }
 
+/// The PodDisruptionBudget of one cell colour: a voluntary disruption (a node drain) takes
+/// at most one of its pods at a time.
+pub fn cell_pdb(topo: &Topology, cell: &Cell, colour: Colour) -> PodDisruptionBudget {
+    let name = cell.metadata.name.clone().unwrap_or_default();
+    let topo_name = topo.metadata.name.clone().unwrap_or_default();
+    PodDisruptionBudget {
+        metadata: ObjectMeta {
+            name: Some(workload_name(&name, colour)),
+            namespace: cell.metadata.namespace.clone(),
+            labels: Some(labels(&topo_name, &name, colour)),
+            owner_references: controller_ref(cell).map(|r| vec![r]),
+            ..Default::default()
+        },
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&topo_name, &name, colour)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
 /// The ClusterIP Service of one cell colour (the endpoint the routing table names).
 pub fn cell_service(topo: &Topology, cell: &Cell, colour: Colour) -> Service {
     let name = cell.metadata.name.clone().unwrap_or_default();
@@ -432,6 +458,20 @@ pub(crate) mod tests {
             s.metadata.labels.unwrap()["app.kubernetes.io/name"],
             "ldc-cell",
             "the ServiceMonitor selects cell Services by this label"
+        );
+    }
+
+    #[test]
+    fn each_cell_colour_has_a_disruption_budget_for_its_own_pods() {
+        let (t, c) = (topo(), cell("r1-a", "r1", CellRole::Serving));
+        let p = cell_pdb(&t, &c, Colour::Green);
+        assert_eq!(p.metadata.name.as_deref(), Some("r1-a-green"));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        let d = cell_deployment(&t, &c, Colour::Green);
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            d.spec.unwrap().selector.match_labels
         );
     }
 
