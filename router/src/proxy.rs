@@ -532,7 +532,7 @@ async fn send(
     let how = crate::upstream::Connect {
         timeout: s.config.connect_timeout,
         tls: match &s.security {
-            EdgeSecurity::Tls { upstream, .. } => Some(upstream.current()),
+            EdgeSecurity::Tls { upstream, .. } => Some(&**upstream),
             EdgeSecurity::Insecure => None,
         },
         cell: d.cell,

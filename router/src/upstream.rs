@@ -14,8 +14,8 @@
 //! when the old one gave the request back unsent (closed before the stream was opened),
 //! so nothing can have reached the cell.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -28,8 +28,9 @@ use crate::body::ReplayBody;
 /// How to open a connection to an endpoint.
 pub struct Connect<'a> {
     pub timeout: Duration,
-    /// The router's mutual-TLS client configuration (`None`: plaintext, `--insecure`).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The router's mutual-TLS client configuration (`None`: plaintext, `--insecure`);
+    /// read only when a connection is opened, never per request.
+    pub tls: Option<&'a ldc_security::tls::Reloading<rustls::ClientConfig>>,
     /// The cell the routing table says serves this endpoint.
     pub cell: &'a str,
 }
@@ -166,7 +167,7 @@ async fn open(addr: &str, how: &Connect<'_>) -> Result<SendRequest<ReplayBody>, 
         let _ = tcp.set_nodelay(true);
         return handshake(addr, tcp).await;
     };
-    let (stream, id) = ldc_security::net::connect(addr, tls.clone())
+    let (stream, id) = ldc_security::net::connect(addr, tls.current())
         .await
         .map_err(|e| SendError::Connect(format!("TLS connect error: {e}")))?;
     match id {
