@@ -397,5 +397,34 @@ async fn what_a_credential_may_not_do_is_refused_and_writes_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(b.balance, 1_000 - 100 - 500);
+
+    // An oversized field through the router: a precise NOT_FOUND quoting a short prefix,
+    // and the router's connection to the cell (shared by every request) survives it.
+    let e = admin
+        .clone()
+        .get_payment(req(
+            "alice",
+            proto::GetPaymentRequest {
+                user_id: "alice".into(),
+                payment_id: "x".repeat(200_000),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.code());
+    assert!(
+        e.message().len() < 300,
+        "{} bytes echoed",
+        e.message().len()
+    );
+    c.get_balance(with_token(
+        proto::GetBalanceRequest {
+            user_id: "alice".into(),
+        },
+        "alice",
+        Some(&alice_read),
+    ))
+    .await
+    .unwrap();
     drop(platform);
 }

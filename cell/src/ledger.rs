@@ -162,7 +162,8 @@ impl Command {
                 validate_user("user_id", user)?;
                 if keys::parse_payment_id(payment_id).is_none() {
                     return Err(PaymentError::InvalidArgument(format!(
-                        "payment_id {payment_id:?} is malformed; payment ids look like alice:17"
+                        "payment_id {} is malformed; payment ids look like alice:17",
+                        quote(payment_id)
                     )));
                 }
                 validate_amount(*amount)?;
@@ -175,8 +176,8 @@ impl Command {
                 validate_currency(&c.currency)?;
                 if keys::parse_payment_id(&c.message_id).is_none() {
                     return Err(PaymentError::InvalidArgument(format!(
-                        "message_id {:?} is malformed",
-                        c.message_id
+                        "message_id {} is malformed",
+                        quote(&c.message_id)
                     )));
                 }
                 match CreditKind::try_from(c.kind) {
@@ -709,7 +710,7 @@ fn load_payment(
 ) -> Result<(u64, PaymentRec), PaymentError> {
     let unknown = || PaymentError::UnknownPayment {
         user: user.to_string(),
-        id: id.to_string(),
+        id: quote(id),
     };
     let (owner, seq) = keys::parse_payment_id(id).ok_or_else(unknown)?;
     if owner != user {
@@ -807,7 +808,7 @@ fn deliver(
         let d: DedupRec = dec("dedup", &raw)?;
         if d.content != content {
             return Err(PaymentError::RelayConflict {
-                message_id: ldc_core::quote_prefix(&c.message_id, MESSAGE_ID_QUOTE_CHARS_MAX),
+                message_id: quote(&c.message_id),
             });
         }
         return Ok(answer(&d));
@@ -876,9 +877,6 @@ fn deliver(
     kv.put(&dkey, &enc(&d))?;
     Ok(answer(&d))
 }
-
-/// Most characters of a message id quoted back in an error.
-const MESSAGE_ID_QUOTE_CHARS_MAX: usize = 64;
 
 /// What a dedup record remembers of a credit's content: SHA-256 of its protobuf encoding
 /// (prost encodes a message's fields in one fixed order, so equal credits hash equal).

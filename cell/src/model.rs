@@ -35,6 +35,15 @@ const ISO_4217: &[&str] = &[
     "ZWG",
 ];
 
+/// Most characters of client input an error message quotes: errors travel in response
+/// headers, and an echoed 200 KB field once broke a router's shared HTTP/2 connection.
+pub const QUOTE_CHARS_MAX: usize = 64;
+
+/// How an error names client input: quoted, at most [`QUOTE_CHARS_MAX`] characters.
+pub fn quote(input: &str) -> String {
+    ldc_core::quote_prefix(input, QUOTE_CHARS_MAX)
+}
+
 /// Checks an ISO 4217 code.
 pub fn validate_currency(ccy: &str) -> Result<(), PaymentError> {
     if ISO_4217.binary_search(&ccy).is_ok() {
@@ -46,7 +55,8 @@ pub fn validate_currency(ccy: &str) -> Result<(), PaymentError> {
         String::new()
     };
     Err(PaymentError::InvalidArgument(format!(
-        "currency {ccy:?} is not an active ISO 4217 code{hint}; use e.g. EUR, USD or CNY"
+        "currency {} is not an active ISO 4217 code{hint}; use e.g. EUR, USD or CNY",
+        quote(ccy)
     )))
 }
 

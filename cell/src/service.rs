@@ -68,8 +68,10 @@ fn check_header<T>(req: &Request<T>, user: &str) -> Result<(), PaymentError> {
         let h = h.to_str().unwrap_or("");
         if h != user {
             return Err(PaymentError::InvalidArgument(format!(
-                "header {} is {h:?} but the request is for user {user:?}; they must match (the router routes on the header)",
-                ldc_core::USER_HEADER
+                "header {} is {} but the request is for user {}; they must match (the router routes on the header)",
+                ldc_core::USER_HEADER,
+                crate::model::quote(h),
+                crate::model::quote(user)
             )));
         }
     }

@@ -574,3 +574,68 @@ async fn only_routers_pay_and_only_cells_deliver() {
     c.open_account(open(&alice)).await.unwrap();
     cell.stop().await;
 }
+
+/// Oversized client input is named by a short prefix in the error, never echoed whole:
+/// errors travel in response headers, and a 200 KB echo once broke the router's shared
+/// HTTP/2 connection to the cell (UNAVAILABLE for everyone on it). The connection stays
+/// usable afterwards.
+#[tokio::test]
+async fn oversized_input_is_quoted_short_and_the_connection_survives() {
+    let cell = start().await;
+    let mut c = cell.client.clone();
+    let (alice, _, _) = users();
+    let huge = "x".repeat(200_000);
+    let e = c
+        .get_payment(req(
+            &alice,
+            proto::GetPaymentRequest {
+                user_id: alice.clone(),
+                payment_id: huge.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "{}",
+        &e.message()[..100.min(e.message().len())]
+    );
+    assert!(
+        e.message().len() < 300,
+        "{} bytes echoed",
+        e.message().len()
+    );
+    let e = c
+        .top_up(req(&alice, topup(&alice, 5, &huge, "k")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().len() < 300,
+        "{} bytes echoed",
+        e.message().len()
+    );
+    let e = c
+        .top_up(req(&alice, topup(&huge, 5, "EUR", "k")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().len() < 300,
+        "{} bytes echoed",
+        e.message().len()
+    );
+    // The same connection still answers.
+    c.open_account(req(
+        &alice,
+        proto::OpenAccountRequest {
+            user_id: alice.clone(),
+            currency: "EUR".into(),
+            idempotency_key: "o".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    cell.stop().await;
+}
