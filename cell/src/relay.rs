@@ -168,13 +168,8 @@ struct Round {
 /// snapshot).
 fn scan_outbox(store: &dyn Store, cell: &str) -> Result<Round, PaymentError> {
     let mut t = store.begin_read()?;
-    let table = match t.get(ldc_core::routing::STORE_KEY)? {
-        Some(raw) => Some(
-            serde_json::from_slice::<RoutingTable>(&raw)
-                .map_err(|e| PaymentError::Corrupt(format!("routing table: {e}")))?,
-        ),
-        None => None,
-    };
+    let table = crate::control::load_routing(&mut *t)
+        .map_err(|e| PaymentError::Corrupt(format!("routing table: {e}")))?;
     let owners = t.scan(
         keys::OWNER_PREFIX,
         &prefix_end(keys::OWNER_PREFIX),
@@ -352,12 +347,17 @@ fn payee_endpoint<'t>(table: &'t RoutingTable, user: &str, spread: u64) -> Resul
         .route_user(user, None)
         .map_err(|e| format!("routing table epoch {}: {e}", table.epoch))?;
     let cell = &table.cells[r.cell];
-    let all: Vec<&String> = cell.blue.iter().chain(cell.green.iter()).collect();
-    if all.is_empty() {
+    let count = cell.blue.len() + cell.green.len();
+    if count == 0 {
         return Err(format!("cell {} lists no endpoints", r.cell));
     }
-    let i = (spread.wrapping_add(now_ms() / 1000) % all.len() as u64) as usize;
-    Ok(all[i].as_str())
+    let i = (spread.wrapping_add(now_ms() / 1000) % count as u64) as usize;
+    Ok(cell
+        .blue
+        .iter()
+        .chain(&cell.green)
+        .nth(i)
+        .expect("i < count"))
 }
 
 /// Delivers one message and settles it. Returns whether it is settled.

@@ -239,19 +239,26 @@ fn container_security() -> SecurityContext {
     }
 }
 
+/// The metadata of an object of one cell colour (its Deployment, Service and budget):
+/// named `{cell}-{colour}`, labelled, owned by the Cell.
+fn cell_child_meta(topo_name: &str, cell: &Cell, colour: Colour) -> ObjectMeta {
+    let name = cell.metadata.name.clone().unwrap_or_default();
+    ObjectMeta {
+        name: Some(workload_name(&name, colour)),
+        namespace: cell.metadata.namespace.clone(),
+        labels: Some(labels(topo_name, &name, colour)),
+        owner_references: controller_ref(cell).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
 /// The PodDisruptionBudget of one cell colour: a voluntary disruption (a node drain) takes
 /// at most one of its pods at a time.
 pub fn cell_pdb(topo: &Topology, cell: &Cell, colour: Colour) -> PodDisruptionBudget {
     let name = cell.metadata.name.clone().unwrap_or_default();
     let topo_name = topo.metadata.name.clone().unwrap_or_default();
     PodDisruptionBudget {
-        metadata: ObjectMeta {
-            name: Some(workload_name(&name, colour)),
-            namespace: cell.metadata.namespace.clone(),
-            labels: Some(labels(&topo_name, &name, colour)),
-            owner_references: controller_ref(cell).map(|r| vec![r]),
-            ..Default::default()
-        },
+        metadata: cell_child_meta(&topo_name, cell, colour),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
@@ -269,13 +276,7 @@ pub fn cell_service(topo: &Topology, cell: &Cell, colour: Colour) -> Service {
     let name = cell.metadata.name.clone().unwrap_or_default();
     let topo_name = topo.metadata.name.clone().unwrap_or_default();
     Service {
-        metadata: ObjectMeta {
-            name: Some(workload_name(&name, colour)),
-            namespace: cell.metadata.namespace.clone(),
-            labels: Some(labels(&topo_name, &name, colour)),
-            owner_references: controller_ref(cell).map(|r| vec![r]),
-            ..Default::default()
-        },
+        metadata: cell_child_meta(&topo_name, cell, colour),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&topo_name, &name, colour)),
             ports: Some(vec![

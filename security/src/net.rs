@@ -50,12 +50,6 @@ pub struct TlsConn {
     peer: Peer,
 }
 
-impl TlsConn {
-    pub fn peer(&self) -> &Peer {
-        &self.peer
-    }
-}
-
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = Peer;
     fn connect_info(&self) -> Peer {

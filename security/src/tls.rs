@@ -115,28 +115,36 @@ pub fn server_config(c: &Credentials, auth: ClientAuth) -> Result<ServerConfig, 
     Ok(cfg)
 }
 
-/// A client configuration trusting the platform CA, presenting `c`'s certificate.
-pub fn client_config(c: &Credentials) -> Result<ClientConfig, SecurityError> {
-    let mut cfg = ClientConfig::builder_with_provider(provider())
+/// The start of every client configuration: our provider, safe protocol versions, the
+/// platform CA as the only root.
+fn client_builder(
+    roots: Arc<RootCertStore>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, SecurityError> {
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| SecurityError::Tls(e.to_string()))?
-        .with_root_certificates(c.roots.clone())
+        .with_root_certificates(roots))
+}
+
+fn h2(mut cfg: ClientConfig) -> ClientConfig {
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
+
+/// A client configuration trusting the platform CA, presenting `c`'s certificate.
+pub fn client_config(c: &Credentials) -> Result<ClientConfig, SecurityError> {
+    let cfg = client_builder(c.roots.clone())?
         .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
         .map_err(|e| SecurityError::Tls(format!("certificate and key do not match: {e}")))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    Ok(h2(cfg))
 }
 
 /// A client configuration trusting the platform CA that presents no certificate (a client
 /// authenticating with a bearer token).
 pub fn anonymous_client_config(ca: &Path) -> Result<ClientConfig, SecurityError> {
-    let mut cfg = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SecurityError::Tls(e.to_string()))?
-        .with_root_certificates(Arc::new(roots(ca)?))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    Ok(h2(
+        client_builder(Arc::new(roots(ca)?))?.with_no_client_auth()
+    ))
 }
 
 /// When a PEM certificate expires.
