@@ -77,6 +77,11 @@ pub struct Global {
     /// (`ldc token` makes one).
     #[arg(long, global = true, env = "LDC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Client commands: give up after this many seconds of attempts (each retried with the
+    /// same idempotency key); a payment still unanswered then is reported as of unknown
+    /// outcome (exit code 3): re-run it with the printed --key.
+    #[arg(long, global = true, default_value_t = crate::client::RETRY_DEADLINE.as_secs_f64(), value_parser = deadline_secs)]
+    pub deadline: f64,
     /// Development only: no TLS and no authentication anywhere. Prints a warning on every
     /// start. Never use it where real money or a real network is involved.
     #[arg(long, global = true)]
@@ -87,6 +92,13 @@ pub struct Global {
 pub enum Output {
     Text,
     Json,
+}
+
+fn deadline_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err("expected seconds between 0.1 and 3600, e.g. 30".into()),
+    }
 }
 
 impl Global {

@@ -1,8 +1,13 @@
 //! The payment CLI: one gRPC call through the router per command.
 //!
-//! Every mutating command sends an idempotency key (`--key`, or a fresh random one that is
-//! printed), and retries UNAVAILABLE answers with the same key: nothing was applied, or the
-//! replay returns the first result, so a retry can never pay twice.
+//! Every mutating command sends an idempotency key (`--key`, or a fresh random one, printed
+//! on stderr *before* the first attempt), and retries every answer that leaves the outcome
+//! open or says nothing was applied (UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, ABORTED,
+//! RESOURCE_EXHAUSTED) with the same key, with jittered exponential backoff, until a
+//! deadline. The cell applies a key once and replays the first answer to every repeat, so a
+//! retry (the CLI's own, or a user re-running the command with `--key`) can never pay twice.
+//! When the deadline passes with the outcome still open, the command says so, names the
+//! key, and exits with [`EXIT_OUTCOME_UNKNOWN`].
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +22,21 @@ use crate::security::Credential;
 
 use crate::cli::{AccountCmd, Cmd, Global, Output, PaymentCmd};
 
-const ATTEMPTS: u32 = 5;
+/// Most attempts of one command.
+const ATTEMPTS_MAX: u32 = 8;
+/// Deadline of one attempt (sent to the server as `grpc-timeout`).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default deadline of the command over all attempts (`--deadline`).
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// First backoff, doubled per attempt up to [`BACKOFF_CAP`]; each sleep is drawn uniformly
+/// below it ("full jitter"), so clients retrying together spread out.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Exit code when a payment command gave up with the outcome still open: re-run it with the
+/// printed `--key` to learn it (the payment is applied at most once).
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
+/// Exit code of a refused command (fix the request) or an unreachable platform.
+const EXIT_REFUSED: u8 = 2;
 
 /// The payment API client of `ldc` commands: TLS to the router with the command's
 /// credential (see [`crate::security`]).
@@ -49,24 +68,62 @@ pub fn new_key(prefix: &str) -> String {
     )
 }
 
-/// Calls `f` until it succeeds, fails with a non-retryable status, or attempts run out.
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+/// Whether an answer may be retried with the same idempotency key: nothing was applied
+/// (UNAVAILABLE, ABORTED, RESOURCE_EXHAUSTED) or the outcome is not known
+/// (DEADLINE_EXCEEDED, UNKNOWN). Every other code is final: retrying would get it again.
+pub fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | DeadlineExceeded | Unknown | Aborted | ResourceExhausted
+    )
+}
+
+/// The ceiling of the sleep before attempt `attempt + 1` (1-based): exponential, capped.
+pub fn backoff_ceiling(attempt: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP)
+}
+
+/// Calls `f` with a per-attempt deadline until it succeeds, fails with a final status, or
+/// attempts or the overall deadline run out (then the last status is returned).
+async fn retry<T, M, F, Fut>(
+    within: Duration,
+    user: &str,
+    msg: &M,
+    mut f: F,
+) -> Result<T, tonic::Status>
 where
-    F: FnMut() -> Fut,
+    M: Clone,
+    F: FnMut(tonic::Request<M>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1..=ATTEMPTS {
-        match f().await {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut attempt = 1;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut req = request(user, msg.clone());
+        req.set_timeout(ATTEMPT_TIMEOUT.min(left));
+        let r = match tokio::time::timeout(ATTEMPT_TIMEOUT.min(left), f(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "no answer within the attempt deadline",
+            )),
+        };
+        let s = match r {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == tonic::Code::Unavailable && attempt < ATTEMPTS => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(s) => return Err(s),
+            Err(s) if !retryable(s.code()) => return Err(s),
+            Err(s) => s,
+        };
+        let sleep = backoff_ceiling(attempt).mul_f64(rand::random::<f64>());
+        if attempt >= ATTEMPTS_MAX || tokio::time::Instant::now() + sleep >= deadline {
+            return Err(s);
         }
+        tracing::debug!(attempt, code = ?s.code(), "retrying with the same idempotency key");
+        tokio::time::sleep(sleep).await;
+        attempt += 1;
     }
-    unreachable!("the last attempt returns")
 }
 
 pub fn kind_name(k: i32) -> &'static str {
@@ -120,9 +177,6 @@ fn print_payment(out: Output, p: &proto::Payment, key: Option<&str>) {
                 },
                 p.balance_after,
             );
-            if let Some(k) = key {
-                println!("idempotency key: {k} (pass --key {k} to retry safely)");
-            }
         }
     }
 }
@@ -137,118 +191,126 @@ fn print_account(out: Output, a: &proto::Account) {
     }
 }
 
-fn fail(addr: &str, s: tonic::Status) -> Result<ExitCode> {
-    let hint = if s.code() == tonic::Code::Unavailable && s.message().contains("connect") {
-        format!(
-            "\nhint: nothing answers at {addr}; start the platform with `ldc up`, or point at a router with --router"
-        )
-    } else {
-        String::new()
-    };
-    eprintln!("error: {:?}: {}{hint}", s.code(), s.message());
-    Ok(ExitCode::from(2))
+fn fail(addr: &str, s: tonic::Status, key: Option<&str>) -> Result<ExitCode> {
+    eprintln!("error: {:?}: {}", s.code(), s.message());
+    if let Some(k) = key.filter(|_| retryable(s.code())) {
+        eprintln!(
+            "the outcome is not known: the payment was applied once or not at all. Run the same \
+             command again with --key {k} to learn which (it cannot pay twice)"
+        );
+        return Ok(ExitCode::from(EXIT_OUTCOME_UNKNOWN));
+    }
+    if s.code() == tonic::Code::Unavailable && s.message().contains("connect") {
+        eprintln!(
+            "hint: nothing answers at {addr}; start the platform with `ldc up`, or point at a router with --router"
+        );
+    }
+    Ok(ExitCode::from(EXIT_REFUSED))
+}
+
+/// The idempotency key of a mutating command: the user's, or a new one announced on stderr
+/// before anything is sent, so an interrupted command can be re-run with it.
+fn key_of(given: Option<String>, verb: &str) -> String {
+    given.unwrap_or_else(|| {
+        let k = new_key(verb);
+        eprintln!(
+            "idempotency key: {k} (if this command is interrupted, re-run it with --key {k})"
+        );
+        k
+    })
 }
 
 pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
     let addr = g.router_addr();
     let client = connect(g, &addr).await?;
     let out = g.output;
+    let within = Duration::from_secs_f64(g.deadline);
+    let c = &client;
+    let mut key = None;
     let r = match cmd {
         Cmd::Account {
             cmd:
                 AccountCmd::Open {
                     user,
                     currency,
-                    key,
+                    key: k,
                 },
         } => {
-            let key = key.unwrap_or_else(|| new_key("open"));
+            let k: &str = key.insert(key_of(k, "open"));
             let msg = proto::OpenAccountRequest {
                 user_id: user.clone(),
                 currency,
-                idempotency_key: key,
+                idempotency_key: k.to_string(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&user, msg.clone());
-                async move { c.open_account(req).await }
+            retry(within, &user, &msg, |r| async move {
+                c.clone().open_account(r).await
             })
             .await
             .map(|a| print_account(out, &a))
         }
         Cmd::Topup(a) => {
-            let key = a.key.unwrap_or_else(|| new_key("topup"));
+            let k: &str = key.insert(key_of(a.key, "topup"));
             let msg = proto::TopUpRequest {
                 user_id: a.user.clone(),
                 amount: a.amount,
                 currency: a.currency,
-                idempotency_key: key.clone(),
+                idempotency_key: k.to_string(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&a.user, msg.clone());
-                async move { c.top_up(req).await }
+            retry(within, &a.user, &msg, |r| async move {
+                c.clone().top_up(r).await
             })
             .await
-            .map(|p| print_payment(out, &p, Some(&key)))
+            .map(|p| print_payment(out, &p, Some(k)))
         }
         Cmd::Withdraw(a) => {
-            let key = a.key.unwrap_or_else(|| new_key("withdraw"));
+            let k: &str = key.insert(key_of(a.key, "withdraw"));
             let msg = proto::WithdrawRequest {
                 user_id: a.user.clone(),
                 amount: a.amount,
                 currency: a.currency,
-                idempotency_key: key.clone(),
+                idempotency_key: k.to_string(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&a.user, msg.clone());
-                async move { c.withdraw(req).await }
+            retry(within, &a.user, &msg, |r| async move {
+                c.clone().withdraw(r).await
             })
             .await
-            .map(|p| print_payment(out, &p, Some(&key)))
+            .map(|p| print_payment(out, &p, Some(k)))
         }
         Cmd::Transfer(a) => {
-            let key = a.key.unwrap_or_else(|| new_key("transfer"));
+            let k: &str = key.insert(key_of(a.key, "transfer"));
             let msg = proto::TransferRequest {
                 user_id: a.from.clone(),
                 to_user_id: a.to,
                 amount: a.amount,
                 currency: a.currency,
-                idempotency_key: key.clone(),
+                idempotency_key: k.to_string(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&a.from, msg.clone());
-                async move { c.transfer(req).await }
+            retry(within, &a.from, &msg, |r| async move {
+                c.clone().transfer(r).await
             })
             .await
-            .map(|p| print_payment(out, &p, Some(&key)))
+            .map(|p| print_payment(out, &p, Some(k)))
         }
         Cmd::Refund(a) => {
-            let key = a.key.unwrap_or_else(|| new_key("refund"));
+            let k: &str = key.insert(key_of(a.key, "refund"));
             let msg = proto::RefundRequest {
                 user_id: a.user.clone(),
                 payment_id: a.payment_id,
                 amount: a.amount,
-                idempotency_key: key.clone(),
+                idempotency_key: k.to_string(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&a.user, msg.clone());
-                async move { c.refund(req).await }
+            retry(within, &a.user, &msg, |r| async move {
+                c.clone().refund(r).await
             })
             .await
-            .map(|p| print_payment(out, &p, Some(&key)))
+            .map(|p| print_payment(out, &p, Some(k)))
         }
         Cmd::Balance { user } => {
             let msg = proto::GetBalanceRequest {
                 user_id: user.clone(),
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&user, msg.clone());
-                async move { c.get_balance(req).await }
+            retry(within, &user, &msg, |r| async move {
+                c.clone().get_balance(r).await
             })
             .await
             .map(|a| print_account(out, &a))
@@ -260,17 +322,15 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 eprintln!(
                     "error: payment id {payment_id:?} is malformed; payment ids look like alice:17"
                 );
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(EXIT_REFUSED));
             };
             let user = user.to_string();
             let msg = proto::GetPaymentRequest {
                 user_id: user.clone(),
                 payment_id,
             };
-            retry(|| {
-                let mut c = client.clone();
-                let req = request(&user, msg.clone());
-                async move { c.get_payment(req).await }
+            retry(within, &user, &msg, |r| async move {
+                c.clone().get_payment(r).await
             })
             .await
             .map(|p| print_payment(out, &p, None))
@@ -281,31 +341,96 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
                 after_seq: after,
                 limit,
             };
-            retry(|| { let mut c = client.clone(); let req = request(&user, msg.clone()); async move { c.list_entries(req).await } }).await.map(|r| {
-                match out {
-                    Output::Json => {
-                        let entries: Vec<_> = r
-                            .entries
-                            .iter()
-                            .map(|e| json!({"seq": e.seq, "payment_id": e.payment_id, "amount": e.amount, "balance_after": e.balance_after, "kind": kind_name(e.kind)}))
-                            .collect();
-                        println!("{}", json!({"entries": entries, "next_after_seq": r.next_after_seq}));
-                    }
-                    Output::Text => {
-                        for e in &r.entries {
-                            println!("{:>6} {:<24} {:>14} {:>14} {}", e.seq, e.payment_id, e.amount, e.balance_after, kind_name(e.kind));
-                        }
-                        if r.next_after_seq > 0 {
-                            println!("more: --after {}", r.next_after_seq);
-                        }
-                    }
-                }
+            retry(within, &user, &msg, |r| async move {
+                c.clone().list_entries(r).await
             })
+            .await
+            .map(|r| print_entries(out, &r))
         }
         _ => unreachable!("dispatched elsewhere"),
     };
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(s) => fail(&addr, s),
+        Err(s) => fail(&addr, s, key.as_deref()),
+    }
+}
+
+fn print_entries(out: Output, r: &proto::ListEntriesResponse) {
+    match out {
+        Output::Json => {
+            let entries: Vec<_> = r
+                .entries
+                .iter()
+                .map(|e| json!({"seq": e.seq, "payment_id": e.payment_id, "amount": e.amount, "balance_after": e.balance_after, "kind": kind_name(e.kind)}))
+                .collect();
+            println!(
+                "{}",
+                json!({"entries": entries, "next_after_seq": r.next_after_seq})
+            );
+        }
+        Output::Text => {
+            for e in &r.entries {
+                println!(
+                    "{:>6} {:<24} {:>14} {:>14} {}",
+                    e.seq,
+                    e.payment_id,
+                    e.amount,
+                    e.balance_after,
+                    kind_name(e.kind)
+                );
+            }
+            if r.next_after_seq > 0 {
+                println!("more: --after {}", r.next_after_seq);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_open_or_unapplied_outcomes_are_retried() {
+        use tonic::Code::*;
+        for c in [
+            Unavailable,
+            DeadlineExceeded,
+            Unknown,
+            Aborted,
+            ResourceExhausted,
+        ] {
+            assert!(retryable(c), "{c:?}");
+        }
+        for c in [
+            Ok,
+            Cancelled,
+            InvalidArgument,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            FailedPrecondition,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            DataLoss,
+            Unauthenticated,
+        ] {
+            assert!(!retryable(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        assert_eq!(backoff_ceiling(1), BACKOFF_BASE);
+        assert_eq!(backoff_ceiling(2), BACKOFF_BASE * 2);
+        assert_eq!(backoff_ceiling(3), BACKOFF_BASE * 4);
+        assert_eq!(backoff_ceiling(40), BACKOFF_CAP);
+        assert_eq!(backoff_ceiling(u32::MAX), BACKOFF_CAP);
+        let total: Duration = (1..ATTEMPTS_MAX).map(backoff_ceiling).sum();
+        assert!(
+            total < RETRY_DEADLINE,
+            "the attempts fit the deadline: {total:?}"
+        );
     }
 }

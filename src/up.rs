@@ -38,6 +38,8 @@ use crate::cli::{CellServeArgs, Global, RouterServeArgs, TableSource, UpArgs};
 /// Where `ldc up` listens, and where clients look when nothing else is said.
 pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest the controller waits for a SIGKILLed process to be gone.
+const KILL_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Runs a blocking store closure off the async threads.
 pub async fn blocking<T: Send + 'static>(
@@ -141,12 +143,24 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         transport,
     };
     let mut rx = stop_rx;
-    ldc_cell::serve(cfg, listener, registry, async move {
+    match ldc_cell::serve(cfg, listener, registry, async move {
         let _ = rx.wait_for(|s| *s).await;
     })
-    .await?;
-    Ok(ExitCode::SUCCESS)
+    .await
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e @ ldc_cell::ServeError::FailStop(_)) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(EXIT_FAIL_STOP))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
+
+/// Exit code of a cell process that stopped on a storage fault or a writer panic
+/// (fail-stop): its supervisor restarts it, and `ldc up` restarts every cell process that
+/// shares its store file (they may have synced through the same failed file).
+pub const EXIT_FAIL_STOP: u8 = 75;
 
 /// `ldc router serve`: a router fed by the store (polled) or the operator's ConfigMap.
 pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
@@ -389,6 +403,20 @@ impl Proc {
         }
     }
 
+    /// SIGKILLs the process, waits for it to be gone (bounded) and schedules its restart.
+    async fn kill_for_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            if tokio::time::timeout(KILL_WAIT_MAX, c.wait()).await.is_err() {
+                eprintln!(
+                    "{} (pid {}) did not exit after SIGKILL within {KILL_WAIT_MAX:?}",
+                    self.name, self.pid
+                );
+            }
+            self.restart_at = Some(Instant::now() + Duration::from_millis(500));
+        }
+    }
+
     /// Whether the process is running (it may still fail its health checks).
     fn running(&self) -> bool {
         self.child.is_some() && self.restart_at.is_none()
@@ -402,6 +430,17 @@ impl Proc {
             vec![]
         }
     }
+}
+
+/// The pid of a cell process that holds the embedded store's write lock while failing its
+/// health checks: every other writer waits for it, so their failed checks are its doing.
+fn stuck_lock_holder(store: &std::path::Path, cells: &[Cell]) -> Option<u32> {
+    let holder = ldc_store::sqlite::SqliteStore::write_lock_holder(store).ok()??;
+    cells
+        .iter()
+        .flat_map(|c| [&c.blue, &c.green])
+        .any(|p| p.pid == holder && p.child.is_some() && p.failures > 0)
+        .then_some(holder)
 }
 
 /// One cell: its blue and green processes and its health as the controller judges it.
@@ -594,6 +633,9 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     }
     let spec = g.store_spec();
     let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    // Every cell process writes the one embedded store file (see the fail-stop rule below).
+    let shared_file = store.engine() == "sqlite";
+    let store_path = std::path::PathBuf::from(g.store_spec());
     let (topo, serving) = default_topology(a.regions, a.cells_per_region, a.shards);
     let (created, topo) = {
         let store = store.clone();
@@ -749,7 +791,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             Err(e) => eprintln!("cannot read the routing table's weights: {e:#}"),
         }
         let mut changed = false;
+        let mut fail_stopped = false;
         let mut to_fail = Vec::new();
+        let stuck_holder = if shared_file {
+            stuck_lock_holder(&store_path, &cells)
+        } else {
+            None
+        };
         for cell in cells.iter_mut() {
             let id = cell.id.clone();
             for (colour, p) in cell.procs_mut() {
@@ -787,12 +835,20 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                     }
                     continue;
                 }
+                let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let exited = status.is_some();
+                if !exited && p.healthy && stuck_holder.is_some_and(|h| h != p.pid) {
+                    // It waits for the store lock a failing process holds: not its fault,
+                    // and it recovers once that process is fenced (killed).
+                    p.failures = 0;
+                    p.failing_since = None;
+                    continue;
+                }
                 p.failures += 1;
                 p.failing_since.get_or_insert_with(Instant::now);
-                let exited = p
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if status.and_then(|s| s.code()) == Some(i32::from(EXIT_FAIL_STOP)) {
+                    fail_stopped = true;
+                }
                 if p.healthy && (p.failures >= a.failure_threshold || exited) {
                     p.healthy = false;
                     changed = true;
@@ -827,6 +883,35 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                         crate::traffic::fmt_pct(w)
                     );
                     to_fail.push(cell.id.clone());
+                }
+            }
+        }
+        if fail_stopped && shared_file {
+            // The failed process may have synced the one store file every cell shares: no
+            // other process may acknowledge anything more before recovery from disk.
+            eprintln!(
+                "a cell stopped on a storage fault: restarting every cell process on the shared store"
+            );
+            for cell in cells.iter_mut() {
+                for (_, p) in cell.procs_mut() {
+                    p.kill_for_restart().await;
+                }
+            }
+            changed = true;
+        }
+        for cell in &to_fail {
+            // Fence by force: a process that is running but makes no progress (stopped,
+            // hung) is killed before its shards move, so it cannot write after the move
+            // and holds no store lock the move needs.
+            if let Some(c) = cells.iter_mut().find(|c| &c.id == cell) {
+                for (colour, p) in c.procs_mut() {
+                    if !p.healthy && p.child.is_some() {
+                        eprintln!(
+                            "cell {cell} {colour} is stuck (pid {}): killing it before its shards move",
+                            p.pid
+                        );
+                        p.kill_for_restart().await;
+                    }
                 }
             }
         }

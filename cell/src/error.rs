@@ -100,7 +100,8 @@ impl PaymentError {
             Moved { .. } | ShuttingDown => Code::Unavailable,
             Overloaded => Code::ResourceExhausted,
             Store(e) if e.is_retryable() => Code::Unavailable,
-            Store(StoreError::Undetermined(_)) => Code::Unknown,
+            Store(StoreError::Undetermined(_) | StoreError::Io(_)) => Code::Unknown,
+            Store(StoreError::Full(_)) => Code::ResourceExhausted,
             Store(_) | Corrupt(_) => Code::Internal,
         }
     }
@@ -135,7 +136,9 @@ impl From<PaymentError> for Status {
         if let PaymentError::Store(se) = &e {
             if se.is_retryable() {
                 msg.push_str("; nothing was applied, retry with the same idempotency key");
-            } else if matches!(se, StoreError::Undetermined(_)) {
+            } else if matches!(se, StoreError::Full(_)) {
+                msg.push_str("; nothing was applied, retry with the same idempotency key once the disk has room");
+            } else if matches!(se, StoreError::Undetermined(_) | StoreError::Io(_)) {
                 msg.push_str("; retry with the same idempotency key to learn the outcome");
             }
         }

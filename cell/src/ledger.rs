@@ -203,6 +203,8 @@ pub enum Outcome {
     Payment(proto::Payment),
     Delivered(proto::DeliverResponse),
     Settled,
+    /// A writer heartbeat went through a commit and its sync (see `Writer::heartbeat`).
+    Heartbeat,
 }
 
 /// Facts about the serving cell the ledger needs.

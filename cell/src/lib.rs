@@ -17,6 +17,7 @@
 pub mod control;
 pub mod error;
 pub mod gate;
+pub mod health;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ldc_core::proto::{cell_relay_server::CellRelayServer, payments_server::PaymentsServer};
 use ldc_security::tls::Reloading;
@@ -73,7 +75,15 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("store: {0}")]
     Store(#[from] ldc_store::StoreError),
+    /// The writer raised its fail-stop alarm: the process must leave so its supervisor
+    /// restarts it and recovery runs from what is on disk.
+    #[error("fail-stop: {0}; exiting so that a restart recovers from what is on disk")]
+    FailStop(String),
 }
+
+/// Longest a fail-stopped cell waits for in-flight calls (all already answered "outcome
+/// unknown") before it leaves.
+const FAIL_STOP_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Serves the payment API (plus gRPC health and reflection) on `listener` until `shutdown`
 /// resolves, then drains in-flight requests and stops the writer.
@@ -135,12 +145,25 @@ pub async fn serve(
             },
         ))
     });
-    drop(writer);
-
+    let alarm = writer.alarm().clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<PaymentsServer<service::CellService>>()
-        .await;
+    let health = tokio::spawn(health::run(
+        writer.clone(),
+        health_reporter.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    drop(writer);
+    // Stop serving on the shutdown signal, or at once on a fail-stop alarm.
+    let shutdown = {
+        let (alarm, reporter) = (alarm.clone(), health_reporter.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = alarm.wait() => health::set(&reporter, false).await,
+            }
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ldc_core::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -169,13 +192,16 @@ pub async fn serve(
             svc.clone(),
             gate("ldc.v1.CellRelay", gate::cells, "cells"),
         ));
-    let result = match &cfg.transport {
+    let _reload = match &cfg.transport {
         Transport::MutualTls { server, client } => {
-            let _reload = (AbortOnDrop(server.watch()), AbortOnDrop(client.watch()));
+            Some((AbortOnDrop(server.watch()), AbortOnDrop(client.watch())))
+        }
+        Transport::Insecure => None,
+    };
+    let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &cfg.transport {
+        Transport::MutualTls { server, .. } => {
             let incoming = ldc_security::net::incoming(listener, server.clone());
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
+            Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
         Transport::Insecure => {
             // With our own listener tonic applies no socket options: turn Nagle off
@@ -192,18 +218,25 @@ pub async fn serve(
                     conn
                 },
             );
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
+            Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };
+    // A fail-stopped cell drains for a bounded time only: its callers were answered.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async { alarm.wait().await; tokio::time::sleep(FAIL_STOP_DRAIN_MAX).await } => Ok(()),
+    };
     let _ = stop_tx.send(true);
+    let _ = health.await;
     if let Some(r) = relay {
         let _ = r.await;
     }
     drop(svc);
     // The writer stops once its last handle is gone; wait so every commit is answered.
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    if alarm.raised() {
+        return Err(ServeError::FailStop(alarm.wait().await));
+    }
     result?;
     Ok(())
 }

@@ -2,15 +2,18 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Every metric a cell exports. Cheap to clone (handles).
 #[derive(Clone)]
@@ -30,6 +33,8 @@ pub struct CellMetrics {
     /// Calls refused before their handler because of who made them.
     pub refused_peers: IntCounterVec,
     pub owned_shards: IntGauge,
+    /// Seconds since a batch last became durable (the readiness signal, see `health`).
+    pub writer_stalled_seconds: prometheus::Gauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -126,6 +131,11 @@ impl CellMetrics {
                 "Shards this cell owns",
             )))
             .unwrap(),
+            writer_stalled_seconds: prometheus::Gauge::with_opts(c(Opts::new(
+                "ldc_cell_writer_stalled_seconds",
+                "Seconds since the writer last made a batch durable (heartbeats included); the cell is not ready past 3",
+            )))
+            .unwrap(),
         };
         registry.register(Box::new(m.requests.clone())).unwrap();
         registry.register(Box::new(m.latency.clone())).unwrap();
@@ -154,6 +164,9 @@ impl CellMetrics {
             .register(Box::new(m.refused_peers.clone()))
             .unwrap();
         registry.register(Box::new(m.owned_shards.clone())).unwrap();
+        registry
+            .register(Box::new(m.writer_stalled_seconds.clone()))
+            .unwrap();
         m
     }
 }
@@ -167,28 +180,44 @@ pub fn render(registry: &Registry) -> String {
     buf
 }
 
-/// Serves `GET /metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
+/// Most connections the metrics server serves at once (scrapers and probes are few).
+const METRICS_CONNECTIONS_MAX: usize = 64;
+/// Longest a metrics connection may take to send its request headers.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest failpoint action list accepted (`PUT /fail/NAME`).
+const FAILPOINT_BODY_BYTES_MAX: usize = 256;
+
+/// Serves `GET /metrics` (and `/healthz`) on `listener` until `shutdown` resolves. Test
+/// builds also take `PUT /fail/NAME` (body: the actions) and `DELETE /fail/NAME` to set the
+/// store's failpoints (`ldc_store::failpoints`); other builds answer 404.
 pub async fn serve_metrics(
     listener: TcpListener,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) {
+    let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => return,
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    ldc_security::net::accept_failed("cell-metrics", &e).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue; // dropped: a flood of scrapers must not cost memory
         };
         let registry = registry.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let registry = registry.clone();
                 async move {
-                    let (status, body) = match req.uri().path() {
-                        "/metrics" => (200, render(&registry)),
-                        "/healthz" => (200, "ok\n".to_string()),
-                        _ => (404, "not found; try /metrics\n".to_string()),
-                    };
+                    let (status, body) = route(&registry, req).await;
                     Ok::<_, Infallible>(
                         Response::builder()
                             .status(status)
@@ -198,9 +227,51 @@ pub async fn serve_metrics(
                     )
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+async fn route(registry: &Registry, req: Request<Incoming>) -> (u16, String) {
+    let path = req.uri().path().to_string();
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/metrics") => (200, render(registry)),
+        ("GET", "/healthz") => (200, "ok\n".to_string()),
+        (m @ ("PUT" | "DELETE"), p) if p.starts_with("/fail/") => {
+            failpoint(m == "PUT", &p["/fail/".len()..], req.into_body()).await
+        }
+        _ => (404, "not found; try /metrics\n".to_string()),
+    }
+}
+
+/// `PUT /fail/NAME` with the actions as body, or `DELETE /fail/NAME`.
+async fn failpoint(set: bool, name: &str, body: Incoming) -> (u16, String) {
+    use ldc_store::failpoints::{self, FailpointError};
+    if !failpoints::enabled() {
+        return (404, "this build has no failpoints\n".into());
+    }
+    let r = if set {
+        let limited = http_body_util::Limited::new(body, FAILPOINT_BODY_BYTES_MAX);
+        let actions = match http_body_util::BodyExt::collect(limited).await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+            Err(_) => {
+                return (
+                    400,
+                    format!("failpoint actions are at most {FAILPOINT_BODY_BYTES_MAX} bytes\n"),
+                );
+            }
+        };
+        failpoints::configure(name, &actions)
+    } else {
+        failpoints::remove(name)
+    };
+    match r {
+        Ok(()) => (200, "ok\n".into()),
+        Err(e @ FailpointError::Disabled) => (404, format!("{e}\n")),
+        Err(e) => (400, format!("{e}\n")),
     }
 }

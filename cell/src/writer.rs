@@ -27,6 +27,13 @@
 //! A store error that may leave the transaction unusable (or a commit conflict) aborts the
 //! whole batch; it is retried a bounded number of times, and callers then get a retryable
 //! error. Because every mutating command is idempotent, a retry by the client is safe.
+//!
+//! Fail-stop: a failed sync, a disk error on commit ([`StoreError::Io`]) or a panic of the
+//! writer or a syncer raises the [`Alarm`]: every pending caller is answered "outcome
+//! unknown" and the process is expected to leave (`serve` turns NOT_SERVING and returns an
+//! error), so its supervisor restarts it and recovery runs from what is on disk. A process
+//! is never left half-alive. A full disk is not a fault: the batch is refused with nothing
+//! written and payments resume when space returns.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +61,8 @@ type Answer = Result<(Outcome, u64), PaymentError>;
 type Reply = oneshot::Sender<Answer>;
 
 struct Job {
-    cmd: Command,
+    /// `None`: a heartbeat, which writes nothing but commits and syncs like any batch.
+    cmd: Option<Command>,
     reply: Reply,
 }
 
@@ -76,6 +84,87 @@ pub struct Writer {
     committing: Arc<AtomicU64>,
     /// Sequence number of the last batch known durable ([`POISONED`] after a failed sync).
     durable: watch::Receiver<u64>,
+    alarm: Alarm,
+    busy: Busy,
+}
+
+/// When the writer's current batch began (from execution through its hand-off to the
+/// syncers), for the progress-based health (`health`): a writer stuck in a commit, a
+/// held store lock or a full sync queue shows as one batch growing old.
+#[derive(Clone)]
+struct Busy {
+    origin: Instant,
+    /// Microseconds since `origin` when the current batch began, plus one; 0: idle.
+    since_us: Arc<AtomicU64>,
+}
+
+impl Busy {
+    fn begin(&self) {
+        let us = self.origin.elapsed().as_micros() as u64 + 1;
+        self.since_us.store(us, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.since_us.store(0, Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Option<Duration> {
+        match self.since_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(us - 1)),
+            ),
+        }
+    }
+}
+
+/// Why this process must stop writing and leave (fail-stop), raised once by whichever
+/// thread sees the fault first.
+#[derive(Clone)]
+pub struct Alarm(Arc<watch::Sender<Option<String>>>);
+
+impl Alarm {
+    fn new() -> Alarm {
+        Alarm(Arc::new(watch::channel(None).0))
+    }
+
+    /// Raises the alarm (the first reason is kept).
+    pub fn raise(&self, why: String) {
+        self.0.send_if_modified(|v| {
+            if v.is_some() {
+                return false;
+            }
+            tracing::error!(reason = %why, "fail-stop: this cell process accepts no more writes and leaves");
+            *v = Some(why);
+            true
+        });
+    }
+
+    pub fn raised(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
+    /// Resolves with the reason once the alarm is raised.
+    pub async fn wait(&self) -> String {
+        let mut rx = self.0.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => String::new(), // unreachable while `self` holds the sender
+        }
+    }
+}
+
+/// Raises the alarm if the thread holding it unwinds from a panic.
+struct PanicAlarm(Alarm, &'static str);
+
+impl Drop for PanicAlarm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.raise(format!("the {} thread panicked", self.1));
+        }
+    }
 }
 
 pub struct WriterConfig {
@@ -99,26 +188,48 @@ impl Writer {
         let (durable_tx, durable) = watch::channel(0);
         let queue = Arc::new(SyncQueue::new());
         let durable_tx = Arc::new(durable_tx);
+        let alarm = Alarm::new();
         let syncers: Vec<_> = (0..SYNCS_IN_FLIGHT_MAX)
             .map(|i| {
-                let (store, metrics, queue, durable_tx, outbox) = (
+                let (store, metrics, queue, durable_tx, outbox, alarm) = (
                     store.clone(),
                     metrics.clone(),
                     queue.clone(),
                     durable_tx.clone(),
                     outbox.clone(),
+                    alarm.clone(),
                 );
                 std::thread::Builder::new()
                     .name(format!("syncer-{}-{i}", cfg.cell))
-                    .spawn(move || run_syncer(&queue, &*store, &durable_tx, &metrics, &outbox))
+                    .spawn(move || {
+                        let _panic = PanicAlarm(alarm.clone(), "syncer");
+                        run_syncer(&queue, &*store, &durable_tx, &metrics, &outbox, &alarm)
+                    })
                     .expect("spawn syncer thread")
             })
             .collect();
         let seq = committing.clone();
+        let writer_alarm = alarm.clone();
+        let busy = Busy {
+            origin: Instant::now(),
+            since_us: Arc::default(),
+        };
+        let writer_busy = busy.clone();
         let handle = std::thread::Builder::new()
             .name(format!("writer-{}", cfg.cell))
             .spawn(move || {
-                run(rx, store, cfg, metrics, seq, &queue);
+                let panic = PanicAlarm(writer_alarm.clone(), "writer");
+                let shared = WriterShared {
+                    committing: &seq,
+                    queue: &queue,
+                    alarm: &writer_alarm,
+                    busy: &writer_busy,
+                };
+                run(rx, store, cfg, metrics, shared);
+                if writer_alarm.raised() {
+                    queue.poison(&durable_tx);
+                }
+                drop(panic);
                 // The writer stopped: the syncers answer what is left and stop.
                 queue.close();
                 for s in syncers {
@@ -131,6 +242,8 @@ impl Writer {
                 tx,
                 committing,
                 durable,
+                alarm,
+                busy,
             },
             handle,
         )
@@ -149,9 +262,29 @@ impl Writer {
         }
     }
 
+    /// How long the batch the writer is working on has taken so far (`None`: idle).
+    pub fn batch_age(&self) -> Option<Duration> {
+        self.busy.age()
+    }
+
+    /// The fail-stop alarm of this writer (see the module docs).
+    pub fn alarm(&self) -> &Alarm {
+        &self.alarm
+    }
+
     /// Submits a validated command; resolves once it is durably committed (or refused).
     /// Returns the outcome and the shard epoch it was served at.
     pub async fn submit(&self, cmd: Command) -> Answer {
+        self.send(Some(cmd)).await
+    }
+
+    /// Sends a heartbeat through the writer: it resolves once a batch holding it has
+    /// committed and synced, so its round trip is the writer's progress (`health`).
+    pub async fn heartbeat(&self) -> Result<(), PaymentError> {
+        self.send(None).await.map(|_| ())
+    }
+
+    async fn send(&self, cmd: Option<Command>) -> Answer {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { cmd, reply }) {
             Ok(()) => {}
@@ -183,14 +316,27 @@ struct Committed {
     queued_outbox: bool,
 }
 
+/// What the writer thread shares with [`Writer`] handles and the syncers.
+struct WriterShared<'a> {
+    committing: &'a AtomicU64,
+    queue: &'a SyncQueue,
+    alarm: &'a Alarm,
+    busy: &'a Busy,
+}
+
 fn run(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn Store>,
     cfg: WriterConfig,
     metrics: CellMetrics,
-    committing: Arc<AtomicU64>,
-    queue: &SyncQueue,
+    shared: WriterShared<'_>,
 ) {
+    let WriterShared {
+        committing,
+        queue,
+        alarm,
+        busy,
+    } = shared;
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_max);
     let mut seq = 0u64;
     while let Some(first) = rx.blocking_recv() {
@@ -201,12 +347,23 @@ fn run(
                 Err(_) => break,
             }
         }
+        if alarm.raised() {
+            // Fail-stop: commit nothing more; these callers' payments were not applied.
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(PaymentError::ShuttingDown));
+            }
+            break;
+        }
+        busy.begin();
         metrics.batch_size.observe(batch.len() as f64);
         let started = Instant::now();
         seq += 1;
         // Before the commit: a reader that can see this batch must wait for its sync.
         committing.store(seq, Ordering::SeqCst);
         let results = process(&*store, &cfg, &mut batch, &metrics);
+        if let Some(Err(PaymentError::Store(e @ StoreError::Io(_)))) = results.first() {
+            alarm.raise(format!("a commit failed at the disk: {e}"));
+        }
         metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -216,7 +373,10 @@ fn run(
             .zip(results)
             .map(|(job, result)| {
                 if result.is_ok()
-                    && matches!(job.cmd, Command::Transfer { .. } | Command::Refund { .. })
+                    && matches!(
+                        job.cmd,
+                        Some(Command::Transfer { .. } | Command::Refund { .. })
+                    )
                 {
                     queued_outbox = true;
                 }
@@ -230,6 +390,10 @@ fn run(
             replies,
             queued_outbox,
         });
+        busy.end();
+        if alarm.raised() {
+            break; // fail-stop: `Writer::start`'s thread refuses what is pending
+        }
     }
     tracing::info!(cell = %cfg.cell, "writer stopped");
 }
@@ -315,6 +479,19 @@ impl SyncQueue {
         self.work.notify_one();
     }
 
+    /// Fail-stop: refuses every pending batch and all later ones, and tells readers that
+    /// nothing is durable any more.
+    fn poison(&self, durable: &watch::Sender<u64>) {
+        let refused: Vec<_> = {
+            let mut s = lock(&self.state);
+            s.poisoned = true;
+            s.pending.drain(..).collect()
+        };
+        durable.send_replace(POISONED);
+        self.room.notify_all();
+        refuse_all(refused);
+    }
+
     /// The writer stopped: syncers finish what is committed and exit.
     fn close(&self) {
         lock(&self.state).closed = true;
@@ -330,6 +507,7 @@ fn run_syncer(
     durable: &watch::Sender<u64>,
     metrics: &CellMetrics,
     outbox: &Notify,
+    alarm: &Alarm,
 ) {
     loop {
         let (ticket, cover) = {
@@ -378,7 +556,7 @@ fn run_syncer(
                     Ok(()) => {}
                     Err(e) => {
                         if !s.poisoned {
-                            tracing::error!(error = %e, "store sync failed; refusing all further writes");
+                            alarm.raise(format!("a store sync failed: {e}"));
                         }
                         s.poisoned = true;
                         durable.send_replace(POISONED);
@@ -429,7 +607,7 @@ fn process(
                 tracing::error!(error = %e, "batch failed");
                 return batch
                     .iter()
-                    .map(|_| Err(PaymentError::Store(clone_store_err(&e))))
+                    .map(|_| Err(PaymentError::Store(e.clone())))
                     .collect();
             }
             Err(Abort::Fatal(e)) => {
@@ -445,18 +623,8 @@ fn process(
     let e = last.expect("at least one attempt");
     batch
         .iter()
-        .map(|_| Err(PaymentError::Store(clone_store_err(&e))))
+        .map(|_| Err(PaymentError::Store(e.clone())))
         .collect()
-}
-
-fn clone_store_err(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Conflict => StoreError::Conflict,
-        StoreError::Busy(s) => StoreError::Busy(s.clone()),
-        StoreError::Backend(s) => StoreError::Backend(s.clone()),
-        StoreError::Undetermined(s) => StoreError::Undetermined(s.clone()),
-        StoreError::Config(s) => StoreError::Config(s.clone()),
-    }
 }
 
 fn attempt_batch(
@@ -479,7 +647,11 @@ fn attempt_batch(
     let mut fences: HashMap<u32, Result<u64, (String, u64)>> = HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let shard = job.cmd.shard(cfg.shard_count);
+        let Some(cmd) = &job.cmd else {
+            results.push(Ok((Outcome::Heartbeat, 0)));
+            continue;
+        };
+        let shard = cmd.shard(cfg.shard_count);
         let fenced = match fences.get(&shard) {
             Some(f) => f.clone(),
             None => {
@@ -505,7 +677,7 @@ fn attempt_batch(
             }
         };
         let mut ov = Overlay::new(&mut batch_buf);
-        match ledger::execute(&mut ov, &ctx, epoch, &job.cmd) {
+        match ledger::execute(&mut ov, &ctx, epoch, cmd) {
             Ok(outcome) => {
                 ov.merge().map_err(Abort::Store)?;
                 results.push(Ok((outcome, epoch)));
@@ -643,12 +815,19 @@ mod tests {
             "{e:?}"
         );
         assert!(w.wait_durable().await.is_err());
-        // Even with the disk back, this process confirms nothing more.
+        assert!(w.alarm().raised(), "a failed sync is a fail-stop");
+        assert!(w.alarm().wait().await.contains("sync failed"));
+        // Even with the disk back, this process confirms nothing more (and commits
+        // nothing: the writer has stopped).
         store.fail.store(false, Ordering::SeqCst);
         let e = w.submit(open("carol")).await.unwrap_err();
-        assert!(
-            matches!(e, PaymentError::Store(StoreError::Undetermined(_))),
-            "{e:?}"
+        assert!(matches!(e, PaymentError::ShuttingDown), "{e:?}");
+        let mut t = store.begin_read().unwrap();
+        let carol = crate::keys::account(ldc_core::shard::shard_of("carol", 4), "carol");
+        assert_eq!(
+            t.get(&carol).unwrap(),
+            None,
+            "nothing committed after the alarm"
         );
     }
 

@@ -118,9 +118,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ldc_security::net::accept_failed("router", &e).await;
                     continue;
                 }
             },
@@ -218,8 +216,7 @@ async fn serve_admin(listener: TcpListener, s: Arc<Shared>, mut stop: watch::Rec
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                ldc_security::net::accept_failed("router-admin", &e).await;
                 continue;
             }
         };

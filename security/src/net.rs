@@ -108,6 +108,16 @@ pub async fn accept(
     }
 }
 
+/// Pause of an accept loop after a failed accept (out of file descriptors, mostly), so it
+/// backs off instead of spinning on an error that only time clears.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every accept loop does when `accept` fails: log it and back off.
+pub async fn accept_failed(listener: &str, e: &io::Error) {
+    tracing::warn!(listener, error = %e, "accept failed; backing off");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 /// Accepts TCP connections on `listener`, completes their TLS handshakes off the accept
 /// loop and yields the authenticated connections (for tonic's `serve_with_incoming`).
 /// The accept task ends when the stream is dropped.
@@ -126,8 +136,7 @@ pub fn incoming(
             let (tcp, addr) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed("tls", &e).await;
                     continue;
                 }
             };

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod failpoints;
 pub mod overlay;
 pub mod sqlite;
 #[cfg(feature = "tikv")]
@@ -34,7 +35,7 @@ pub const SCAN_LIMIT_MAX: usize = 10_000;
 
 /// Store failures. `Conflict` and `Busy` mean nothing was committed and the whole
 /// transaction may be retried.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     #[error("write conflict: another transaction changed a key this one read for update; retry")]
     Conflict,
@@ -46,6 +47,14 @@ pub enum StoreError {
     Undetermined(String),
     #[error("invalid store configuration: {0}")]
     Config(String),
+    /// The disk is full: nothing of the transaction was written; retry once space returns.
+    #[error("the store's disk is full: {0}")]
+    Full(String),
+    /// A write or sync failed at the disk. What a failed write or fsync leaves behind is not
+    /// knowable in this process (the kernel may have dropped the pages), so a writer that
+    /// sees it stops and its process leaves, to recover from what is really on disk.
+    #[error("the store's disk failed: {0}")]
+    Io(String),
 }
 
 impl StoreError {
@@ -62,6 +71,8 @@ impl StoreError {
             StoreError::Backend(_) => "backend",
             StoreError::Undetermined(_) => "undetermined",
             StoreError::Config(_) => "config",
+            StoreError::Full(_) => "disk_full",
+            StoreError::Io(_) => "io",
         }
     }
 }

@@ -20,6 +20,8 @@ use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
 
 /// How long a writer waits for another process's write lock before giving up with `Busy`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Offset of SQLite's WAL write lock in the `-shm` file (see `write_lock_holder`).
+const WAL_WRITE_LOCK_BYTE: i64 = 120;
 /// WAL size (pages) at which a committing writer checkpoints itself.
 /// Under steady writes the background PASSIVE checkpoints never let the WAL restart (new
 /// frames keep arriving), so this inline checkpoint is what bounds the WAL; each one stalls
@@ -71,6 +73,12 @@ fn map_err(e: rusqlite::Error) -> StoreError {
         {
             StoreError::Busy(e.to_string())
         }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
+            StoreError::Full(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::SystemIoFailure => {
+            StoreError::Io(e.to_string())
+        }
         _ => StoreError::Backend(e.to_string()),
     }
 }
@@ -113,6 +121,36 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Config(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(store)
+    }
+
+    /// The process holding the write lock of the store file at `path`, if another process
+    /// holds it: what a supervisor asks before it kills a stuck writer (fencing by force).
+    ///
+    /// In WAL mode SQLite takes its write lock as a POSIX record lock on byte 120 of the
+    /// `-shm` file (`WAL_WRITE_LOCK`, part of SQLite's documented WAL-index format, stable
+    /// across versions because processes of different versions must share it); `F_GETLK`
+    /// names the holder. Locks of the calling process are not reported.
+    pub fn write_lock_holder(path: &Path) -> std::io::Result<Option<u32>> {
+        let mut shm = path.as_os_str().to_os_string();
+        shm.push("-shm");
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&shm)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut lk = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as _,
+            l_whence: nix::libc::SEEK_SET as _,
+            l_start: WAL_WRITE_LOCK_BYTE,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETLK(&mut lk))?;
+        Ok((i32::from(lk.l_type) != nix::libc::F_UNLCK).then_some(lk.l_pid as u32))
     }
 
     /// The file this store lives in.
@@ -202,13 +240,14 @@ const SYNC_NORMAL: &str = "PRAGMA synchronous=NORMAL";
 
 impl SqliteStore {
     fn sync_wal(&self) -> Result<()> {
+        crate::failpoints::hit(crate::failpoints::SYNC)?;
         // An fsync on any descriptor of the WAL flushes every frame written to it before the
         // call, whoever wrote it. A missing WAL was fully checkpointed (synced) and removed
         // by the last connection that closed: there is nothing left to sync.
         match std::fs::File::open(self.wal_path()) {
             Ok(f) => f
                 .sync_all()
-                .map_err(|e| StoreError::Undetermined(format!("fsync of the WAL failed: {e}"))),
+                .map_err(|e| StoreError::Io(format!("fsync of the WAL failed: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::Undetermined(format!(
                 "cannot open the WAL to sync it: {e}"
@@ -336,6 +375,9 @@ impl Kv for SqliteTxn {
 
 impl Txn for SqliteTxn {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.write {
+            crate::failpoints::hit(crate::failpoints::COMMIT)?;
+        }
         self.finish("COMMIT")?;
         if self.write {
             self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -360,6 +402,57 @@ impl Drop for SqliteTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Child side of `the_write_lock_holder_is_named`: holds the write lock of the store
+    /// named by `LDC_TEST_HOLD` until killed (run only as that test's child process).
+    #[test]
+    #[ignore = "a helper process of the_write_lock_holder_is_named"]
+    fn hold_the_write_lock() {
+        let path = std::env::var("LDC_TEST_HOLD").expect("run by the_write_lock_holder_is_named");
+        let store = SqliteStore::open(Path::new(&path)).unwrap();
+        let mut t = store.begin().unwrap();
+        t.put(b"k", b"v").unwrap();
+        std::fs::write(format!("{path}.held"), b"").unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_write_lock_holder_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+        // Our own lock is not reported (only another process can be stuck holding it).
+        let t = store.begin().unwrap();
+        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+        t.rollback().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sqlite::tests::hold_the_write_lock",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("LDC_TEST_HOLD", &path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let held = dir.path().join("s.db.held");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !held.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let holder = SqliteStore::write_lock_holder(&path).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(holder, Some(child.id()));
+        // The kernel releases it with the process.
+        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+    }
 
     fn synchronous(conn: &Connection) -> i64 {
         conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
