@@ -122,9 +122,11 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
     let transport = crate::security::cell_transport(g, &a.cell, &registry)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut m_rx = stop_rx.clone();
+    let readiness = ldc_cell::health::Readiness::default();
     tokio::spawn(ldc_cell::metrics::serve_metrics(
         metrics_listener,
         registry.clone(),
+        Some(readiness.clone()),
         async move {
             let _ = m_rx.wait_for(|s| *s).await;
         },
@@ -141,6 +143,7 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         queue_max: a.queue_max,
         batch_max: a.batch_max,
         transport,
+        readiness,
     };
     let mut rx = stop_rx;
     match ldc_cell::serve(cfg, listener, registry, async move {
@@ -734,6 +737,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     tokio::spawn(ldc_cell::metrics::serve_metrics(
         metrics_listener,
         registry.clone(),
+        None,
         async move {
             let _ = metrics_stop_rx.await;
         },

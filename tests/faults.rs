@@ -13,21 +13,34 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Sets failpoint `name` of the cell process whose metrics port is `metrics` (test builds
-/// of `ldc` serve `PUT /fail/NAME` there).
-async fn set_failpoint(metrics: &str, name: &str, actions: &str) {
-    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+/// One HTTP/1.1 request to a cell's metrics port; returns the status line and body.
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "PUT /fail/{name} HTTP/1.1\r\nHost: {metrics}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{actions}",
-        actions.len()
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp))
         .await
-        .expect("the failpoint endpoint answers")
+        .unwrap_or_else(|_| panic!("{method} http://{addr}{path} timed out"))
         .unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "PUT /fail/{name}: {resp}");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// Sets failpoint `name` of the cell process whose metrics port is `metrics` (test builds
+/// of `ldc` serve `PUT /fail/NAME` there).
+async fn set_failpoint(metrics: &str, name: &str, actions: &str) {
+    let (status, body) = http(metrics, "PUT", &format!("/fail/{name}"), actions).await;
+    assert!(
+        status.contains(" 200 "),
+        "PUT /fail/{name}: {status} {body}"
+    );
 }
 
 /// Users of the test, and those whose shards `cell` owns.
@@ -353,5 +366,94 @@ async fn a_hung_writer_is_detected_fenced_and_failed_over() {
         Some(r.max),
         0,
         0,
+    );
+}
+
+/// Readiness follows the writer, not the port: with its commit paused (failpoint `pause`)
+/// the cell still answers HTTP and gRPC, but `/readyz` says 503 and gRPC health
+/// NOT_SERVING within the stall window; released, it is ready again. (The controller is
+/// told not to act: this test is about what the cell reports.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_writer_progress_not_the_open_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ldc");
+    let platform = Platform::start(&data, &["--failure-threshold", "1000000"]);
+    let cell = platform.cell("r1-a");
+    let metrics = cell["metrics"][0].as_str().unwrap().to_string();
+    let grpc = cell["endpoints"]["blue"][0].as_str().unwrap().to_string();
+    assert_eq!(
+        http(&metrics, "GET", "/readyz", "").await.0,
+        "HTTP/1.1 200 OK"
+    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel_as(
+        &data,
+        &grpc,
+        ldc_security::platform::CONTROLLER,
+    ));
+    let status = |h: &mut tonic_health::pb::health_client::HealthClient<_>| {
+        let mut h = h.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    assert_eq!(status(&mut health).await, 1, "SERVING");
+
+    set_failpoint(&metrics, "store::commit", "pause").await;
+    let t0 = Instant::now();
+    loop {
+        let (line, body) = http(&metrics, "GET", "/readyz", "").await;
+        if line.contains(" 503 ") {
+            assert!(body.contains("no progress"), "{body}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still ready with a paused writer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let not_ready_after = t0.elapsed();
+    assert_eq!(
+        status(&mut health).await,
+        2,
+        "NOT_SERVING, and the port still answers"
+    );
+    let m = http(&metrics, "GET", "/metrics", "").await.1;
+    assert!(
+        counter(&m, "ldc_cell_writer_stalled_seconds", &[]) >= 3.0,
+        "{m}"
+    );
+
+    let (line, _) = http(&metrics, "DELETE", "/fail/store::commit", "").await;
+    assert!(line.contains(" 200 "), "{line}");
+    let t1 = Instant::now();
+    loop {
+        if http(&metrics, "GET", "/readyz", "")
+            .await
+            .0
+            .contains(" 200 ")
+        {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "not ready after the writer resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&mut health).await, 1, "SERVING again");
+    eprintln!(
+        "paused writer: not ready after {not_ready_after:?}, ready {:?} after release",
+        t1.elapsed()
+    );
+    // A release build refuses failpoints; a bad name is refused with the list.
+    let (line, body) = http(&metrics, "PUT", "/fail/store::nope", "return").await;
+    assert!(
+        line.contains(" 400 ") && body.contains("store::commit"),
+        "{line} {body}"
     );
 }

@@ -18,6 +18,8 @@
 //! The local controller, the router's active health checks and a kubelet's readiness
 //! probe all ask this health service, so each of them sees a stuck writer.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ldc_core::proto::payments_server::PaymentsServer;
@@ -42,6 +44,21 @@ pub fn serving(batch: Option<Duration>, heartbeat: Option<Duration>, alarm: bool
     !alarm && batch.is_none_or(|a| a <= STALL_AFTER) && heartbeat.is_none_or(|a| a <= STALL_AFTER)
 }
 
+/// The writer's progress for the HTTP readiness probe (`/readyz` on the metrics port, what
+/// a kubelet asks): ready while the gRPC health is SERVING.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+}
+
 /// Sets every service name the cell answers health for.
 pub(crate) async fn set(reporter: &HealthReporter, serving: bool) {
     let status = if serving {
@@ -62,11 +79,13 @@ pub(crate) async fn set(reporter: &HealthReporter, serving: bool) {
 pub async fn run(
     writer: Writer,
     reporter: HealthReporter,
+    readiness: Readiness,
     metrics: CellMetrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut serving_now = true;
     set(&reporter, serving_now).await;
+    readiness.set(true);
     // The heartbeat in flight (one at most: a stuck one is not stacked on) and when it left.
     let mut beat: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
     let mut last_beat = Instant::now();
@@ -108,8 +127,10 @@ pub async fn run(
                 tracing::warn!(?batch, ?heartbeat, "writer makes no progress: NOT_SERVING");
             }
             set(&reporter, now).await;
+            readiness.set(now);
         }
     }
+    readiness.set(false);
     if let Some((_, b)) = beat {
         b.abort();
     }

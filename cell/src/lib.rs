@@ -51,6 +51,8 @@ pub struct CellConfig {
     pub queue_max: usize,
     pub batch_max: usize,
     pub transport: Transport,
+    /// Where the writer's progress is published for `/readyz` (see [`health`]).
+    pub readiness: health::Readiness,
 }
 
 /// How a cell talks to the rest of the platform.
@@ -150,6 +152,7 @@ pub async fn serve(
     let health = tokio::spawn(health::run(
         writer.clone(),
         health_reporter.clone(),
+        cfg.readiness.clone(),
         metrics.clone(),
         stop_rx.clone(),
     ));

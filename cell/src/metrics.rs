@@ -187,12 +187,14 @@ const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest failpoint action list accepted (`PUT /fail/NAME`).
 const FAILPOINT_BODY_BYTES_MAX: usize = 256;
 
-/// Serves `GET /metrics` (and `/healthz`) on `listener` until `shutdown` resolves. Test
+/// Serves `GET /metrics`, `/healthz` (the process is alive) and `/readyz` (with
+/// `readiness`: the writer makes progress) on `listener` until `shutdown` resolves. Test
 /// builds also take `PUT /fail/NAME` (body: the actions) and `DELETE /fail/NAME` to set the
 /// store's failpoints (`ldc_store::failpoints`); other builds answer 404.
 pub async fn serve_metrics(
     listener: TcpListener,
     registry: Registry,
+    readiness: Option<crate::health::Readiness>,
     shutdown: impl Future<Output = ()>,
 ) {
     let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
@@ -211,13 +213,13 @@ pub async fn serve_metrics(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             continue; // dropped: a flood of scrapers must not cost memory
         };
-        let registry = registry.clone();
+        let (registry, readiness) = (registry.clone(), readiness.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
-                let registry = registry.clone();
+                let (registry, readiness) = (registry.clone(), readiness.clone());
                 async move {
-                    let (status, body) = route(&registry, req).await;
+                    let (status, body) = route(&registry, readiness.as_ref(), req).await;
                     Ok::<_, Infallible>(
                         Response::builder()
                             .status(status)
@@ -236,11 +238,23 @@ pub async fn serve_metrics(
     }
 }
 
-async fn route(registry: &Registry, req: Request<Incoming>) -> (u16, String) {
+async fn route(
+    registry: &Registry,
+    readiness: Option<&crate::health::Readiness>,
+    req: Request<Incoming>,
+) -> (u16, String) {
     let path = req.uri().path().to_string();
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/metrics") => (200, render(registry)),
         ("GET", "/healthz") => (200, "ok\n".to_string()),
+        ("GET", "/readyz") => match readiness {
+            Some(r) if !r.ready() => (
+                503,
+                "not ready: the writer makes no progress (see ldc_cell_writer_stalled_seconds)\n"
+                    .to_string(),
+            ),
+            _ => (200, "ready\n".to_string()),
+        },
         (m @ ("PUT" | "DELETE"), p) if p.starts_with("/fail/") => {
             failpoint(m == "PUT", &p["/fail/".len()..], req.into_body()).await
         }

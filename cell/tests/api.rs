@@ -68,6 +68,7 @@ async fn start() -> Cell {
         queue_max: 1024,
         batch_max: 64,
         transport,
+        readiness: Default::default(),
     };
     let task = tokio::spawn(async move {
         ldc_cell::serve(cfg, listener, registry, async move {

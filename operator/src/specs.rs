@@ -100,9 +100,11 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
     ]
     .map(String::from)
     .to_vec();
-    let probe = |period: i32| Probe {
+    // Ready while the writer makes progress (a stuck cell leaves its Service and counts as
+    // failed); alive while the process answers at all.
+    let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
-            path: Some("/healthz".into()),
+            path: Some(path.into()),
             port: IntOrString::String("metrics".into()),
             ..Default::default()
         }),
@@ -173,8 +175,8 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                                 ..Default::default()
                             },
                         ]),
-                        readiness_probe: Some(probe(2)),
-                        liveness_probe: Some(probe(10)),
+                        readiness_probe: Some(probe("/readyz", 2)),
+                        liveness_probe: Some(probe("/healthz", 10)),
                         security_context: Some(container_security()),
                         resources: Some(ResourceRequirements {
                             requests: Some(BTreeMap::from([
@@ -513,6 +515,7 @@ pub(crate) mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(probe.port, IntOrString::String("metrics".into()));
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
     }
 
     #[test]

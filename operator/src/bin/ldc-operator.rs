@@ -133,6 +133,7 @@ async fn main() -> Result<()> {
     tokio::spawn(metrics::serve_metrics(
         listener,
         registry,
+        None,
         std::future::pending(),
     ));
     let identity = cli.identity.unwrap_or_else(|| {
