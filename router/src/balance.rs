@@ -5,8 +5,13 @@
 //!   at once, and avoids the herd that "least loaded" causes when many routers agree.
 //! * **Passive ejection**: a failed connect (nothing reached the cell) ejects the endpoint
 //!   for a backoff period that doubles on each consecutive failure, up to a maximum.
-//! * **Active health check**: the server probes every endpoint of the table; a probe that
-//!   succeeds brings an ejected endpoint back at once, one that fails ejects it.
+//! * **Outlier detection**: [`OUTLIER_FAILURES_MAX`] requests in a row that reached the
+//!   endpoint but got no answer (timeouts, connections broken mid-request) eject it too: a
+//!   cell that accepts connections and then hangs is routed around without waiting for the
+//!   next probe. gRPC errors are answers (a "moved" is routine) and never count.
+//! * **Active health check**: the server probes every endpoint of the table with a gRPC
+//!   health call that reports the cell's writer progress; SERVING brings an ejected
+//!   endpoint back at once, anything else ejects it.
 //!
 //! Everything here takes the time (`now`) and the random source as arguments, so tests
 //! drive it with a deterministic clock and a seeded RNG.
@@ -40,7 +45,12 @@ struct Health {
     ejected_until: Option<Instant>,
     /// Consecutive failures (connects or probes); sets the next ejection period.
     failures: u32,
+    /// Consecutive requests without an answer since the last success.
+    outliers: u32,
 }
+
+/// Requests in a row without an answer (timeout, broken connection) that eject an endpoint.
+pub const OUTLIER_FAILURES_MAX: u32 = 5;
 
 impl Endpoint {
     fn new(addr: &str) -> Endpoint {
@@ -210,11 +220,26 @@ impl Balancer {
         period
     }
 
-    /// Records a success (a response, or a probe that connected): clears any ejection and
-    /// the failure count.
+    /// Records a request that reached `ep` and got no answer; ejects the endpoint at the
+    /// [`OUTLIER_FAILURES_MAX`]th in a row. Returns whether it did.
+    pub fn outlier(&self, ep: &Endpoint, now: Instant) -> bool {
+        {
+            let mut h = ep.health.lock().expect("lock");
+            h.outliers = h.outliers.saturating_add(1);
+            if h.outliers < OUTLIER_FAILURES_MAX {
+                return false;
+            }
+            h.outliers = 0;
+        }
+        self.eject(ep, now);
+        true
+    }
+
+    /// Records a success (a response, or a probe that answered SERVING): clears any
+    /// ejection and the failure counts.
     pub fn restore(&self, ep: &Endpoint) {
         let mut h = ep.health.lock().expect("lock");
-        if h.ejected_until.is_some() || h.failures > 0 {
+        if h.ejected_until.is_some() || h.failures > 0 || h.outliers > 0 {
             if h.ejected_until.is_some() {
                 tracing::info!(endpoint = %ep.addr, "endpoint back in service");
             }

@@ -36,6 +36,16 @@ pub struct ReplayBody {
     rest: Option<Incoming>,
 }
 
+impl ReplayBody {
+    /// A body of one data frame (a request the router makes itself: a health probe).
+    pub fn from_bytes(data: Bytes) -> ReplayBody {
+        ReplayBody {
+            frames: VecDeque::from([Frame::data(data)]),
+            rest: None,
+        }
+    }
+}
+
 impl Body for ReplayBody {
     type Data = Bytes;
     type Error = hyper::Error;

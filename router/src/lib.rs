@@ -67,6 +67,7 @@ pub mod grpc;
 #[cfg(feature = "kube")]
 pub mod kube_source;
 pub mod metrics;
+mod probe;
 mod proxy;
 mod server;
 pub mod table;
@@ -98,8 +99,8 @@ pub struct RouterConfig {
     /// Longest time a request waits for a fresher table after a "moved" answer before it
     /// retries with what it has. Default 1 s.
     pub moved_refresh_wait: Duration,
-    /// Period of the active health check (a TCP connect to each endpoint of the table).
-    /// Default 1 s.
+    /// Period of the active health check (a gRPC health call to each endpoint of the
+    /// table, which reports the cell's writer progress). Default 1 s.
     pub health_check_interval: Duration,
     /// How long one health probe may take. Default 500 ms.
     pub health_check_timeout: Duration,

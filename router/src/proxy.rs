@@ -107,6 +107,9 @@ struct Head {
     method: Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
+    /// The deadline is the router's own request timeout, not a shorter one the client
+    /// asked for: only then does a timeout say something about the endpoint (outliers).
+    own_deadline: bool,
 }
 
 /// Entry point for requests that are not admin requests.
@@ -235,6 +238,7 @@ async fn route(
             auth::forward_principal(&mut h, principal.as_ref());
             h
         },
+        own_deadline: timeout >= s.config.request_timeout,
     };
 
     // Read the (small, unary) body first, so it can be sent again after "moved".
@@ -559,7 +563,9 @@ async fn send(
             )
             .at(d))
         }
-        Some(Err(SendError::Upstream(e))) => Err(Fail::new(
+        Some(Err(SendError::Upstream(e))) => {
+            s.balancer.outlier(&ep, Instant::now());
+            Err(Fail::new(
             Code::Unavailable,
             "upstream",
             format!(
@@ -571,19 +577,25 @@ async fn send(
                 error_chain(&e)
             ),
         )
-        .at(d)),
-        None => Err(Fail::new(
-            Code::DeadlineExceeded,
-            "upstream_timeout",
-            format!(
-                "cell {} ({} endpoint {}) did not answer before the deadline; \
+        .at(d))
+        }
+        None => {
+            if head.own_deadline {
+                s.balancer.outlier(&ep, Instant::now());
+            }
+            Err(Fail::new(
+                Code::DeadlineExceeded,
+                "upstream_timeout",
+                format!(
+                    "cell {} ({} endpoint {}) did not answer before the deadline; \
                  the request may have been applied, retry with the same idempotency key",
-                d.cell,
-                d.colour,
-                ep.addr()
-            ),
-        )
-        .at(d)),
+                    d.cell,
+                    d.colour,
+                    ep.addr()
+                ),
+            )
+            .at(d))
+        }
     }
 }
 

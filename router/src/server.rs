@@ -241,9 +241,9 @@ async fn serve_admin(listener: TcpListener, s: Arc<Shared>, mut stop: watch::Rec
     }
 }
 
-/// Probes every endpoint of the table each interval with a TCP connect: a failure ejects
-/// the endpoint, a success brings an ejected one back. Also forgets endpoints that left
-/// the table.
+/// Probes every endpoint of the table each interval with a gRPC health call (see
+/// [`crate::probe`]): an endpoint that does not answer SERVING in time is ejected, one that
+/// does is brought back. Also forgets endpoints that left the table.
 async fn health_check(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let every = s.config.health_check_interval;
     loop {
@@ -254,31 +254,42 @@ async fn health_check(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let Some(t) = s.table.current() else {
             continue;
         };
-        let addrs: HashSet<&str> = t
+        let targets: Vec<(&str, &str)> = t
             .cells
-            .values()
-            .flat_map(|c| c.blue.iter().chain(c.green.iter()))
-            .map(String::as_str)
+            .iter()
+            .flat_map(|(cell, c)| {
+                c.blue
+                    .iter()
+                    .chain(c.green.iter())
+                    .map(move |a| (cell.as_str(), a.as_str()))
+            })
             .collect();
-        s.balancer.retain(&addrs);
+        s.balancer
+            .retain(&targets.iter().map(|(_, a)| *a).collect::<HashSet<&str>>());
         let mut probes = tokio::task::JoinSet::new();
-        for addr in addrs {
-            let ep = s.balancer.endpoint(addr);
-            let timeout = s.config.health_check_timeout;
+        for (cell, addr) in targets {
+            let (ep, s, cell) = (s.balancer.endpoint(addr), s.clone(), cell.to_string());
             probes.spawn(async move {
-                let ok = matches!(
-                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(ep.addr())).await,
-                    Ok(Ok(_))
-                );
-                (ep, ok)
+                let how = crate::upstream::Connect {
+                    timeout: s.config.connect_timeout,
+                    tls: match &s.security {
+                        EdgeSecurity::Tls { upstream, .. } => Some(&**upstream),
+                        EdgeSecurity::Insecure => None,
+                    },
+                    cell: &cell,
+                };
+                let r = crate::probe::probe(&ep, &how, s.config.health_check_timeout).await;
+                (ep, r)
             });
         }
         while let Some(r) = probes.join_next().await {
-            let Ok((ep, ok)) = r else { continue };
-            if ok {
-                s.balancer.restore(&ep);
-            } else {
-                s.balancer.eject(&ep, Instant::now());
+            let Ok((ep, r)) = r else { continue };
+            match r {
+                crate::probe::Probe::Serving => s.balancer.restore(&ep),
+                crate::probe::Probe::NotServing(why) | crate::probe::Probe::Failed(why) => {
+                    tracing::debug!(endpoint = %ep.addr(), %why, "health probe failed");
+                    s.balancer.eject(&ep, Instant::now());
+                }
             }
         }
     }

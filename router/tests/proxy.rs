@@ -212,6 +212,8 @@ impl Payments for EchoCell {
 /// One EchoCell process stand-in, on its own runtime.
 struct Backend {
     addr: SocketAddr,
+    /// The backend's gRPC health, which the router's active check asks.
+    health: tonic_health::server::HealthReporter,
     calls: Arc<AtomicUsize>,
     behaviour: Arc<Mutex<Behaviour>>,
     request_ids: Arc<Mutex<Vec<String>>>,
@@ -240,6 +242,7 @@ impl Backend {
             .build()
             .unwrap();
         let files = pki().files(&platform::cell_leaf(cell_name));
+        let (health, health_service) = tonic_health::server::health_reporter();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             let tls = platform::server(
@@ -250,6 +253,7 @@ impl Backend {
             )
             .unwrap();
             tonic::transport::Server::builder()
+                .add_service(health_service)
                 .add_service(PaymentsServer::new(cell))
                 .serve_with_incoming(ldc_security::net::incoming(listener, tls))
                 .await
@@ -257,6 +261,7 @@ impl Backend {
         });
         Backend {
             addr,
+            health,
             calls,
             behaviour,
             request_ids,
@@ -274,6 +279,17 @@ impl Backend {
 
     fn set(&self, b: Behaviour) {
         *self.behaviour.lock().unwrap() = b;
+    }
+
+    /// What the backend's health service answers (as a cell's does from its writer's
+    /// progress).
+    async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
     }
 
     /// Kills the backend: its runtime, listener and connections go away; returns once
@@ -1020,6 +1036,94 @@ async fn a_killed_endpoint_is_ejected_and_its_colour_keeps_serving() {
         metric(&metrics, "ldc_router_ejections_total") >= 1.0,
         "{metrics}"
     );
+    router.stop().await;
+}
+
+/// A backend whose health says NOT_SERVING (a cell whose writer is stuck: its port still
+/// answers) is ejected by the active check and traffic goes to its sibling; SERVING again,
+/// it is back. A TCP connect would have passed all along.
+#[tokio::test]
+async fn an_endpoint_not_serving_by_its_health_is_ejected_while_its_port_answers() {
+    let stuck = Backend::start("A", "blue-1");
+    let fine = Backend::start("A", "blue-2");
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&stuck, &fine], &[], 0, false)));
+    let router = Router::start(handle, config()).await;
+    let mut client = router.client().await;
+    stuck.set_serving(false).await;
+    // Within a few probe periods (100 ms here) every request lands on the sibling.
+    let mut streak = 0;
+    for i in 0..400 {
+        if served_by(&mut client, &format!("u{i}")).await == "blue-2" {
+            streak += 1;
+        } else {
+            streak = 0;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if streak == 30 {
+            break;
+        }
+    }
+    assert_eq!(streak, 30, "traffic left the NOT_SERVING endpoint");
+    stuck.set_serving(true).await;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..400 {
+        seen.insert(served_by(&mut client, &format!("v{i}")).await);
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.len(), 2, "the endpoint came back once SERVING");
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(metric(&metrics, "ldc_router_ejections_total") >= 1.0, "{metrics}");
+    router.stop().await;
+}
+
+/// Outlier detection: an endpoint that takes requests and never answers them is ejected
+/// after a few timeouts in a row, without waiting for the probe; the timeouts are answered
+/// DEADLINE_EXCEEDED (they may have been applied) and later requests go to the sibling.
+#[tokio::test]
+async fn an_endpoint_that_stops_answering_is_ejected_as_an_outlier() {
+    let hung = Backend::start("A", "blue-1");
+    let fine = Backend::start("A", "blue-2");
+    hung.set(Behaviour::Stall(Duration::from_secs(30)));
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&hung, &fine], &[], 0, false)));
+    let cfg = RouterConfig {
+        request_timeout: Duration::from_millis(100),
+        // The probe would find nothing wrong (the hung backend's health is SERVING): only
+        // the outlier rule can eject it here.
+        health_check_interval: Duration::from_secs(3600),
+        ..config()
+    };
+    let router = Router::start(handle, cfg).await;
+    let mut client = router.client().await;
+    let mut timeouts = 0;
+    let mut streak = 0;
+    for i in 0..200 {
+        match balance(&mut client, &[(ldc_core::USER_HEADER, &format!("u{i}"))]).await {
+            Ok(acc) => {
+                assert_eq!(acc.cell, "blue-2");
+                streak += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+                timeouts += 1;
+                streak = 0;
+            }
+        }
+        if streak == 30 {
+            break;
+        }
+    }
+    assert_eq!(streak, 30, "traffic settled on the answering endpoint");
+    assert!(
+        timeouts >= ldc_router::balance::OUTLIER_FAILURES_MAX as usize,
+        "ejected after {timeouts} timeouts, before the rule says"
+    );
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(metric(&metrics, "ldc_router_ejections_total") >= 1.0, "{metrics}");
     router.stop().await;
 }
 
