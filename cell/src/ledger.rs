@@ -512,18 +512,16 @@ fn post(
             contra.as_str()
         ))
     })?;
-    sys.postings += 1;
-    let balance = acct
-        .balance
-        .checked_add(amount)
-        .ok_or_else(|| PaymentError::Corrupt("balance overflow".into()))?;
-    assert!(
-        balance >= 0,
-        "ledger invariant: balance of {user} would go negative ({balance})"
-    );
+    sys.postings = checked(sys.postings.checked_add(1), "posting count")?;
+    let balance = checked(acct.balance.checked_add(amount), "balance")?;
+    if balance < 0 {
+        return Err(PaymentError::Corrupt(format!(
+            "ledger invariant: the balance of {user} would go negative ({balance})"
+        )));
+    }
     acct.balance = balance;
     let seq = acct.next_entry;
-    acct.next_entry += 1;
+    acct.next_entry = checked(seq.checked_add(1), "entry sequence")?;
     let e = EntryRec {
         payment,
         amount,
@@ -537,8 +535,19 @@ fn post(
     Ok(())
 }
 
+/// Every money and sequence operation of the ledger is checked (release builds do not
+/// trap on overflow): an overflow refuses the payment as corrupt state, with nothing
+/// written, instead of wrapping.
+fn checked<T>(v: Option<T>, what: &str) -> Result<T, PaymentError> {
+    v.ok_or_else(|| PaymentError::Corrupt(format!("{what} would overflow")))
+}
+
 fn check_credit_room(user: &str, acct: &AccountRec, amount: i64) -> Result<(), PaymentError> {
-    if acct.balance > BALANCE_MAX - amount {
+    if acct
+        .balance
+        .checked_add(amount)
+        .is_none_or(|b| b > BALANCE_MAX)
+    {
         return Err(PaymentError::OutOfRange(format!(
             "crediting {amount} would take {user}'s balance over the maximum of {BALANCE_MAX} minor units"
         )));
@@ -608,10 +617,10 @@ fn write_payment(
     Ok(rec)
 }
 
-fn take_payment_seq(acct: &mut AccountRec) -> u64 {
+fn take_payment_seq(acct: &mut AccountRec) -> Result<u64, PaymentError> {
     let seq = acct.next_payment;
-    acct.next_payment += 1;
-    seq
+    acct.next_payment = checked(seq.checked_add(1), "payment sequence")?;
+    Ok(seq)
 }
 
 /// Top-up (money in from outside) or withdrawal (money out), against the clearing account.
@@ -632,7 +641,7 @@ fn external(
         check_funds(user, &acct, amount)?;
         -amount
     };
-    let seq = take_payment_seq(&mut acct);
+    let seq = take_payment_seq(&mut acct)?;
     post(kv, shard, user, &mut acct, signed, seq, kind)?;
     let np = NewPayment {
         kind,
@@ -671,7 +680,7 @@ fn transfer(
 ) -> Result<Encoded, PaymentError> {
     let mut acct = need_account(kv, shard, user, currency)?;
     check_funds(user, &acct, amount)?;
-    let seq = take_payment_seq(&mut acct);
+    let seq = take_payment_seq(&mut acct)?;
     let id = keys::payment_id(user, seq);
     post(
         kv,
@@ -755,13 +764,14 @@ fn refund(
     }
     let mut acct = need_account(kv, shard, user, &orig.currency)?;
     check_funds(user, &acct, amount)?;
-    orig.refunded += amount;
-    assert!(
-        orig.refunded <= orig.amount,
-        "ledger invariant: refunded more than paid"
-    );
+    orig.refunded = checked(orig.refunded.checked_add(amount), "refunded amount")?;
+    if orig.refunded > orig.amount {
+        return Err(PaymentError::Corrupt(
+            "ledger invariant: refunded more than paid".into(),
+        ));
+    }
     kv.put(&keys::payment(shard, user, orig_seq), &enc(&orig))?;
-    let seq = take_payment_seq(&mut acct);
+    let seq = take_payment_seq(&mut acct)?;
     let id = keys::payment_id(user, seq);
     let currency = orig.currency.clone();
     post(
@@ -850,7 +860,7 @@ fn deliver(
         // The payer's original transfer records how much came back.
         match load_payment(kv, shard, to, &c.refund_of) {
             Ok((seq, mut orig)) => {
-                orig.refunded += c.amount;
+                orig.refunded = checked(orig.refunded.checked_add(c.amount), "refunded amount")?;
                 kv.put(&keys::payment(shard, to, seq), &enc(&orig))?;
             }
             Err(PaymentError::UnknownPayment { .. }) => {
@@ -859,7 +869,7 @@ fn deliver(
             Err(e) => return Err(e),
         }
     }
-    let seq = take_payment_seq(&mut acct);
+    let seq = take_payment_seq(&mut acct)?;
     let id = keys::payment_id(to, seq);
     post(kv, shard, to, &mut acct, c.amount, seq, kind)?;
     let np = NewPayment {
@@ -930,7 +940,7 @@ fn settle(
         if c.kind == CreditKind::Refund as i32 {
             // Give the refunded amount back to what can still be refunded.
             let (oseq, mut orig) = load_payment(kv, shard, payer, &rec.related)?;
-            orig.refunded -= c.amount;
+            orig.refunded = checked(orig.refunded.checked_sub(c.amount), "refunded amount")?;
             kv.put(&keys::payment(shard, payer, oseq), &enc(&orig))?;
         }
         tracing::info!(
@@ -998,7 +1008,10 @@ pub fn list_entries(
     // Entries share the journal range with payments; walk it until one entry past the
     // page (to know whether there is more) or the end of the range.
     let end = prefix_end(keys::journal_prefix(shard, user).as_bytes());
-    let mut start = keys::entry(shard, user, after_seq + 1);
+    let Some(first) = after_seq.checked_add(1) else {
+        return Ok(proto::ListEntriesResponse::default());
+    };
+    let mut start = keys::entry(shard, user, first);
     start.truncate(start.len() - 1); // from the first journal key of that sequence number
     let mut entries = Vec::with_capacity(limit as usize);
     let mut more = false;

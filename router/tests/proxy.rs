@@ -1076,7 +1076,10 @@ async fn an_endpoint_not_serving_by_its_health_is_ejected_while_its_port_answers
     }
     assert_eq!(seen.len(), 2, "the endpoint came back once SERVING");
     let (_, metrics) = router.get("/metrics").await;
-    assert!(metric(&metrics, "ldc_router_ejections_total") >= 1.0, "{metrics}");
+    assert!(
+        metric(&metrics, "ldc_router_ejections_total") >= 1.0,
+        "{metrics}"
+    );
     router.stop().await;
 }
 
@@ -1123,7 +1126,10 @@ async fn an_endpoint_that_stops_answering_is_ejected_as_an_outlier() {
         "ejected after {timeouts} timeouts, before the rule says"
     );
     let (_, metrics) = router.get("/metrics").await;
-    assert!(metric(&metrics, "ldc_router_ejections_total") >= 1.0, "{metrics}");
+    assert!(
+        metric(&metrics, "ldc_router_ejections_total") >= 1.0,
+        "{metrics}"
+    );
     router.stop().await;
 }
 
