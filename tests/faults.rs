@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::payments::*;
@@ -456,4 +457,118 @@ async fn readiness_follows_writer_progress_not_the_open_port() {
         line.contains(" 400 ") && body.contains("store::commit"),
         "{line} {body}"
     );
+}
+
+/// Raises this process's open-file limit to its hard limit (the platform's processes,
+/// started after, inherit it); returns the limit.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    hard
+}
+
+/// 10,050 idle client connections (TLS done, HTTP/2 preface sent, then nothing) against a
+/// router with 10,000 connection slots, while payments run: the payments' connection keeps
+/// serving, the idle ones give way to new clients (evicted longest-idle first), and a new
+/// CLI command gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_sockets_do_not_lock_clients_out() {
+    const IDLE: usize = 10_050;
+    let limit = raise_fd_limit();
+    assert!(
+        limit >= IDLE as u64 + 2_000,
+        "this test needs an open-file hard limit of at least {} (ulimit -Hn is {limit})",
+        IDLE + 2_000
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ldc");
+    let platform = Platform::start(&data, &[]);
+    let c = platform.client().await;
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    fund(&c, &users).await;
+    let load = Load::start(&c, &users, 4);
+    load.wait_progress(20, Duration::from_secs(30)).await;
+
+    let tls = Arc::new(
+        ldc_security::tls::anonymous_client_config(&data.join("pki").join("ca.pem")).unwrap(),
+    );
+    let started = Instant::now();
+    let fault = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IDLE {
+        while tasks.len() >= 128 {
+            if let Some(Ok(Some(s))) = tasks.join_next().await {
+                idle.push(s);
+            }
+        }
+        let (addr, tls) = (platform.router.clone(), tls.clone());
+        tasks.spawn(async move {
+            let (mut s, _) = tokio::time::timeout(
+                Duration::from_secs(10),
+                ldc_security::net::connect(&addr, tls),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .ok()?;
+            Some(s)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Some(s)) = r {
+            idle.push(s);
+        }
+    }
+    let opened = idle.len();
+    eprintln!(
+        "idle flood: {opened} TLS connections opened in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        opened > 9_000,
+        "only {opened} idle connections could be opened"
+    );
+
+    // New clients get in while the flood holds its sockets, and payments continue.
+    for u in &users[..3] {
+        let b = ldc_json(&data, &["balance", u, "--deadline", "10"]);
+        assert_eq!(b["user_id"], u.as_str());
+    }
+    load.wait_progress(20, Duration::from_secs(30)).await;
+    let m = http_get(&platform.admin, "/metrics").await;
+    let evicted = counter(&m, "ldc_router_connections_evicted_total", &[]);
+    assert!(
+        evicted >= 1.0,
+        "the flood filled the slots, so someone was evicted: {m}"
+    );
+    drop(idle);
+
+    let LoadResult {
+        acked,
+        failed_attempts,
+        failed_payments,
+    } = load.stop().await;
+    assert_eq!(failed_payments, 0);
+    let everyone: HashSet<String> = users.iter().cloned().collect();
+    let r = recovery(&acked, &everyone, fault);
+    verify(
+        &|| wait_settled(&data, Duration::from_secs(30)),
+        &c,
+        &users,
+        &acked,
+        0,
+    )
+    .await;
+    fault_row(
+        "10,050 idle TLS connections on the router",
+        failed_attempts.len() as u64,
+        Some(r.max),
+        0,
+        0,
+    );
+    eprintln!("idle flood: {evicted} idle connections evicted");
 }

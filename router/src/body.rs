@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::balance::InFlight;
@@ -34,6 +35,8 @@ pub type RespBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub struct ReplayBody {
     frames: VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
+    /// The share of the router's buffer budget the frames hold (see [`buffer`]).
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl ReplayBody {
@@ -42,6 +45,7 @@ impl ReplayBody {
         ReplayBody {
             frames: VecDeque::from([Frame::data(data)]),
             rest: None,
+            _budget: None,
         }
     }
 }
@@ -89,6 +93,42 @@ impl Body for ReplayBody {
     }
 }
 
+/// A response body that keeps a guard alive until the body ends or is dropped (the
+/// connection counts as busy while its response streams; see `slots`).
+pub struct Guarded<G> {
+    inner: RespBody,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> Guarded<G> {
+    pub fn wrap(inner: RespBody, guard: G) -> RespBody {
+        RespBody::new(Guarded {
+            inner,
+            _guard: guard,
+        })
+    }
+}
+
+impl<G: Unpin> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body read by [`buffer`].
 #[derive(Debug)]
 pub enum Buffered {
@@ -96,6 +136,8 @@ pub enum Buffered {
     Complete {
         data: Vec<Bytes>,
         trailers: Option<HeaderMap>,
+        /// The share of the router's buffer budget `data` holds.
+        budget: Option<OwnedSemaphorePermit>,
     },
     /// The body is larger than the limit: what was read, then the rest of the stream. It
     /// can be sent once.
@@ -109,13 +151,19 @@ impl Buffered {
     /// stream itself (the second call gets `None`).
     pub fn take_body(&mut self) -> Option<ReplayBody> {
         match self {
-            Buffered::Complete { data, trailers } => {
+            Buffered::Complete { data, trailers, .. } => {
+                // Copies share the buffered bytes (`Bytes` is counted), so only the
+                // `Buffered` holds the budget.
                 let mut frames: VecDeque<Frame<Bytes>> =
                     data.iter().cloned().map(Frame::data).collect();
                 if let Some(t) = trailers {
                     frames.push_back(Frame::trailers(t.clone()));
                 }
-                Some(ReplayBody { frames, rest: None })
+                Some(ReplayBody {
+                    frames,
+                    rest: None,
+                    _budget: None,
+                })
             }
             Buffered::Partial(_) => match std::mem::replace(self, Buffered::Spent) {
                 Buffered::Partial(body) => Some(body),
@@ -131,21 +179,39 @@ impl Buffered {
     }
 }
 
-/// Reads `body` until its end or until more than `limit` data bytes were read.
-pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+/// Reads `body` until its end or until more than `limit` data bytes were read, or until
+/// the router-wide `budget` of buffered bytes has no room for the next frame: a body that
+/// does not fit is streamed on as it comes (sent once, not replayable), so many large
+/// bodies at once cost the router bounded memory.
+pub async fn buffer(
+    mut body: Incoming,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<Buffered, hyper::Error> {
     let mut data = Vec::new();
     let mut trailers = None;
     let mut total = 0usize;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         match frame.into_data() {
             Ok(d) => {
                 total += d.len();
+                let share = u32::try_from(d.len())
+                    .ok()
+                    .and_then(|n| budget.clone().try_acquire_many_owned(n).ok());
+                let fits = share.is_some();
+                match (&mut held, share) {
+                    (Some(h), Some(p)) => h.merge(p),
+                    (h @ None, p) => *h = p,
+                    (Some(_), None) => {}
+                }
                 data.push(d);
-                if total > limit {
+                if total > limit || !fits {
                     return Ok(Buffered::Partial(ReplayBody {
                         frames: data.into_iter().map(Frame::data).collect(),
                         rest: Some(body),
+                        _budget: held,
                     }));
                 }
             }
@@ -156,7 +222,11 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
             }
         }
     }
-    Ok(Buffered::Complete { data, trailers })
+    Ok(Buffered::Complete {
+        data,
+        trailers,
+        budget: held,
+    })
 }
 
 /// Records one proxied request in the metrics when it ends, whichever way it ends.

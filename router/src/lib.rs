@@ -70,6 +70,7 @@ pub mod metrics;
 mod probe;
 mod proxy;
 mod server;
+mod slots;
 pub mod table;
 mod upstream;
 
@@ -109,8 +110,14 @@ pub struct RouterConfig {
     pub ejection_base: Duration,
     /// Longest ejection period. Default 30 s.
     pub ejection_max: Duration,
-    /// Most client connections served at once. Default 10 000.
+    /// Most client connections served at once; when all are taken, the longest-idle one
+    /// gives way to a new one. Default 10 000.
     pub connections_max: usize,
+    /// Most concurrent requests (HTTP/2 streams) per client connection. Default 256.
+    pub streams_per_connection_max: u32,
+    /// Most request-body bytes buffered for replay across all requests at once; a body
+    /// that does not fit is streamed (not replayable). Default 64 MiB.
+    pub buffered_bytes_max: usize,
     /// How long `serve` waits for in-flight requests after shutdown. Default 10 s.
     pub drain_timeout: Duration,
 }
@@ -128,6 +135,8 @@ impl Default for RouterConfig {
             ejection_base: Duration::from_secs(1),
             ejection_max: Duration::from_secs(30),
             connections_max: 10_000,
+            streams_per_connection_max: 256,
+            buffered_bytes_max: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
         }
     }

@@ -72,6 +72,12 @@ pub struct RouterMetrics {
     /// the caller is not authenticated (`UNAUTHENTICATED`) or not allowed
     /// (`PERMISSION_DENIED`).
     pub auth_refusals: IntCounterVec,
+    /// `ldc_router_connections_evicted_total`: idle client connections closed to make room
+    /// for a new one (all slots taken).
+    pub connections_evicted: IntCounter,
+    /// `ldc_router_connections_refused_total`: client connections refused because every
+    /// slot held a connection with requests in flight.
+    pub connections_refused: IntCounter,
 }
 
 impl RouterMetrics {
@@ -123,6 +129,16 @@ impl RouterMetrics {
                 &["code", "reason"],
             )
             .expect("valid metric"),
+            connections_evicted: IntCounter::new(
+                "ldc_router_connections_evicted_total",
+                "Idle client connections closed to make room for new ones (connection slots full)",
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounter::new(
+                "ldc_router_connections_refused_total",
+                "Client connections refused: every connection slot had requests in flight",
+            )
+            .expect("valid metric"),
         }
     }
 
@@ -138,6 +154,8 @@ impl RouterMetrics {
         registry.register(Box::new(self.ejections.clone()))?;
         registry.register(Box::new(self.router_errors.clone()))?;
         registry.register(Box::new(self.auth_refusals.clone()))?;
+        registry.register(Box::new(self.connections_evicted.clone()))?;
+        registry.register(Box::new(self.connections_refused.clone()))?;
         source.register(registry)
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub balancer: Balancer,
     pub registry: prometheus::Registry,
     pub security: crate::auth::EdgeSecurity,
+    /// Request-body bytes buffered for replay, router-wide (`buffered_bytes_max`).
+    pub buffer_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// An answer the router makes itself.
@@ -242,7 +244,12 @@ async fn route(
     };
 
     // Read the (small, unary) body first, so it can be sent again after "moved".
-    let mut body = match before(&mut deadline, buffer(body, s.config.retry_body_bytes_max)).await {
+    let mut body = match before(
+        &mut deadline,
+        buffer(body, s.config.retry_body_bytes_max, &s.buffer_budget),
+    )
+    .await
+    {
         None => {
             return Err(Fail::new(
                 Code::DeadlineExceeded,

@@ -73,6 +73,9 @@ pub async fn serve(
         registry,
         config: config.clone(),
         security: security.clone(),
+        buffer_budget: Arc::new(Semaphore::new(
+            config.buffered_bytes_max.min(Semaphore::MAX_PERMITS),
+        )),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -104,11 +107,11 @@ pub async fn serve(
         // Twice our limit: headers a little too big get a precise gRPC error from us,
         // huge ones are refused by h2 before they cost memory.
         .max_header_list_size(u32::try_from(config.header_bytes_max * 2).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1000)
+        .max_concurrent_streams(config.streams_per_connection_max)
         .keep_alive_interval(Duration::from_secs(20));
 
     let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(config.connections_max));
+    let slots = crate::slots::Slots::new(config.connections_max);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, admin = %admin_addr, tls = security.is_secure(), "router listening");
     tokio::pin!(shutdown);
@@ -123,36 +126,46 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = config.connections_max, "too many connections; closing this one");
+        let Ok(slot) = slots.admit() else {
+            shared.metrics.connections_refused.inc();
+            tracing::warn!(%peer, max = config.connections_max, "every connection has requests in flight; closing this one");
             continue;
         };
         let _ = stream.set_nodelay(true);
         let (s, builder, watcher) = (shared.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _permit = permit;
-            match &s.security {
-                EdgeSecurity::Tls { server, .. } => {
-                    let tls = match ldc_security::net::accept(stream, server.current()).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
+            let slot = Arc::new(slot);
+            let serve = async {
+                match &s.security {
+                    EdgeSecurity::Tls { server, .. } => {
+                        let tls = match ldc_security::net::accept(stream, server.current()).await {
+                            Ok(t) => t,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        let id = ldc_security::net::peer_identity(tls.get_ref().1).map(Arc::new);
+                        let svc = traffic_service(s.clone(), id, slot.clone());
+                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
-                    };
-                    let id = ldc_security::net::peer_identity(tls.get_ref().1).map(Arc::new);
-                    let svc = traffic_service(s.clone(), id);
-                    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    EdgeSecurity::Insecure => {
+                        let svc = traffic_service(s.clone(), None, slot.clone());
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
                     }
                 }
-                EdgeSecurity::Insecure => {
-                    let svc = traffic_service(s.clone(), None);
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+            };
+            tokio::select! {
+                () = serve => {}
+                () = slot.evicted() => {
+                    s.metrics.connections_evicted.inc();
+                    tracing::debug!(%peer, "idle connection closed to make room for a new one");
                 }
             }
         });
@@ -180,6 +193,7 @@ pub async fn serve(
 fn traffic_service(
     s: Arc<Shared>,
     peer: Option<Arc<Identity>>,
+    slot: Arc<crate::slots::Slot>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = http::Response<crate::body::RespBody>,
@@ -188,7 +202,11 @@ fn traffic_service(
 > + Clone {
     service_fn(move |req: Request<Incoming>| {
         let (s, peer) = (s.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(dispatch(s, req, peer).await) }
+        let busy = slot.request();
+        async move {
+            let resp = dispatch(s, req, peer).await;
+            Ok::<_, Infallible>(resp.map(|b| crate::body::Guarded::wrap(b, busy)))
+        }
     })
 }
 
