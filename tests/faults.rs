@@ -572,3 +572,121 @@ async fn ten_thousand_idle_sockets_do_not_lock_clients_out() {
     );
     eprintln!("idle flood: {evicted} idle connections evicted");
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "ldc-test-disk",
+            ])
+            .arg(dir)
+            .output()
+            .expect("mount(8) is installed");
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs at {} (the disk-full test needs root, as CI runs): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Writes a file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The store's disk fills up under continuous payments: payments are refused with
+/// RESOURCE_EXHAUSTED and nothing half-written (no process leaves: a full disk is not a
+/// disk fault), and once space returns they resume with every acknowledged payment intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_payments_cleanly_and_they_resume_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "64m");
+    let data = dir.path().join("disk").join("ldc");
+    let platform = Platform::start(&data, &[]);
+    let c = platform.client().await;
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    fund(&c, &users).await;
+    let pids_before = platform.cell("r1-a")["pids"].clone();
+    let load = Load::start(&c, &users, 4);
+    load.wait_progress(20, Duration::from_secs(30)).await;
+
+    let filler = disk.fill();
+    let full_at = Instant::now();
+    wait_for(
+        "payments refused with RESOURCE_EXHAUSTED",
+        Duration::from_secs(60),
+        || load.failed_with(tonic::Code::ResourceExhausted) > 0,
+    )
+    .await;
+    let refused = load.failed_with(tonic::Code::ResourceExhausted);
+    // A full disk is refused, not a fault: the cell processes stay.
+    assert_eq!(
+        platform.cell("r1-a")["pids"],
+        pids_before,
+        "a full disk made a cell leave"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    let before = load.acked();
+    wait_for("payments resume", Duration::from_secs(30), || {
+        load.acked() >= before + 20
+    })
+    .await;
+    let resumed_after = freed.elapsed();
+
+    let LoadResult {
+        acked,
+        failed_attempts,
+        failed_payments,
+    } = load.stop().await;
+    assert_eq!(
+        failed_payments, 0,
+        "a payment was not acknowledged within 30 s"
+    );
+    verify(
+        &|| wait_settled(&data, Duration::from_secs(30)),
+        &c,
+        &users,
+        &acked,
+        0,
+    )
+    .await;
+    eprintln!(
+        "disk full for {:?}: {refused} attempts refused; payments resumed {resumed_after:?} after space returned",
+        full_at.elapsed() - resumed_after
+    );
+    fault_row(
+        "disk full, then space returns",
+        failed_attempts.len() as u64,
+        Some(resumed_after),
+        0,
+        0,
+    );
+    drop(platform);
+}

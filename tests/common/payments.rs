@@ -125,6 +125,17 @@ impl Load {
         self.shared.acked.lock().unwrap().len()
     }
 
+    /// Attempts answered with `code` so far.
+    pub fn failed_with(&self, code: tonic::Code) -> usize {
+        self.shared
+            .failed_attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.code == code)
+            .count()
+    }
+
     /// Waits until `more` further payments are acknowledged: the load really ran across
     /// whatever just changed.
     pub async fn wait_progress(&self, more: usize, timeout: Duration) {
