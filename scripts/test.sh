@@ -24,7 +24,15 @@ step "lint"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "unit, property and integration tests"
+FAULT_TABLE=${CARGO_TARGET_DIR:-target}/tmp/fault-table.md # tests/faults.rs appends a row per fault
+rm -f "$FAULT_TABLE"
 cargo test --workspace
+if [ -s "$FAULT_TABLE" ]; then
+  printf '\nFault scenarios (tests/faults.rs), each under continuous payments:\n'
+  printf '| %-44s | %8s | %12s | %4s | %5s |\n' fault "failed" "paid again" lost twice
+  printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..46})" "----------" "--------------" "------" "-------"
+  sort "$FAULT_TABLE"
+fi
 
 if [ -x e2e/run.sh ]; then
   step "end-to-end suite (real Kubernetes control plane)"
