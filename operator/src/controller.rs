@@ -63,6 +63,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("store task failed: {0}")]
     Join(String),
+    #[error("the store did not answer within {0:?}")]
+    StoreTimeout(std::time::Duration),
     #[error("object has no namespace")]
     NoNamespace,
     #[error("certificates: {0}")]
@@ -98,6 +100,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::Join(_) => "join",
+            Error::StoreTimeout(_) => "store_timeout",
             Error::NoNamespace => "no_namespace",
             Error::Pki(_) => "pki",
         }
@@ -110,6 +113,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<OperatorMetrics>,
     stores: Mutex<HashMap<String, Arc<dyn Store>>>,
+    /// Whether store calls reach the store (see [`crate::reach`]).
+    pub reach: Arc<crate::reach::StoreReach>,
 }
 
 impl Context {
@@ -126,6 +131,7 @@ impl Context {
             recorder,
             metrics,
             stores: Mutex::new(HashMap::new()),
+            reach: Arc::default(),
         }
     }
 
@@ -135,7 +141,7 @@ impl Context {
             return Ok(s.clone());
         }
         let owned = spec.to_string();
-        let s = blocking(move || fence::open(&owned)).await?;
+        let s = blocking(&self.reach, move || fence::open(&owned)).await?;
         self.stores
             .lock()
             .expect("lock")
@@ -163,13 +169,38 @@ impl Context {
     }
 }
 
+/// Runs a store call off the async runtime, bounded by [`crate::reach::STORE_CALL_TIMEOUT`]
+/// (a timed-out call's thread finishes on its own; its result is dropped), and records
+/// whether it reached the store.
 async fn blocking<T: Send + 'static>(
+    reach: &crate::reach::StoreReach,
     f: impl FnOnce() -> Result<T, FenceError> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Join(e.to_string()))?
-        .map_err(Error::from)
+    let timeout = crate::reach::STORE_CALL_TIMEOUT;
+    let r = match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
+        Err(_) => Err(Error::StoreTimeout(timeout)),
+        Ok(joined) => joined
+            .map_err(|e| Error::Join(e.to_string()))?
+            .map_err(Error::from),
+    };
+    reach.record(reached(&r), std::time::Instant::now());
+    r
+}
+
+/// Whether a store call's outcome came from the store (a refusal is an answer).
+fn reached<T>(r: &Result<T, Error>) -> bool {
+    use ldc_store::StoreError;
+    !matches!(
+        r,
+        Err(Error::StoreTimeout(_))
+            | Err(Error::Fence(FenceError::Store(
+                StoreError::Backend(_)
+                    | StoreError::Undetermined(_)
+                    | StoreError::Io(_)
+                    | StoreError::Config(_)
+                    | StoreError::Busy(_)
+            )))
+    )
 }
 
 fn now_ms() -> u64 {
@@ -184,6 +215,7 @@ pub async fn run(
     namespace: String,
     identity: String,
     metrics: Arc<OperatorMetrics>,
+    reach: Arc<crate::reach::StoreReach>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let topologies: Api<Topology> = Api::namespaced(client.clone(), &namespace);
@@ -191,7 +223,9 @@ pub async fn run(
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let ctx = Arc::new(Context::new(client, &identity, metrics));
+    let mut ctx = Context::new(client, &identity, metrics);
+    ctx.reach = reach;
+    let ctx = Arc::new(ctx);
     let ns = namespace.clone();
     let by_label = move |labels: &BTreeMap<String, String>| {
         labels
@@ -395,7 +429,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     let serving = model::initial_serving(&live);
     let init = {
         let (store, ptopo) = (store.clone(), ptopo.clone());
-        blocking(move || fence::ensure_initialised(&*store, &ptopo, &serving, now_ms())).await
+        blocking(&ctx.reach, move || {
+            fence::ensure_initialised(&*store, &ptopo, &serving, now_ms())
+        })
+        .await
     };
     let map = match init {
         Ok(m) => m,
@@ -558,7 +595,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     let mut failed: Option<(Pending, String)> = None;
     if let Some(p) = pending {
         let (store2, scope2, id2) = (store.clone(), scope.clone(), p.id.clone());
-        let done = blocking(move || fence::applied_op(&*store2, &scope2, &id2)).await?;
+        let done = blocking(&ctx.reach, move || {
+            fence::applied_op(&*store2, &scope2, &id2)
+        })
+        .await?;
         if done.is_some() {
             // Applied by an earlier run that stopped before recording it: only report.
             op_for_step = Some((p, None));
@@ -576,7 +616,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             .as_ref()
             .map(|(p, plan)| (p.id.clone(), plan.clone()));
         let shard_count = topo.spec.shard_count;
-        blocking(move || {
+        blocking(&ctx.reach, move || {
             let summary = op
                 .as_ref()
                 .and_then(|(_, plan)| plan.as_ref().map(model::describe_plan))

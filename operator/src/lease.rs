@@ -99,6 +99,32 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
     }
 }
 
+/// Gives the lease up if we hold it (a leader stepping down), so another candidate takes
+/// it at once instead of after it expires. Best effort: a failure leaves it to expire.
+pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let r = async {
+        let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        api.replace(&cfg.name, &PostParams::default(), &lease)
+            .await
+            .map(drop)
+    };
+    match tokio::time::timeout(cfg.duration / 3, r).await {
+        Ok(Ok(())) => tracing::info!(lease = %cfg.name, "lease released"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the lease; it expires on its own")
+        }
+        Err(_) => tracing::warn!("releasing the lease timed out; it expires on its own"),
+    }
+}
+
 /// Waits until we lead.
 pub async fn acquire(api: &Api<Lease>, cfg: &LeaseConfig) {
     let mut logged = false;

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod plugin;
+pub mod reach;
 pub mod specs;
 pub mod teardown;
 

@@ -154,18 +154,39 @@ async fn main() -> Result<()> {
     }
     metrics.is_leader.set(1);
     eprintln!("READY namespace={namespace} identity={identity} metrics={metrics_addr}");
+    let reach = Arc::new(ldc_operator::reach::StoreReach::default());
     let run = controller::run(
         client,
         namespace,
         identity,
         metrics.clone(),
+        reach.clone(),
         shutdown_signal(),
     );
+    // A leader that cannot reach the store for a whole lease steps down (see `reach`).
+    let cut_off = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let gone = reach.unreachable_for(std::time::Instant::now());
+            if ldc_operator::reach::must_step_down(gone, cfg.duration) {
+                return gone.unwrap_or_default();
+            }
+        }
+    };
     tokio::select! {
         _ = run => Ok(()),
         _ = lease::hold(&leases, &cfg) => {
             metrics.is_leader.set(0);
             anyhow::bail!("lost the leader lease; exiting so a fresh candidate takes over")
+        }
+        gone = cut_off => {
+            metrics.is_leader.set(0);
+            lease::release(&leases, &cfg).await;
+            anyhow::bail!(
+                "the store has been unreachable for {gone:?}, longer than the lease ({:?}); \
+                 gave up the lease so a replica that reaches it can lead",
+                cfg.duration
+            )
         }
     }
 }
