@@ -207,7 +207,17 @@ pub struct OperationRecord {
     /// Routing table epoch that carries the change (0 when nothing was published).
     pub routing_epoch: u64,
     /// Where the moved shards came from (cell -> shard ranges): what a revert moves back.
+    /// Bounded in the schema (the operator parses these ranges; `0-4294967295` once asked
+    /// it for 16 GiB): at most 64 cells, ranges of shard ids below 100 000.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {
+            "type": "string",
+            "maxLength": 65536,
+            "pattern": "^(-|[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*)$"
+        }
+    ))]
     pub moved_from: std::collections::BTreeMap<String, String>,
     pub requested_by: String,
     pub finished_at: String,
@@ -239,6 +249,7 @@ pub struct TopologyStatus {
     pub pending_operation: Option<OperationRequest>,
     /// The last operations (newest last), at most 20.
     #[serde(default)]
+    #[schemars(length(max = 20))]
     pub history: Vec<OperationRecord>,
 }
 

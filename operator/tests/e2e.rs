@@ -413,6 +413,36 @@ async fn crds_install_and_reject_invalid_specs() {
             .await,
         "shardCount is immutable",
     );
+    // A shard range the operator would have to parse is bounded by the schema: a hostile
+    // `movedFrom` (0-4294967295 once asked the parser for 16 GiB) never gets stored.
+    let record = |moved: serde_json::Value| {
+        serde_json::json!({"status": {"history": [{
+            "id": "op-1", "command": "failover r1-a", "result": "Succeeded", "message": "",
+            "shardsMoved": 1, "routingEpoch": 2, "movedFrom": moved,
+            "requestedBy": "e2e", "finishedAt": "2026-01-01T00:00:00Z"
+        }]}})
+    };
+    let ps = PatchParams::default();
+    for (moved, says) in [
+        (serde_json::json!({"r1-a": "0-4294967295"}), "should match"),
+        (serde_json::json!({"r1-a": "0-24,x"}), "should match"),
+        (serde_json::json!({"r1-a": "1,".repeat(40_000)}), "Too long"),
+    ] {
+        assert_refused(
+            topos
+                .patch_status("prod", &ps, &Patch::Merge(&record(moved)))
+                .await,
+            says,
+        );
+    }
+    topos
+        .patch_status(
+            "prod",
+            &ps,
+            &Patch::Merge(&record(serde_json::json!({"r1-a": "0-24,30"}))),
+        )
+        .await
+        .expect("a well-formed history record is taken");
 
     let cells = env.api::<Cell>();
     let mut c = env.cell("r1-a", "r1", CellRole::Serving);
