@@ -337,6 +337,11 @@ pub struct CellServeArgs {
     /// Disable the outbox relay (benchmarks of one cell without a router).
     #[arg(long)]
     pub no_relay: bool,
+    /// How long an idempotency key is remembered: a retry with it within this window
+    /// replays the first answer; after it the key is forgotten (default 24 h). `ldc up`'s
+    /// cells take it from the environment.
+    #[arg(long, env = "LDC_IDEMPOTENCY_RETENTION_SECS", default_value_t = ldc_cell::retention::RETENTION_DEFAULT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_retention_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]

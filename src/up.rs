@@ -144,6 +144,7 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         batch_max: a.batch_max,
         transport,
         readiness,
+        idempotency_retention: Duration::from_secs(a.idempotency_retention_secs),
     };
     let mut rx = stop_rx;
     match ldc_cell::serve(cfg, listener, registry, async move {

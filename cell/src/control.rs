@@ -50,8 +50,35 @@ pub enum ControlError {
 /// The layout of the ledger's records (see [`crate::keys`] and [`crate::model`]) this
 /// build writes and reads. 2: entries carry their contra leg, system accounts have no
 /// entry rows, idempotency records name their payment. 3: relay dedup records keep a
-/// digest of the credit they answered.
-pub const LEDGER_FORMAT: u32 = 3;
+/// digest of the credit they answered. 4: idempotency records have an age index
+/// (`keys::idempotency_by_age`), which retention walks.
+pub const LEDGER_FORMAT: u32 = 4;
+
+/// The shards `cell` owns, from the ownership records (what the relay and retention walk).
+pub fn owned_shards(kv: &mut dyn Kv, cell: &str) -> Result<Vec<u32>, ControlError> {
+    let corrupt = |why: String| ControlError::Corrupt {
+        what: "shard ownership".into(),
+        why,
+    };
+    let rows = kv.scan(
+        keys::OWNER_PREFIX,
+        &prefix_end(keys::OWNER_PREFIX),
+        ldc_core::shard::MAX_SHARDS as usize,
+    )?;
+    let mut out = Vec::new();
+    for (k, v) in rows {
+        let o: Owner = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+        if o.cell != cell {
+            continue;
+        }
+        let shard = std::str::from_utf8(&k[keys::OWNER_PREFIX.len()..])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("a key that names no shard".into()))?;
+        out.push(shard);
+    }
+    Ok(out)
+}
 
 /// Fixed facts about a platform, written once at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@
 //! u/{shard:05}/{user}/j/{seq:012}p    payment
 //! u/{shard:05}/{user}/k               account
 //! x/{shard:05}/{ccy}/{clearing|transit}  a system account (balance of its contra legs)
+//! t/{shard:05}/{created_ms:013}/{user}/{key}  an idempotency record by age (retention)
 //! ob/{shard:05}/{message}             outbox message waiting for delivery
 //! ```
 //! User ids are `[A-Za-z0-9_.-]` (no `/`), so user prefixes never overlap.
@@ -99,6 +100,27 @@ pub fn parse_user_key(key: &str) -> Option<(u32, &str, UserKey)> {
 
 pub fn idempotency(shard: u32, user: &str, key: &str) -> Vec<u8> {
     format!("u/{shard:05}/{user}/i/{key}").into_bytes()
+}
+
+/// The age index of an idempotency record: a shard's records oldest first, so retention
+/// walks only what has expired (and new records append at the index's tail page).
+pub fn idempotency_by_age(shard: u32, created_ms: u64, user: &str, key: &str) -> Vec<u8> {
+    format!("t/{shard:05}/{created_ms:013}/{user}/{key}").into_bytes()
+}
+
+pub fn idempotency_age_prefix(shard: u32) -> String {
+    format!("t/{shard:05}/")
+}
+
+/// `(created_ms, user, key)` of an [`idempotency_by_age`] key of `shard`.
+pub fn parse_idempotency_by_age(shard: u32, k: &[u8]) -> Option<(u64, &str, &str)> {
+    let rest = std::str::from_utf8(k)
+        .ok()?
+        .strip_prefix(&idempotency_age_prefix(shard))?;
+    let (created, rest) = rest.split_once('/')?;
+    // User ids have no `/`; keys may.
+    let (user, key) = rest.split_once('/')?;
+    Some((created.parse().ok()?, user, key))
 }
 
 pub fn dedup(shard: u32, user: &str, message: &str) -> Vec<u8> {
@@ -218,6 +240,14 @@ mod tests {
         assert_eq!(
             parse_user_key(&k(payment(2, "bob", 8))),
             Some((2, "bob", UserKey::Payment(8)))
+        );
+        assert_eq!(
+            parse_idempotency_by_age(2, &idempotency_by_age(2, 1_700_000_000_000, "bob", "a/b")),
+            Some((1_700_000_000_000, "bob", "a/b"))
+        );
+        assert_eq!(
+            parse_idempotency_by_age(3, &idempotency_by_age(2, 1, "bob", "k")),
+            None
         );
         assert_eq!(
             parse_user_key(&k(idempotency(2, "bob", "a/b"))),

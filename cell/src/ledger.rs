@@ -63,6 +63,13 @@ pub enum Command {
         applied: bool,
         reason: String,
     },
+    /// Retention: forget at most `limit` idempotency records of `shard` created before
+    /// `before_ms` (see `retention`).
+    Prune {
+        shard: u32,
+        before_ms: u64,
+        limit: usize,
+    },
 }
 
 impl Command {
@@ -75,7 +82,7 @@ impl Command {
             | Command::Transfer { user, .. }
             | Command::Refund { user, .. } => shard_of(user, shard_count),
             Command::Deliver(c) => shard_of(&c.to_user_id, shard_count),
-            Command::Settle { shard, .. } => *shard,
+            Command::Settle { shard, .. } | Command::Prune { shard, .. } => *shard,
         }
     }
 
@@ -91,6 +98,7 @@ impl Command {
             Command::Settle { message_id, .. } => {
                 message_id.rsplit_once(':').map_or("", |(u, _)| u)
             }
+            Command::Prune { .. } => "",
         }
     }
 
@@ -103,6 +111,7 @@ impl Command {
             Command::Refund { .. } => "refund",
             Command::Deliver(_) => "deliver",
             Command::Settle { .. } => "settle",
+            Command::Prune { .. } => "prune",
         }
     }
 
@@ -192,6 +201,11 @@ impl Command {
                 }
             }
             Command::Settle { .. } => Ok(()),
+            Command::Prune { limit, .. } if *limit <= ldc_store::SCAN_LIMIT_MAX => Ok(()),
+            Command::Prune { .. } => Err(PaymentError::InvalidArgument(format!(
+                "a prune removes at most {} records",
+                ldc_store::SCAN_LIMIT_MAX
+            ))),
         }
     }
 }
@@ -203,6 +217,8 @@ pub enum Outcome {
     Payment(proto::Payment),
     Delivered(proto::DeliverResponse),
     Settled,
+    /// Idempotency records forgotten by a `Prune`.
+    Pruned(usize),
     /// A writer heartbeat went through a commit and its sync (see `Writer::heartbeat`).
     Heartbeat,
 }
@@ -328,6 +344,11 @@ pub fn execute(
             |kv, shard| refund(kv, ctx, shard, user, payment_id, *amount),
         ),
         Command::Deliver(credit) => deliver(kv, ctx, credit).map(Outcome::Delivered),
+        Command::Prune {
+            shard,
+            before_ms,
+            limit,
+        } => prune(kv, *shard, *before_ms, *limit).map(Outcome::Pruned),
         Command::Settle {
             shard,
             message_id,
@@ -381,7 +402,35 @@ fn idempotent(
         Encoded::Payment(seq, p) => (IdemAnswer::Payment(seq), Outcome::Payment(p)),
     };
     kv.put(&ikey, &enc(&IdemRec { request, answer }))?;
+    kv.put(
+        &keys::idempotency_by_age(shard, ctx.now_ms, user, key),
+        AGE_INDEX_VALUE,
+    )?;
     Ok(outcome)
+}
+
+/// The value of an age-index key (the key says everything; some engines keep no empty
+/// values).
+const AGE_INDEX_VALUE: &[u8] = b"1";
+
+/// Forgets up to `limit` idempotency records of `shard` created before `before_ms`,
+/// oldest first. A retry with a forgotten key is a new payment: the retention window is
+/// the promise (README, "Idempotency keys").
+fn prune(kv: &mut dyn Kv, shard: u32, before_ms: u64, limit: usize) -> Result<usize, PaymentError> {
+    let prefix = keys::idempotency_age_prefix(shard);
+    let end = format!("{prefix}{before_ms:013}");
+    let rows = kv.scan(prefix.as_bytes(), end.as_bytes(), limit)?;
+    for (k, _) in &rows {
+        let (_, user, key) = keys::parse_idempotency_by_age(shard, k).ok_or_else(|| {
+            PaymentError::Corrupt(format!(
+                "idempotency age key {}",
+                crate::model::quote(&String::from_utf8_lossy(k))
+            ))
+        })?;
+        kv.delete(&keys::idempotency(shard, user, key))?;
+        kv.delete(k)?;
+    }
+    Ok(rows.len())
 }
 
 /// The status a payment of `kind` is created with: money leaving for another cell is

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod relay;
+pub mod retention;
 pub mod service;
 pub mod writer;
 
@@ -53,6 +54,8 @@ pub struct CellConfig {
     pub transport: Transport,
     /// Where the writer's progress is published for `/readyz` (see [`health`]).
     pub readiness: health::Readiness,
+    /// How long idempotency keys are remembered (see [`retention`]).
+    pub idempotency_retention: Duration,
 }
 
 /// How a cell talks to the rest of the platform.
@@ -147,6 +150,14 @@ pub async fn serve(
             },
         ))
     });
+    let retention = tokio::spawn(retention::run(
+        cfg.store.clone(),
+        writer.clone(),
+        cfg.cell.clone(),
+        cfg.idempotency_retention,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let alarm = writer.alarm().clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let health = tokio::spawn(health::run(
@@ -231,6 +242,7 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = health.await;
+    let _ = retention.await;
     if let Some(r) = relay {
         let _ = r.await;
     }

@@ -35,6 +35,8 @@ pub struct CellMetrics {
     pub owned_shards: IntGauge,
     /// Seconds since a batch last became durable (the readiness signal, see `health`).
     pub writer_stalled_seconds: prometheus::Gauge,
+    /// Idempotency records forgotten after the retention window (see `retention`).
+    pub idempotency_pruned: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -136,6 +138,11 @@ impl CellMetrics {
                 "Seconds since the writer last made a batch durable (heartbeats included); the cell is not ready past 3",
             )))
             .unwrap(),
+            idempotency_pruned: IntCounter::with_opts(c(Opts::new(
+                "ldc_cell_idempotency_pruned_total",
+                "Idempotency records forgotten after the retention window",
+            )))
+            .unwrap(),
         };
         registry.register(Box::new(m.requests.clone())).unwrap();
         registry.register(Box::new(m.latency.clone())).unwrap();
@@ -166,6 +173,9 @@ impl CellMetrics {
         registry.register(Box::new(m.owned_shards.clone())).unwrap();
         registry
             .register(Box::new(m.writer_stalled_seconds.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(m.idempotency_pruned.clone()))
             .unwrap();
         m
     }

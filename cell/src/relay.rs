@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ldc_core::planner::Owner;
 use ldc_core::proto::{self, DeliverOutcome, cell_relay_client::CellRelayClient};
 use ldc_core::routing::RoutingTable;
 use ldc_store::{Store, prefix_end};
@@ -170,24 +169,11 @@ fn scan_outbox(store: &dyn Store, cell: &str) -> Result<Round, PaymentError> {
     let mut t = store.begin_read()?;
     let table = crate::control::load_routing(&mut *t)
         .map_err(|e| PaymentError::Corrupt(format!("routing table: {e}")))?;
-    let owners = t.scan(
-        keys::OWNER_PREFIX,
-        &prefix_end(keys::OWNER_PREFIX),
-        ldc_core::shard::MAX_SHARDS as usize,
-    )?;
-    let mut owned = 0;
+    let shards = crate::control::owned_shards(&mut *t, cell)
+        .map_err(|e| PaymentError::Corrupt(e.to_string()))?;
+    let owned = shards.len() as u32;
     let mut out = Vec::new();
-    for (k, v) in owners {
-        let o: Owner = serde_json::from_slice(&v)
-            .map_err(|e| PaymentError::Corrupt(format!("ownership: {e}")))?;
-        if o.cell != cell {
-            continue;
-        }
-        owned += 1;
-        let shard: u32 = std::str::from_utf8(&k[keys::OWNER_PREFIX.len()..])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| PaymentError::Corrupt("ownership key".into()))?;
+    for shard in shards {
         let p = keys::outbox_prefix(shard);
         for (_, raw) in t.scan(p.as_bytes(), &prefix_end(p.as_bytes()), ROUND_PER_SHARD_MAX)? {
             let rec: OutboxRec = dec("outbox", &raw)?;

@@ -29,6 +29,11 @@ struct Cell {
 
 /// Starts cell `c1` owning shards 0..8 of 10; shards 8 and 9 belong to `c2` (not running).
 async fn start() -> Cell {
+    start_with(ldc_cell::retention::RETENTION_DEFAULT).await
+}
+
+/// [`start`], remembering idempotency keys for `retention`.
+async fn start_with(retention: std::time::Duration) -> Cell {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let topo = Topology {
@@ -69,6 +74,7 @@ async fn start() -> Cell {
         batch_max: 64,
         transport,
         readiness: Default::default(),
+        idempotency_retention: retention,
     };
     let task = tokio::spawn(async move {
         ldc_cell::serve(cfg, listener, registry, async move {
@@ -97,7 +103,8 @@ impl Cell {
         let mut t = self.store.begin_read().unwrap();
         let n = t.scan(b"u/", &prefix_end(b"u/"), 100_000).unwrap().len()
             + t.scan(b"x/", &prefix_end(b"x/"), 100_000).unwrap().len()
-            + t.scan(b"ob/", &prefix_end(b"ob/"), 100_000).unwrap().len();
+            + t.scan(b"ob/", &prefix_end(b"ob/"), 100_000).unwrap().len()
+            + t.scan(b"t/", &prefix_end(b"t/"), 100_000).unwrap().len();
         t.rollback().unwrap();
         n
     }
@@ -638,5 +645,82 @@ async fn oversized_input_is_quoted_short_and_the_connection_survives() {
     ))
     .await
     .unwrap();
+    cell.stop().await;
+}
+
+/// Idempotency keys are remembered for the retention window and then forgotten by the
+/// background job (with their age index): within the window a retry replays the first
+/// answer; after it, the same key is a new payment, as documented.
+#[tokio::test]
+async fn idempotency_keys_are_kept_for_the_window_then_forgotten() {
+    let cell = start_with(std::time::Duration::from_secs(2)).await;
+    let mut c = cell.client.clone();
+    let (alice, _, _) = users();
+    c.open_account(req(
+        &alice,
+        proto::OpenAccountRequest {
+            user_id: alice.clone(),
+            currency: "EUR".into(),
+            idempotency_key: "open".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let first = c
+        .top_up(req(&alice, topup(&alice, 5, "EUR", "k1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = c
+        .top_up(req(&alice, topup(&alice, 5, "EUR", "k1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.payment_id, replay.payment_id,
+        "within the window: a replay"
+    );
+    let records = |cell: &Cell| {
+        let mut t = cell.store.begin_read().unwrap();
+        let n = t.scan(b"t/", &prefix_end(b"t/"), 100).unwrap().len();
+        t.rollback().unwrap();
+        n
+    };
+    assert_eq!(
+        records(&cell),
+        2,
+        "the opening and the top-up are indexed by age"
+    );
+    let t0 = std::time::Instant::now();
+    while records(&cell) > 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "never pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let again = c
+        .top_up(req(&alice, topup(&alice, 5, "EUR", "k1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        again.payment_id, first.payment_id,
+        "after the window: a new payment"
+    );
+    assert_eq!(again.balance_after, 10);
+    // The payments themselves stay.
+    let p = c
+        .get_payment(req(
+            &alice,
+            proto::GetPaymentRequest {
+                user_id: alice.clone(),
+                payment_id: first.payment_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.amount, 5);
     cell.stop().await;
 }
