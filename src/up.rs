@@ -33,6 +33,8 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+use ldc_store::sqlite::LockProbe;
+
 use crate::cli::{CellServeArgs, Global, RouterServeArgs, TableSource, UpArgs};
 
 /// Where `ldc up` listens, and where clients look when nothing else is said.
@@ -438,8 +440,8 @@ impl Proc {
 
 /// The pid of a cell process that holds the embedded store's write lock while failing its
 /// health checks: every other writer waits for it, so their failed checks are its doing.
-fn stuck_lock_holder(store: &std::path::Path, cells: &[Cell]) -> Option<u32> {
-    let holder = ldc_store::sqlite::SqliteStore::write_lock_holder(store).ok()??;
+fn stuck_lock_holder(probe: &LockProbe, cells: &[Cell]) -> Option<u32> {
+    let holder = probe.holder().ok()??;
     cells
         .iter()
         .flat_map(|c| [&c.blue, &c.green])
@@ -638,8 +640,11 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     let spec = g.store_spec();
     let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
     // Every cell process writes the one embedded store file (see the fail-stop rule below).
+    // One probe for the life of the controller (see `LockProbe` on why it stays open).
+    let lock_probe = (store.engine() == "sqlite")
+        .then(|| LockProbe::open(std::path::Path::new(&g.store_spec())).ok())
+        .flatten();
     let shared_file = store.engine() == "sqlite";
-    let store_path = std::path::PathBuf::from(g.store_spec());
     let (topo, serving) = default_topology(a.regions, a.cells_per_region, a.shards);
     let (created, topo) = {
         let store = store.clone();
@@ -798,11 +803,9 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         let mut changed = false;
         let mut fail_stopped = false;
         let mut to_fail = Vec::new();
-        let stuck_holder = if shared_file {
-            stuck_lock_holder(&store_path, &cells)
-        } else {
-            None
-        };
+        let stuck_holder = lock_probe
+            .as_ref()
+            .and_then(|p| stuck_lock_holder(p, &cells));
         for cell in cells.iter_mut() {
             let id = cell.id.clone();
             for (colour, p) in cell.procs_mut() {

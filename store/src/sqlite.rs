@@ -20,7 +20,7 @@ use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
 
 /// How long a writer waits for another process's write lock before giving up with `Busy`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Offset of SQLite's WAL write lock in the `-shm` file (see `write_lock_holder`).
+/// Offset of SQLite's WAL write lock in the `-shm` file (see [`LockProbe`]).
 const WAL_WRITE_LOCK_BYTE: i64 = 120;
 /// WAL size (pages) at which a committing writer checkpoints itself.
 /// Under steady writes the background PASSIVE checkpoints never let the WAL restart (new
@@ -121,36 +121,6 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Config(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(store)
-    }
-
-    /// The process holding the write lock of the store file at `path`, if another process
-    /// holds it: what a supervisor asks before it kills a stuck writer (fencing by force).
-    ///
-    /// In WAL mode SQLite takes its write lock as a POSIX record lock on byte 120 of the
-    /// `-shm` file (`WAL_WRITE_LOCK`, part of SQLite's documented WAL-index format, stable
-    /// across versions because processes of different versions must share it); `F_GETLK`
-    /// names the holder. Locks of the calling process are not reported.
-    pub fn write_lock_holder(path: &Path) -> std::io::Result<Option<u32>> {
-        let mut shm = path.as_os_str().to_os_string();
-        shm.push("-shm");
-        let f = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&shm)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let mut lk = nix::libc::flock {
-            l_type: nix::libc::F_WRLCK as _,
-            l_whence: nix::libc::SEEK_SET as _,
-            l_start: WAL_WRITE_LOCK_BYTE,
-            l_len: 1,
-            l_pid: 0,
-        };
-        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETLK(&mut lk))?;
-        Ok((i32::from(lk.l_type) != nix::libc::F_UNLCK).then_some(lk.l_pid as u32))
     }
 
     /// The file this store lives in.
@@ -399,6 +369,49 @@ impl Drop for SqliteTxn {
     }
 }
 
+/// Asks the kernel which process holds the write lock of a store file: what a supervisor
+/// asks before it kills a stuck writer (fencing by force).
+///
+/// In WAL mode SQLite takes its write lock as a POSIX record lock on byte 120 of the
+/// `-shm` file (`WAL_WRITE_LOCK`, part of SQLite's documented WAL-index format, stable
+/// across versions because processes of different versions must share it); `F_GETLK`
+/// names the holder. Locks of the calling process are not reported.
+///
+/// The probe keeps its descriptor open for its whole life, on purpose: closing *any*
+/// descriptor of a file drops every POSIX lock the process holds on it, including the
+/// locks SQLite's own connections in this process hold on the `-shm` (its dead-man-switch
+/// lock among them). Open one probe per process and keep it.
+#[derive(Debug)]
+pub struct LockProbe {
+    shm: std::fs::File,
+}
+
+impl LockProbe {
+    /// A probe of the store file at `path` (its `-shm` must exist: a store that is open).
+    pub fn open(path: &Path) -> std::io::Result<LockProbe> {
+        let mut shm = path.as_os_str().to_os_string();
+        shm.push("-shm");
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(shm)?;
+        Ok(LockProbe { shm })
+    }
+
+    /// The process holding the write lock, if another process holds it.
+    pub fn holder(&self) -> std::io::Result<Option<u32>> {
+        let mut lk = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as _,
+            l_whence: nix::libc::SEEK_SET as _,
+            l_start: WAL_WRITE_LOCK_BYTE,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&self.shm, nix::fcntl::FcntlArg::F_GETLK(&mut lk))?;
+        Ok((i32::from(lk.l_type) != nix::libc::F_UNLCK).then_some(lk.l_pid as u32))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,10 +434,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+        let probe = LockProbe::open(&path).unwrap();
+        assert_eq!(probe.holder().unwrap(), None);
         // Our own lock is not reported (only another process can be stuck holding it).
         let t = store.begin().unwrap();
-        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+        assert_eq!(probe.holder().unwrap(), None);
         t.rollback().unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
@@ -446,12 +460,12 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let holder = SqliteStore::write_lock_holder(&path).unwrap();
+        let holder = probe.holder().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(holder, Some(child.id()));
         // The kernel releases it with the process.
-        assert_eq!(SqliteStore::write_lock_holder(&path).unwrap(), None);
+        assert_eq!(probe.holder().unwrap(), None);
     }
 
     fn synchronous(conn: &Connection) -> i64 {
