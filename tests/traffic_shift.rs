@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::payments::*;
@@ -60,12 +59,7 @@ fn traffic_shift(p: &Platform, cell: &str, args: &[&str]) -> u64 {
 
 /// `count` users on `cell` and `count` elsewhere (user ids are what decide the shard).
 fn users_split(p: &Platform, cell: &str, count: usize) -> (Vec<String>, Vec<String>) {
-    let shards: HashSet<u64> = p.cell(cell)["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-        .collect();
+    let shards = p.shards_of(cell);
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for i in 0..10_000 {
         let u = format!("user-{i}");

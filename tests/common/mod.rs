@@ -107,6 +107,35 @@ impl Platform {
             .clone()
     }
 
+    /// The shards `cell` owns now.
+    pub fn shards_of(&self, cell: &str) -> std::collections::HashSet<u64> {
+        self.cell(cell)["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .collect()
+    }
+
+    /// The status of the cell that owns `user`'s shard (of the default 100).
+    pub fn owner_of(&self, user: &str) -> serde_json::Value {
+        let shard = u64::from(ldc_core::shard::shard_of(user, 100));
+        let status = self.status();
+        status["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["shards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.as_u64() == Some(shard))
+            })
+            .unwrap_or_else(|| panic!("no cell owns shard {shard}: {status}"))
+            .clone()
+    }
+
     /// Stops with SIGTERM and waits; returns the pids the platform had.
     pub fn stop(mut self) -> Vec<u32> {
         let pids: Vec<u32> = self.status()["cells"]

@@ -173,6 +173,30 @@ impl Load {
         }
     }
 
+    /// Stops the load and audits everything it acknowledged on the platform at `data`
+    /// ([`verify`]); every payment must have been acknowledged within its 30 s.
+    pub async fn stop_and_audit(
+        self,
+        data: &std::path::Path,
+        c: &PaymentsClient<Channel>,
+        users: &[String],
+    ) -> LoadResult {
+        let r = self.stop().await;
+        assert_eq!(
+            r.failed_payments, 0,
+            "a payment was not acknowledged within 30 s"
+        );
+        verify(
+            &|| super::wait_settled(data, Duration::from_secs(30)),
+            c,
+            users,
+            &r.acked,
+            0,
+        )
+        .await;
+        r
+    }
+
     pub async fn stop(self) -> LoadResult {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
