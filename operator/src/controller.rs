@@ -1012,3 +1012,33 @@ async fn patch_topology_status(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ldc_store::StoreError;
+
+    #[test]
+    fn only_silence_or_a_broken_backend_counts_as_not_reaching_the_store() {
+        let store = |e: StoreError| Err::<(), _>(Error::Fence(FenceError::Store(e)));
+        assert!(reached(&Ok(())));
+        // The store answered, even if it said no.
+        assert!(reached(&store(StoreError::Conflict)));
+        assert!(reached(&Err::<(), _>(Error::Fence(
+            FenceError::NoServingCell
+        ))));
+        // Silence, or a backend that cannot answer.
+        assert!(!reached(&Err::<(), _>(Error::StoreTimeout(
+            std::time::Duration::from_secs(10)
+        ))));
+        for e in [
+            StoreError::Backend("pd unreachable".into()),
+            StoreError::Undetermined("x".into()),
+            StoreError::Io("x".into()),
+            StoreError::Config("cannot reach TiKV PD".into()),
+            StoreError::Busy("x".into()),
+        ] {
+            assert!(!reached(&store(e)));
+        }
+    }
+}
