@@ -220,6 +220,40 @@ pub struct UpArgs {
     /// re-read at once anyway; tests raise this to exercise stale tables.
     #[arg(long, default_value_t = 100)]
     pub router_poll_ms: u64,
+    /// Run a region's cell processes in a network namespace: `REGION=NETNS@ADDRESS`
+    /// (repeatable). The namespace must exist and reach, and be reached from, this one at
+    /// ADDRESS; the cells listen there and their certificates name it. The fault tests use
+    /// it to partition regions (tests/faults.rs).
+    #[arg(long = "region-netns", value_parser = parse_region_netns)]
+    pub region_netns: Vec<RegionNetns>,
+}
+
+/// Where a region's cell processes run (`--region-netns`).
+#[derive(Debug, Clone)]
+pub struct RegionNetns {
+    pub region: String,
+    pub netns: String,
+    pub address: std::net::IpAddr,
+}
+
+fn parse_region_netns(s: &str) -> Result<RegionNetns, String> {
+    let bad = || "expected REGION=NETNS@ADDRESS, e.g. r1=ldc-r1@10.77.1.2".to_string();
+    let (region, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (netns, address) = rest.split_once('@').ok_or_else(bad)?;
+    let ok = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 64
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if !ok(region) || !ok(netns) {
+        return Err(bad());
+    }
+    Ok(RegionNetns {
+        region: region.into(),
+        netns: netns.into(),
+        address: address.parse().map_err(|_| bad())?,
+    })
 }
 
 #[derive(Subcommand, Debug)]

@@ -35,7 +35,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use ldc_store::sqlite::LockProbe;
 
-use crate::cli::{CellServeArgs, Global, RouterServeArgs, TableSource, UpArgs};
+use crate::cli::{CellServeArgs, Global, RegionNetns, RouterServeArgs, TableSource, UpArgs};
 
 /// Where `ldc up` listens, and where clients look when nothing else is said.
 pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
@@ -316,11 +316,25 @@ struct Proc {
     healthy: bool,
     restart_at: Option<Instant>,
     health: Option<HealthClient<tonic::transport::Channel>>,
+    /// The network namespace the process runs in (`--region-netns`), if not this one.
+    netns: Option<String>,
 }
 
-async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
+async fn spawn(
+    g: &Global,
+    args: &[String],
+    netns: Option<&str>,
+) -> Result<(Child, String, String)> {
     let exe = std::env::current_exe().context("cannot find the ldc binary")?;
-    let mut cmd = Command::new(exe);
+    // `ip netns exec` enters the namespace and execs ldc: the pid stays the process's.
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     cmd.arg("--data-dir")
         .arg(&g.data_dir)
         .arg("--store")
@@ -360,7 +374,7 @@ async fn spawn(g: &Global, args: &[String]) -> Result<(Child, String, String)> {
 
 impl Proc {
     async fn start(&mut self, g: &Global) -> Result<()> {
-        let (child, listen, metrics) = spawn(g, &self.args)
+        let (child, listen, metrics) = spawn(g, &self.args, self.netns.as_deref())
             .await
             .with_context(|| format!("{} did not start", self.name))?;
         self.pid = child.id().unwrap_or(0);
@@ -406,6 +420,7 @@ impl Proc {
             healthy: true,
             restart_at: None,
             health: None,
+            netns: None,
         }
     }
 
@@ -459,20 +474,25 @@ struct Cell {
 }
 
 impl Cell {
-    fn new(id: &str, region: &str) -> Cell {
+    /// A cell's processes, in the network namespace `place` names (if any).
+    fn new(id: &str, region: &str, place: Option<&RegionNetns>) -> Cell {
         let proc_for = |colour: Colour| {
-            Proc::new(
-                format!("{id}/{colour}"),
-                vec![
-                    "cell".into(),
-                    "serve".into(),
-                    "--cell".into(),
-                    id.into(),
-                    "--colour".into(),
-                    colour.as_str().into(),
-                    "--die-with-parent".into(),
-                ],
-            )
+            let mut args: Vec<String> = vec![
+                "cell".into(),
+                "serve".into(),
+                "--cell".into(),
+                id.into(),
+                "--colour".into(),
+                colour.as_str().into(),
+                "--die-with-parent".into(),
+            ];
+            if let Some(p) = place {
+                let at = std::net::SocketAddr::new(p.address, 0).to_string();
+                args.extend(["--listen".into(), at.clone(), "--metrics-listen".into(), at]);
+            }
+            let mut proc = Proc::new(format!("{id}/{colour}"), args);
+            proc.netns = place.map(|p| p.netns.clone());
+            proc
         };
         Cell {
             id: id.into(),
@@ -681,8 +701,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     } else {
         let pki = g.pki();
         let cells: Vec<String> = topo.cells.iter().map(|c| c.id.clone()).collect();
+        let hosts: Vec<String> = a
+            .region_netns
+            .iter()
+            .map(|p| p.address.to_string())
+            .collect();
         let issued = blocking(move || {
-            ldc_security::platform::ensure_local(&pki, cells.iter().map(String::as_str))
+            ldc_security::platform::ensure_local_on(&pki, cells.iter().map(String::as_str), &hosts)
                 .map_err(Into::into)
         })
         .await
@@ -722,7 +747,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
 
     let mut cells: Vec<Cell> = Vec::new();
     for c in &topo.cells {
-        let mut cell = Cell::new(&c.id, &c.region);
+        let place = a.region_netns.iter().find(|p| p.region == c.region);
+        let mut cell = Cell::new(&c.id, &c.region, place);
         for (colour, p) in cell.procs_mut() {
             p.start(&g)
                 .await

@@ -29,7 +29,20 @@ pub const LOCAL_HOSTS: [&str; 3] = ["127.0.0.1", "::1", "localhost"];
 
 /// Every certificate of a platform on one machine with these cells.
 pub fn local_leaves<'a>(cells: impl IntoIterator<Item = &'a str>) -> Vec<Leaf> {
-    let hosts: Vec<String> = LOCAL_HOSTS.iter().map(|h| h.to_string()).collect();
+    local_leaves_on(cells, &[])
+}
+
+/// [`local_leaves`], the router and cells also serving under `extra_hosts` (addresses of
+/// network namespaces on this machine that cells run in).
+pub fn local_leaves_on<'a>(
+    cells: impl IntoIterator<Item = &'a str>,
+    extra_hosts: &[String],
+) -> Vec<Leaf> {
+    let hosts: Vec<String> = LOCAL_HOSTS
+        .iter()
+        .map(|h| h.to_string())
+        .chain(extra_hosts.iter().cloned())
+        .collect();
     let mut v = vec![
         Leaf {
             name: ROUTER.into(),
@@ -80,5 +93,14 @@ pub fn ensure_local<'a>(
     pki: &Pki,
     cells: impl IntoIterator<Item = &'a str>,
 ) -> Result<Vec<String>, SecurityError> {
-    pki.ensure(&local_leaves(cells))
+    ensure_local_on(pki, cells, &[])
+}
+
+/// [`ensure_local`] with extra hosts (see [`local_leaves_on`]).
+pub fn ensure_local_on<'a>(
+    pki: &Pki,
+    cells: impl IntoIterator<Item = &'a str>,
+    extra_hosts: &[String],
+) -> Result<Vec<String>, SecurityError> {
+    pki.ensure(&local_leaves_on(cells, extra_hosts))
 }

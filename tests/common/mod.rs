@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ldc_core::proto::{self, payments_client::PaymentsClient};
 use tonic::transport::Channel;
 
+pub mod netns;
 pub mod payments;
 
 pub fn ldc() -> Command {

@@ -377,19 +377,28 @@ pub async fn verify(
         }
     }
     for u in users {
-        let m = proto::ListEntriesRequest {
-            user_id: u.clone(),
-            after_seq: 0,
-            limit: 100_000,
-        };
-        let entries = call_until(deadline, || {
-            let mut c = c.clone();
-            let r = req(u, m.clone());
-            async move { c.list_entries(r).await }
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ledger of {u}: {s:?}"))
-        .entries;
+        // Every page of the ledger (a page holds at most the cell's page limit).
+        let mut entries = Vec::new();
+        let mut after = 0;
+        loop {
+            let m = proto::ListEntriesRequest {
+                user_id: u.clone(),
+                after_seq: after,
+                limit: 1_000,
+            };
+            let page = call_until(deadline, || {
+                let mut c = c.clone();
+                let r = req(u, m.clone());
+                async move { c.list_entries(r).await }
+            })
+            .await
+            .unwrap_or_else(|s| panic!("ledger of {u}: {s:?}"));
+            entries.extend(page.entries);
+            if page.next_after_seq == 0 {
+                break;
+            }
+            after = page.next_after_seq;
+        }
         let count = |k: PaymentKind| entries.iter().filter(|e| e.kind == k as i32).count();
         let mine = count(PaymentKind::TopUp) + count(PaymentKind::TransferOut);
         let want = own.get(u.as_str()).copied().unwrap_or(0) + 1;
