@@ -453,15 +453,39 @@ impl Proc {
     }
 }
 
-/// The pid of a cell process that holds the embedded store's write lock while failing its
-/// health checks: every other writer waits for it, so their failed checks are its doing.
-fn stuck_lock_holder(probe: &LockProbe, cells: &[Cell]) -> Option<u32> {
+/// A holder of the store's write lock seen at every check for this long is stuck (a busy
+/// writer lets go between batches, a few milliseconds apart).
+const HOLDER_STUCK_AFTER: Duration = Duration::from_secs(2);
+
+/// The pid of the cell process holding the embedded store's write lock now, if one does.
+fn lock_holder(probe: &LockProbe, cells: &[Cell]) -> Option<u32> {
     let holder = probe.holder().ok()??;
     cells
         .iter()
         .flat_map(|c| [&c.blue, &c.green])
-        .any(|p| p.pid == holder && p.child.is_some() && p.failures > 0)
+        .any(|p| p.pid == holder && p.child.is_some())
         .then_some(holder)
+}
+
+/// Pure: `seen` (the holder and since when it was seen at every check) after a check at
+/// `now` found `holder`, and whether that holder counts as stuck: it held the lock at every
+/// check for [`HOLDER_STUCK_AFTER`], or it fails its own health checks. Every other writer
+/// waits for a stuck holder, so their failed checks are not theirs.
+fn track_holder(
+    seen: Option<(u32, Instant)>,
+    holder: Option<u32>,
+    holder_failing: bool,
+    now: Instant,
+) -> (Option<(u32, Instant)>, Option<u32>) {
+    let seen = match (seen, holder) {
+        (Some((p, since)), Some(h)) if p == h => Some((p, since)),
+        (_, Some(h)) => Some((h, now)),
+        (_, None) => None,
+    };
+    let stuck = seen
+        .filter(|(_, since)| holder_failing || now.duration_since(*since) >= HOLDER_STUCK_AFTER)
+        .map(|(p, _)| p);
+    (seen, stuck)
 }
 
 /// One cell: its blue and green processes and its health as the controller judges it.
@@ -816,6 +840,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = shutdown_signal();
     tokio::pin!(stop);
+    // The store's write-lock holder and since when it was seen at every check.
+    let mut holder_seen: Option<(u32, Instant)> = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -829,9 +855,16 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         let mut changed = false;
         let mut fail_stopped = false;
         let mut to_fail = Vec::new();
-        let stuck_holder = lock_probe
-            .as_ref()
-            .and_then(|p| stuck_lock_holder(p, &cells));
+        let holder = lock_probe.as_ref().and_then(|p| lock_holder(p, &cells));
+        let holder_failing = holder.is_some_and(|h| {
+            cells
+                .iter()
+                .flat_map(|c| [&c.blue, &c.green])
+                .any(|p| p.pid == h && p.failures > 0)
+        });
+        let (seen, stuck_holder) =
+            track_holder(holder_seen, holder, holder_failing, Instant::now());
+        holder_seen = seen;
         for cell in cells.iter_mut() {
             let id = cell.id.clone();
             for (colour, p) in cell.procs_mut() {
@@ -872,10 +905,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 let exited = status.is_some();
                 if !exited && p.healthy && stuck_holder.is_some_and(|h| h != p.pid) {
-                    // It waits for the store lock a failing process holds: not its fault,
-                    // and it recovers once that process is fenced (killed).
-                    p.failures = 0;
-                    p.failing_since = None;
+                    // It waits for the store lock a stuck process holds: not its fault, and
+                    // it recovers once that process is fenced (killed).
                     continue;
                 }
                 p.failures += 1;
@@ -1038,4 +1069,29 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     let _ = publish(&store, &cells, &signer).await;
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_stuck_when_it_keeps_the_lock_or_fails_its_checks() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // First sight: not stuck yet.
+        let (seen, stuck) = track_holder(None, Some(7), false, t0);
+        assert_eq!((seen, stuck), (Some((7, t0)), None));
+        // Seen at every check for the window: stuck.
+        let (seen, stuck) = track_holder(seen, Some(7), false, ms(1_999));
+        assert_eq!(stuck, None);
+        let (seen, stuck) = track_holder(seen, Some(7), false, ms(2_000));
+        assert_eq!((seen, stuck), (Some((7, t0)), Some(7)));
+        // Another holder (a busy writer let go): the clock restarts.
+        let (seen, stuck) = track_holder(seen, Some(8), false, ms(2_100));
+        assert_eq!((seen, stuck), (Some((8, ms(2_100))), None));
+        // A holder that fails its own checks is stuck at once; no holder, nobody is.
+        assert_eq!(track_holder(seen, Some(8), true, ms(2_200)).1, Some(8));
+        assert_eq!(track_holder(seen, None, false, ms(2_300)), (None, None));
+    }
 }

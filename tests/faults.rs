@@ -915,3 +915,70 @@ async fn a_region_partitioned_from_the_other_loses_nothing_and_heals() {
     );
     drop(platform);
 }
+
+/// Disaster recovery of a region that is cut off from the other (network namespaces, the
+/// partition of the test above): `ldc cell dr cutover --from r1` moves r1's shards to r2's
+/// cells while every packet between the regions is dropped; r1's users pay again on r2,
+/// the credits r1 had queued are delivered by their shards' new owners, and after the
+/// heal the audit is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_cutover_of_a_partitioned_region_loses_nothing() {
+    let net = common::netns::Regions::create(2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ldc");
+    let (r1, r2) = (net.up_arg(1), net.up_arg(2));
+    let platform = Platform::start(&data, &["--region-netns", &r1, "--region-netns", &r2]);
+    let c = platform.client().await;
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+    fund(&c, &users).await;
+    let affected: HashSet<String> = ["r1-a", "r1-b"]
+        .iter()
+        .flat_map(|cell| users_of(&platform, &users, cell))
+        .collect();
+    assert!(!affected.is_empty(), "no test user lives in r1");
+    let load = Load::start(&c, &users, 4);
+    load.wait_progress(30, Duration::from_secs(30)).await;
+
+    net.partition(1, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault = Instant::now();
+    let out = ldc()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["cell", "dr", "cutover", "--from", "r1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load.wait_recovered(&affected, fault, Duration::from_secs(30))
+        .await;
+    for cell in ["r1-a", "r1-b", "r1-s"] {
+        assert!(
+            platform.shards_of(cell).is_empty(),
+            "{cell} kept shards after the cutover"
+        );
+    }
+    load.wait_progress(30, Duration::from_secs(30)).await;
+    net.heal(1, 2);
+    let LoadResult {
+        acked,
+        failed_attempts,
+        ..
+    } = load.stop_and_audit(&data, &c, &users).await;
+    let r = recovery(&acked, &affected, fault);
+    eprintln!(
+        "dr cutover of a partitioned region: r1's users paid again after {:?}",
+        r.max
+    );
+    fault_row(
+        "DR cutover of a partitioned region",
+        failed_attempts.len() as u64,
+        Some(r.max),
+        0,
+        0,
+    );
+    drop(platform);
+}

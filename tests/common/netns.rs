@@ -38,10 +38,13 @@ fn ip(args: &[&str]) {
 impl Regions {
     /// `count` region namespaces behind one wan namespace.
     pub fn create(count: u32) -> Regions {
+        // Unique per test (several run at once in one process) and per process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = std::process::id();
         let r = Regions {
-            prefix: format!("lf{}", id % 10_000),
-            base: format!("10.{}", 100 + id % 100),
+            prefix: format!("lf{}x{n}", id % 10_000),
+            base: format!("10.{}", 100 + (id.wrapping_mul(8).wrapping_add(n)) % 150),
             count,
         };
         let (p, b) = (&r.prefix, &r.base);
