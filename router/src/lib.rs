@@ -33,6 +33,7 @@
 //! | `x-ldc-shard` not a number / `x-ldc-colour` not blue or green | INVALID_ARGUMENT | `bad_shard_header`, `bad_colour_header` |
 //! | shard number beyond the table (the count is fixed per platform, so it names nothing) | NOT_FOUND | `unknown_shard` |
 //! | request headers over `header_bytes_max` | RESOURCE_EXHAUSTED | `headers_too_large` |
+//! | the client already has `client_in_flight_max` requests in flight | RESOURCE_EXHAUSTED | `client_in_flight` |
 //! | the colour lists no endpoints / all are ejected (names cell and colour) | UNAVAILABLE | `no_endpoint`, `no_healthy_endpoint` |
 //! | connect to the endpoint failed (nothing reached the cell: safe to retry) | UNAVAILABLE | `connect` |
 //! | connection failed after the request was sent (may have been applied) | UNAVAILABLE | `upstream` |
@@ -63,6 +64,7 @@ mod admin;
 pub mod auth;
 pub mod balance;
 pub mod body;
+mod clients;
 pub mod grpc;
 #[cfg(feature = "kube")]
 pub mod kube_source;
@@ -115,6 +117,9 @@ pub struct RouterConfig {
     pub connections_max: usize,
     /// Most concurrent requests (HTTP/2 streams) per client connection. Default 256.
     pub streams_per_connection_max: u32,
+    /// Most requests in flight per client (authenticated principal), over all its
+    /// connections; more are refused with RESOURCE_EXHAUSTED. Default 1024.
+    pub client_in_flight_max: usize,
     /// Most request-body bytes buffered for replay across all requests at once; a body
     /// that does not fit is streamed (not replayable). Default 64 MiB.
     pub buffered_bytes_max: usize,
@@ -136,6 +141,7 @@ impl Default for RouterConfig {
             ejection_max: Duration::from_secs(30),
             connections_max: 10_000,
             streams_per_connection_max: 256,
+            client_in_flight_max: 1024,
             buffered_bytes_max: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
         }

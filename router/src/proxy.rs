@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub security: crate::auth::EdgeSecurity,
     /// Request-body bytes buffered for replay, router-wide (`buffered_bytes_max`).
     pub buffer_budget: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per client (`client_in_flight_max`).
+    pub clients: Arc<crate::clients::InFlightByClient>,
 }
 
 /// An answer the router makes itself.
@@ -223,6 +225,25 @@ async fn route(
     if let Some(p) = &principal {
         ldc_core::authz::authorize(p, parts.uri.path(), &key.user).map_err(auth::denied)?;
     }
+    let client = match &principal {
+        Some(p) => {
+            let label = p.label();
+            Some(s.clients.enter(&label).ok_or_else(|| {
+                Fail::new(
+                    Code::ResourceExhausted,
+                    "client_in_flight",
+                    format!(
+                        "{} has {} requests in flight at this router, its limit; wait for \
+                         answers, or retry after a short backoff with the same idempotency key \
+                         (nothing was sent to a cell)",
+                        ldc_core::quote_prefix(&label, 64),
+                        s.clients.max()
+                    ),
+                )
+            })?)
+        }
+        None => None,
+    };
     let span = tracing::Span::current();
     span.record("user", key.user.as_str());
     let timeout = upstream_timeout(&parts.headers, s.config.request_timeout);
@@ -275,11 +296,11 @@ async fn route(
     let (resp, guard) = send(s, &head, send_body, &first, &mut deadline).await?;
 
     let Some(moved) = grpc::moved(resp.headers()) else {
-        return Ok(respond(s, resp, guard, &first, started, deadline));
+        return Ok(respond(s, resp, guard, &first, started, deadline, client));
     };
     if !body.replayable() {
         tracing::info!(owner = %moved.owner, "cell answered moved; body too large to replay, returning the answer");
-        return Ok(respond(s, resp, guard, &first, started, deadline));
+        return Ok(respond(s, resp, guard, &first, started, deadline, client));
     }
     drop(resp);
     drop(guard);
@@ -293,7 +314,7 @@ async fn route(
         .take_body()
         .expect("a replayable body can be sent again");
     let (resp, guard) = send(s, &head, send_body, &second, &mut deadline).await?;
-    Ok(respond(s, resp, guard, &second, started, deadline))
+    Ok(respond(s, resp, guard, &second, started, deadline, client))
 }
 
 fn record(span: &tracing::Span, d: &Decision<'_>) {
@@ -645,6 +666,7 @@ fn respond(
     d: &Decision<'_>,
     started: Instant,
     deadline: Deadline,
+    client: Option<crate::clients::ClientGuard>,
 ) -> Response<RespBody> {
     let (parts, body) = resp.into_parts();
     let metrics = guard
@@ -654,8 +676,13 @@ fn respond(
     if let Some(code) = grpc::status_label(&parts.headers) {
         completion.set_code(code);
     }
-    let body = UpstreamBody::new(body, deadline, completion);
-    Response::from_parts(parts, body.boxed_unsync())
+    let body = UpstreamBody::new(body, deadline, completion).boxed_unsync();
+    // The client's request counts until its answer has streamed back.
+    let body = match client {
+        Some(c) => crate::body::Guarded::wrap(body, c),
+        None => body,
+    };
+    Response::from_parts(parts, body)
 }
 
 /// An error and its sources, as one line (hyper-util's own message is only the kind).

@@ -76,6 +76,7 @@ pub async fn serve(
         buffer_budget: Arc::new(Semaphore::new(
             config.buffered_bytes_max.min(Semaphore::MAX_PERMITS),
         )),
+        clients: crate::clients::InFlightByClient::new(config.client_in_flight_max),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

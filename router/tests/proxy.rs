@@ -1133,6 +1133,60 @@ async fn an_endpoint_that_stops_answering_is_ejected_as_an_outlier() {
     router.stop().await;
 }
 
+/// One client cannot take every place in a cell's queue: past its bound of requests in
+/// flight it is refused at the edge (RESOURCE_EXHAUSTED, nothing sent to the cell), while
+/// another client is served as usual; an answer frees a place.
+#[tokio::test]
+async fn one_client_is_bounded_in_flight_and_others_are_not_held_back() {
+    let a = Backend::start("A", "A");
+    a.set(Behaviour::Stall(Duration::from_millis(500)));
+    let handle = TableHandle::new();
+    handle.offer(one_cell_table(1, cell(&[&a], &[], 0, false)));
+    let cfg = RouterConfig {
+        client_in_flight_max: 2,
+        ..config()
+    };
+    let router = Router::start(handle, cfg).await;
+    let busy = router.client().await; // service:cli
+    let mut calls = Vec::new();
+    for i in 0..2 {
+        let mut c = busy.clone();
+        calls.push(tokio::spawn(async move {
+            balance(&mut c, &[(ldc_core::USER_HEADER, &format!("u{i}"))]).await
+        }));
+    }
+    wait_until("both stalled calls reached the cell", || a.calls() == 2).await;
+    let e = balance(&mut busy.clone(), &[(ldc_core::USER_HEADER, "u9")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("\"service:cli\" has 2 requests in flight"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(a.calls(), 2, "the refused call reached the cell");
+    // Another client is not held back by this one.
+    let mut reports = PaymentsClient::new(channel_to(router.addr, Some("reports")));
+    let served =
+        tokio::spawn(async move { balance(&mut reports, &[(ldc_core::USER_HEADER, "u5")]).await });
+    wait_until("the other client's call reached the cell", || {
+        a.calls() == 3
+    })
+    .await;
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    served.await.unwrap().unwrap();
+    // Answers freed the places.
+    a.set(Behaviour::Serve);
+    served_by(&mut busy.clone(), "u7").await;
+    let (_, metrics) = router.get("/metrics").await;
+    assert!(metrics.contains("reason=\"client_in_flight\""), "{metrics}");
+    router.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_cell_colour_and_code() {
     let blue = Backend::start("A", "blue");
