@@ -40,16 +40,21 @@ impl InFlightByClient {
         self.max
     }
 
-    /// Admits one more request of `client`, or `None` when it has `max` in flight.
-    pub fn enter(self: &Arc<Self>, client: &str) -> Option<ClientGuard> {
+    /// Admits one more request of `client`, or `None` when it has `max` in flight. Takes
+    /// the label by value: the guard keeps it, and the map copies it only for a client
+    /// that had nothing in flight.
+    pub fn enter(self: &Arc<Self>, client: String) -> Option<ClientGuard> {
         let mut m = self.counts.lock().expect("lock");
-        let n = m.entry(client.to_string()).or_insert(0);
-        if *n >= self.max {
-            return None;
+        match m.get_mut(&client) {
+            Some(n) if *n >= self.max => return None,
+            Some(n) => *n += 1,
+            None => {
+                m.insert(client.clone(), 1);
+            }
         }
-        *n += 1;
+        drop(m);
         Some(ClientGuard {
-            client: client.to_string(),
+            client,
             table: self.clone(),
         })
     }
@@ -84,19 +89,27 @@ mod tests {
     #[test]
     fn each_client_gets_its_own_bound() {
         let t = InFlightByClient::new(2);
-        let a1 = t.enter("user:alice").unwrap();
-        let _a2 = t.enter("user:alice").unwrap();
-        assert!(t.enter("user:alice").is_none(), "alice is at her bound");
-        let _b = t.enter("user:bob").expect("bob is not held back by alice");
+        let a1 = t.enter("user:alice".into()).unwrap();
+        let _a2 = t.enter("user:alice".into()).unwrap();
+        assert!(
+            t.enter("user:alice".into()).is_none(),
+            "alice is at her bound"
+        );
+        let _b = t
+            .enter("user:bob".into())
+            .expect("bob is not held back by alice");
         drop(a1);
-        assert!(t.enter("user:alice").is_some(), "an answer frees a place");
+        assert!(
+            t.enter("user:alice".into()).is_some(),
+            "an answer frees a place"
+        );
         assert_eq!(t.in_flight("user:bob"), 1);
     }
 
     #[test]
     fn clients_without_requests_leave_no_entry() {
         let t = InFlightByClient::new(4);
-        drop(t.enter("service:batch").unwrap());
+        drop(t.enter("service:batch".into()).unwrap());
         assert!(t.counts.lock().unwrap().is_empty());
     }
 }

@@ -226,22 +226,19 @@ async fn route(
         ldc_core::authz::authorize(p, parts.uri.path(), &key.user).map_err(auth::denied)?;
     }
     let client = match &principal {
-        Some(p) => {
-            let label = p.label();
-            Some(s.clients.enter(&label).ok_or_else(|| {
-                Fail::new(
-                    Code::ResourceExhausted,
-                    "client_in_flight",
-                    format!(
-                        "{} has {} requests in flight at this router, its limit; wait for \
-                         answers, or retry after a short backoff with the same idempotency key \
-                         (nothing was sent to a cell)",
-                        ldc_core::quote_prefix(&label, 64),
-                        s.clients.max()
-                    ),
-                )
-            })?)
-        }
+        Some(p) => Some(s.clients.enter(p.label()).ok_or_else(|| {
+            Fail::new(
+                Code::ResourceExhausted,
+                "client_in_flight",
+                format!(
+                    "{} has {} requests in flight at this router, its limit; wait for \
+                     answers, or retry after a short backoff with the same idempotency key \
+                     (nothing was sent to a cell)",
+                    ldc_core::quote_prefix(&p.label(), 64),
+                    s.clients.max()
+                ),
+            )
+        })?),
         None => None,
     };
     let span = tracing::Span::current();
