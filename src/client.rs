@@ -2,8 +2,8 @@
 //!
 //! Every mutating command sends an idempotency key (`--key`, or a fresh random one, printed
 //! on stderr *before* the first attempt), and retries every answer that leaves the outcome
-//! open or says nothing was applied (UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, ABORTED,
-//! RESOURCE_EXHAUSTED) with the same key, with jittered exponential backoff, until a
+//! open or says nothing was applied (UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, CANCELLED,
+//! ABORTED, RESOURCE_EXHAUSTED) with the same key, with jittered exponential backoff, until a
 //! deadline. The cell applies a key once and replays the first answer to every repeat, so a
 //! retry (the CLI's own, or a user re-running the command with `--key`) can never pay twice.
 //! When the deadline passes with the outcome still open, the command says so, names the
@@ -70,12 +70,14 @@ pub fn new_key(prefix: &str) -> String {
 
 /// Whether an answer may be retried with the same idempotency key: nothing was applied
 /// (UNAVAILABLE, ABORTED, RESOURCE_EXHAUSTED) or the outcome is not known
-/// (DEADLINE_EXCEEDED, UNKNOWN). Every other code is final: retrying would get it again.
+/// (DEADLINE_EXCEEDED, UNKNOWN, CANCELLED: tonic reports its own client-side timeout as
+/// CANCELLED "Timeout expired", after the request may have been sent). Every other code
+/// is final: retrying would get it again.
 pub fn retryable(code: tonic::Code) -> bool {
     use tonic::Code::*;
     matches!(
         code,
-        Unavailable | DeadlineExceeded | Unknown | Aborted | ResourceExhausted
+        Unavailable | DeadlineExceeded | Unknown | Cancelled | Aborted | ResourceExhausted
     )
 }
 
@@ -397,6 +399,7 @@ mod tests {
             Unavailable,
             DeadlineExceeded,
             Unknown,
+            Cancelled,
             Aborted,
             ResourceExhausted,
         ] {
@@ -404,7 +407,6 @@ mod tests {
         }
         for c in [
             Ok,
-            Cancelled,
             InvalidArgument,
             NotFound,
             AlreadyExists,
