@@ -7,6 +7,8 @@
 //! * [`sqlite::SqliteStore`], the embedded default: SQLite in WAL mode with
 //!   `synchronous=FULL`, so a commit is on disk before it returns, and several cell
 //!   processes on one machine can share one file at once (SQLite's lock serialises writers).
+//!   [`partitioned::PartitionedStore`] splits it into one file per group of shards, so
+//!   that cells write side by side and a stuck cell holds only its own file's lock.
 //! * `tikv::TikvStore` (feature `tikv`): TiKV optimistic transactions through
 //!   `tikv-client`, selected at run time by PD endpoints.
 //!
@@ -21,6 +23,7 @@
 pub mod conformance;
 pub mod failpoints;
 pub mod overlay;
+pub mod partitioned;
 pub mod sqlite;
 #[cfg(feature = "tikv")]
 pub mod tikv;
@@ -104,8 +107,15 @@ pub trait Txn: Kv + Send {
 pub trait Store: Send + Sync {
     /// Starts a read-write transaction.
     fn begin(&self) -> Result<Box<dyn Txn>>;
-    /// Starts a read-only transaction on a consistent snapshot.
+    /// Starts a read-only transaction on a consistent snapshot (for the embedded store
+    /// split into files, one snapshot per file: see [`partitioned`]).
     fn begin_read(&self) -> Result<Box<dyn Txn>>;
+    /// Starts a read-only transaction on one snapshot of the whole store, even where
+    /// [`Store::begin_read`] snapshots each part on its own: what a reader that adds up
+    /// across shards (reconciliation) needs.
+    fn begin_snapshot(&self) -> Result<Box<dyn Txn>> {
+        self.begin_read()
+    }
     /// Starts a read-write transaction whose `commit` may return before the writes are
     /// durable: they are visible to later transactions at once and durable after the next
     /// [`Store::sync`] that starts after `commit` returned. Group commit uses it to execute
@@ -139,7 +149,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Opens the store named by `spec`: `tikv://pd1:2379,pd2:2379` for TiKV, anything else is
-/// the path of the embedded SQLite file.
+/// the path of the embedded store's (control) file.
 pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>> {
     if let Some(pd) = spec.strip_prefix("tikv://") {
         #[cfg(feature = "tikv")]
@@ -155,9 +165,7 @@ pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>> {
             )));
         }
     }
-    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
-        std::path::Path::new(spec),
-    )?))
+    partitioned::open(std::path::Path::new(spec))
 }
 
 #[cfg(test)]

@@ -66,8 +66,15 @@ impl Drop for SqliteStore {
     }
 }
 
-fn map_err(e: rusqlite::Error) -> StoreError {
+/// SQLite's `SQLITE_BUSY_SNAPSHOT`: a transaction that read a snapshot tried to write after
+/// another connection committed. Nothing was written; the whole transaction may be retried.
+const BUSY_SNAPSHOT: i32 = 517;
+
+pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
     match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == BUSY_SNAPSHOT => {
+            StoreError::Conflict
+        }
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
         {
@@ -166,6 +173,38 @@ impl SqliteStore {
     }
 
     fn start(&self, sql: &str, write: bool, unsynced: bool) -> Result<Box<dyn Txn>> {
+        Ok(Box::new(self.start_txn(sql, write, unsynced)?))
+    }
+
+    /// A read-write transaction that takes the write lock only at its first write or
+    /// [`SqliteTxn::lock`] (`BEGIN DEFERRED`): what a transaction over several files uses
+    /// for a file it may only read, so that reading never waits for that file's writers.
+    pub(crate) fn begin_deferred_write(&self, unsynced: bool) -> Result<SqliteTxn> {
+        self.start_txn("BEGIN DEFERRED", true, unsynced)
+    }
+
+    /// A read-write transaction holding the write lock from the start.
+    pub(crate) fn begin_locked(&self, unsynced: bool) -> Result<SqliteTxn> {
+        self.start_txn("BEGIN IMMEDIATE", true, unsynced)
+    }
+
+    /// A read-only transaction.
+    pub(crate) fn begin_reading(&self) -> Result<SqliteTxn> {
+        self.start_txn("BEGIN DEFERRED", false, false)
+    }
+
+    /// Runs `f` on a connection of this store outside any transaction.
+    pub(crate) fn with_conn<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        let conn = match self.pool.lock().expect("pool lock").pop() {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let r = f(&conn);
+        give_back(&self.pool, conn);
+        r
+    }
+
+    fn start_txn(&self, sql: &str, write: bool, unsynced: bool) -> Result<SqliteTxn> {
         let pool = if unsynced {
             &self.unsynced_pool
         } else {
@@ -186,12 +225,13 @@ impl SqliteStore {
             give_back(pool, conn);
             return Err(map_err(e));
         }
-        Ok(Box::new(SqliteTxn {
+        Ok(SqliteTxn {
             conn: Some(conn),
             pool: pool.clone(),
             wrote: self.wrote.clone(),
             write,
-        }))
+            locked: sql == "BEGIN IMMEDIATE",
+        })
     }
 
     /// The WAL file: every commit's frames are appended to it.
@@ -209,7 +249,7 @@ impl SqliteStore {
 const SYNC_NORMAL: &str = "PRAGMA synchronous=NORMAL";
 
 impl SqliteStore {
-    fn sync_wal(&self) -> Result<()> {
+    pub(crate) fn sync_wal(&self) -> Result<()> {
         crate::failpoints::hit(crate::failpoints::SYNC)?;
         // An fsync on any descriptor of the WAL flushes every frame written to it before the
         // call, whoever wrote it. A missing WAL was fully checkpointed (synced) and removed
@@ -255,14 +295,37 @@ impl Store for SqliteStore {
     }
 }
 
-struct SqliteTxn {
+pub(crate) struct SqliteTxn {
     conn: Option<Connection>,
     pool: Arc<Mutex<Vec<Connection>>>,
     wrote: Arc<std::sync::atomic::AtomicBool>,
     write: bool,
+    /// Whether this transaction holds the file's write lock.
+    locked: bool,
 }
 
+/// A statement that writes nothing but, like every write, takes the write lock (and fails
+/// with `SQLITE_BUSY_SNAPSHOT`, a [`StoreError::Conflict`], if the file changed since this
+/// transaction's snapshot).
+const TAKE_WRITE_LOCK: &str = "UPDATE kv SET v = v WHERE 0";
+
 impl SqliteTxn {
+    /// Takes the write lock now (a no-op for a transaction that holds it).
+    pub(crate) fn lock(&mut self) -> Result<()> {
+        self.writable()?;
+        if !self.locked {
+            self.conn()
+                .execute_batch(TAKE_WRITE_LOCK)
+                .map_err(map_err)?;
+            self.locked = true;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_locked(&self) -> bool {
+        self.locked
+    }
+
     fn conn(&self) -> &Connection {
         self.conn.as_ref().expect("transaction already finished")
     }
@@ -302,13 +365,13 @@ impl Kv for SqliteTxn {
     }
 
     fn get_for_update(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        // The write lock taken by BEGIN IMMEDIATE already excludes every other writer.
-        self.writable()?;
+        // The write lock (taken by BEGIN IMMEDIATE, or now) excludes every other writer.
+        self.lock()?;
         self.get(key)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.writable()?;
+        self.lock()?;
         let mut st = self
             .conn()
             .prepare_cached(
@@ -320,7 +383,7 @@ impl Kv for SqliteTxn {
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<()> {
-        self.writable()?;
+        self.lock()?;
         let mut st = self
             .conn()
             .prepare_cached("DELETE FROM kv WHERE k = ?1")
@@ -343,8 +406,8 @@ impl Kv for SqliteTxn {
     }
 }
 
-impl Txn for SqliteTxn {
-    fn commit(mut self: Box<Self>) -> Result<()> {
+impl SqliteTxn {
+    pub(crate) fn commit_now(&mut self) -> Result<()> {
         if self.write {
             crate::failpoints::hit(crate::failpoints::COMMIT)?;
         }
@@ -355,8 +418,18 @@ impl Txn for SqliteTxn {
         Ok(())
     }
 
-    fn rollback(mut self: Box<Self>) -> Result<()> {
+    pub(crate) fn rollback_now(&mut self) -> Result<()> {
         self.finish("ROLLBACK")
+    }
+}
+
+impl Txn for SqliteTxn {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.commit_now()
+    }
+
+    fn rollback(mut self: Box<Self>) -> Result<()> {
+        self.rollback_now()
     }
 }
 
