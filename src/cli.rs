@@ -226,6 +226,19 @@ pub struct UpArgs {
     /// it to partition regions (tests/faults.rs).
     #[arg(long = "region-netns", value_parser = parse_region_netns)]
     pub region_netns: Vec<RegionNetns>,
+    /// How the embedded store keeps its shards (first start only): `cells`, a file per
+    /// serving cell's shards, so that cells write side by side and a stuck cell holds only
+    /// its own file; or `one-file`, every shard in the one store file (the layout before
+    /// shard files; kept for comparison in `bench/payments.sh`).
+    #[arg(long, value_enum, default_value_t = StoreLayout::Cells)]
+    pub store_layout: StoreLayout,
+}
+
+/// `ldc up --store-layout`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreLayout {
+    Cells,
+    OneFile,
 }
 
 /// Where a region's cell processes run (`--region-netns`).

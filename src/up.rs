@@ -35,7 +35,9 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use ldc_store::sqlite::LockProbe;
 
-use crate::cli::{CellServeArgs, Global, RegionNetns, RouterServeArgs, TableSource, UpArgs};
+use crate::cli::{
+    CellServeArgs, Global, RegionNetns, RouterServeArgs, StoreLayout, TableSource, UpArgs,
+};
 
 /// Where `ldc up` listens, and where clients look when nothing else is said.
 pub const DEFAULT_ROUTER: &str = "127.0.0.1:7400";
@@ -661,6 +663,22 @@ async fn failover(
     .await
 }
 
+/// The shards each serving cell owns when the platform is created, as inclusive ranges:
+/// the groups that move together, each given its own store file.
+fn cell_shard_ranges(shards: u32, serving: &[String]) -> Vec<(u32, u32)> {
+    let refs: Vec<&str> = serving.iter().map(String::as_str).collect();
+    let map = planner::ShardMap::initial(shards, &refs);
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (shard, owner) in map.owners.iter().enumerate() {
+        let shard = shard as u32;
+        match out.last_mut() {
+            Some(r) if map.owners[r.1 as usize].cell == owner.cell => r.1 = shard,
+            _ => out.push((shard, shard)),
+        }
+    }
+    out
+}
+
 /// `ldc up`.
 pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&g.data_dir)
@@ -682,14 +700,36 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         bail!("--regions must be at least 1 and --cells-per-region between 1 and 25");
     }
     let spec = g.store_spec();
-    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
-    // Every cell process writes the one embedded store file (see the fail-stop rule below).
-    // One probe for the life of the controller (see `LockProbe` on why it stays open).
-    let lock_probe = (store.engine() == "sqlite")
-        .then(|| LockProbe::open(std::path::Path::new(&g.store_spec())).ok())
-        .flatten();
-    let shared_file = store.engine() == "sqlite";
     let (topo, serving) = default_topology(a.regions, a.cells_per_region, a.shards);
+    let embedded = !spec.starts_with("tikv://");
+    if embedded && a.store_layout == StoreLayout::Cells {
+        let ranges = cell_shard_ranges(a.shards, &serving);
+        let path = std::path::PathBuf::from(&spec);
+        let made = blocking(move || {
+            ldc_store::partitioned::create(&path, &ranges).map_err(anyhow::Error::from)
+        })
+        .await?;
+        if made == ldc_store::partitioned::Created::SingleFile {
+            eprintln!(
+                "note: this store keeps every shard in one file (it was created before shard files);                  a stuck cell can stop the others until it is killed"
+            );
+        }
+    }
+    let store = blocking(move || ldc_store::open(&spec).map_err(Into::into)).await?;
+    // The cell processes write the embedded store's files (see the fail-stop rule below).
+    // One probe per file for the life of the controller (see `LockProbe` on why it stays
+    // open).
+    let lock_probes: Vec<LockProbe> = if embedded {
+        let control = std::path::PathBuf::from(g.store_spec());
+        blocking(move || Ok(ldc_store::partitioned::files(&control)?))
+            .await?
+            .iter()
+            .filter_map(|f| LockProbe::open(f).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let shared_file = embedded;
     let (created, topo) = {
         let store = store.clone();
         blocking(move || {
@@ -840,8 +880,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    // The store's write-lock holder and since when it was seen at every check.
-    let mut holder_seen: Option<(u32, Instant)> = None;
+    // Each store file's write-lock holder and since when it was seen at every check.
+    let mut holder_seen: Vec<Option<(u32, Instant)>> = vec![None; lock_probes.len()];
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -855,16 +895,19 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         let mut changed = false;
         let mut fail_stopped = false;
         let mut to_fail = Vec::new();
-        let holder = lock_probe.as_ref().and_then(|p| lock_holder(p, &cells));
-        let holder_failing = holder.is_some_and(|h| {
-            cells
-                .iter()
-                .flat_map(|c| [&c.blue, &c.green])
-                .any(|p| p.pid == h && p.failures > 0)
-        });
-        let (seen, stuck_holder) =
-            track_holder(holder_seen, holder, holder_failing, Instant::now());
-        holder_seen = seen;
+        let mut stuck_holders = Vec::new();
+        for (probe, seen) in lock_probes.iter().zip(holder_seen.iter_mut()) {
+            let holder = lock_holder(probe, &cells);
+            let holder_failing = holder.is_some_and(|h| {
+                cells
+                    .iter()
+                    .flat_map(|c| [&c.blue, &c.green])
+                    .any(|p| p.pid == h && p.failures > 0)
+            });
+            let (now_seen, stuck) = track_holder(*seen, holder, holder_failing, Instant::now());
+            *seen = now_seen;
+            stuck_holders.extend(stuck);
+        }
         for cell in cells.iter_mut() {
             let id = cell.id.clone();
             for (colour, p) in cell.procs_mut() {
@@ -904,7 +947,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 }
                 let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 let exited = status.is_some();
-                if !exited && p.healthy && stuck_holder.is_some_and(|h| h != p.pid) {
+                if !exited && p.healthy && stuck_holders.iter().any(|&h| h != p.pid) {
                     // It waits for the store lock a stuck process holds: not its fault, and
                     // it recovers once that process is fenced (killed).
                     continue;

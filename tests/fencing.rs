@@ -2,7 +2,7 @@
 //! keeps running after the shard is switched to cell B (epoch 2), like a cell cut off by a
 //! failover. A, still sent requests, can no longer commit anything: it answers "moved" with
 //! B and epoch 2 and writes nothing; B commits. Writes racing with the switch are each
-//! committed by exactly one of them.
+//! committed by exactly one of them. Run for every layout of the embedded store's files.
 
 mod common;
 
@@ -37,12 +37,34 @@ fn start_cell(data: &std::path::Path, cell: &str) -> (Child, String) {
     (child, addr)
 }
 
+/// One store file for every shard (a store created before shard files).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deposed_owner_cannot_commit() {
+async fn deposed_owner_cannot_commit_in_one_file() {
+    deposed_owner_cannot_commit(&[]).await;
+}
+
+/// `ldc up`'s layout: the shards of each group that moves together in their own file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposed_owner_cannot_commit_in_shard_group_files() {
+    deposed_owner_cannot_commit(&[(0, 1), (2, 3)]).await;
+}
+
+/// A file per shard, one shard (16..) left in the control file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposed_owner_cannot_commit_in_a_file_per_shard() {
+    deposed_owner_cannot_commit(&[(0, 0), (1, 1), (2, 2)]).await;
+}
+
+/// Shard files `layout` (none: one file).
+async fn deposed_owner_cannot_commit(layout: &[(u32, u32)]) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
-    let store: Arc<dyn Store> =
-        ldc_store::open(&data.join("store.db").display().to_string()).unwrap();
+    let path = data.join("store.db");
+    if !layout.is_empty() {
+        let made = ldc_store::partitioned::create(&path, layout).unwrap();
+        assert_eq!(made, ldc_store::partitioned::Created::New);
+    }
+    let store: Arc<dyn Store> = ldc_store::open(&path.display().to_string()).unwrap();
     let topo = Topology {
         shard_count: 4,
         cells: vec![

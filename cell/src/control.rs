@@ -212,7 +212,10 @@ pub fn load_map(kv: &mut dyn Kv, shard_count: u32) -> Result<ShardMap, ControlEr
 /// (a compare-and-set per ownership record, read for update so TiKV fences concurrent
 /// writers). Any difference aborts with `StalePlan` and the caller rolls back.
 pub fn apply_plan(kv: &mut dyn Kv, plan: &Plan) -> Result<(), ControlError> {
-    for m in &plan.moves {
+    // In shard order: the order in which every writer locks the store's shard files.
+    let mut moves: Vec<_> = plan.moves.iter().collect();
+    moves.sort_by_key(|m| m.shard);
+    for m in moves {
         let key = keys::owner(m.shard);
         let cur: Owner = match kv.get_for_update(&key)? {
             Some(b) => serde_json::from_slice(&b).map_err(|e| ControlError::Corrupt {

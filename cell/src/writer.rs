@@ -35,7 +35,7 @@
 //! is never left half-alive. A full disk is not a fault: the batch is refused with nothing
 //! written and payments resume when space returns.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -643,8 +643,23 @@ fn attempt_batch(
         shard_count: cfg.shard_count,
         now_ms: now_ms(),
     };
-    // Fence each shard once per batch: Ok(epoch) or the moved answer.
+    // Fence each shard once per batch, Ok(epoch) or the moved answer, in shard order: the
+    // fence locks the shard's store file (when the store is split into files), and every
+    // transaction that locks several takes them in that order, so none waits in a cycle.
+    let shards: BTreeSet<u32> = batch
+        .iter()
+        .filter_map(|j| j.cmd.as_ref().map(|c| c.shard(cfg.shard_count)))
+        .collect();
     let mut fences: HashMap<u32, Result<u64, (String, u64)>> = HashMap::new();
+    for shard in shards {
+        let f = match ledger::fence(&mut batch_buf, &cfg.cell, shard) {
+            Ok(epoch) => Ok(epoch),
+            Err(PaymentError::Moved { owner, epoch, .. }) => Err((owner, epoch)),
+            Err(PaymentError::Store(e)) => return Err(Abort::Store(e)),
+            Err(e) => return Err(Abort::Fatal(e)),
+        };
+        fences.insert(shard, f);
+    }
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let Some(cmd) = &job.cmd else {
@@ -652,19 +667,7 @@ fn attempt_batch(
             continue;
         };
         let shard = cmd.shard(cfg.shard_count);
-        let fenced = match fences.get(&shard) {
-            Some(f) => f.clone(),
-            None => {
-                let f = match ledger::fence(&mut batch_buf, &cfg.cell, shard) {
-                    Ok(epoch) => Ok(epoch),
-                    Err(PaymentError::Moved { owner, epoch, .. }) => Err((owner, epoch)),
-                    Err(PaymentError::Store(e)) => return Err(Abort::Store(e)),
-                    Err(e) => return Err(Abort::Fatal(e)),
-                };
-                fences.insert(shard, f.clone());
-                f
-            }
-        };
+        let fenced = fences.get(&shard).cloned().expect("fenced above");
         let epoch = match fenced {
             Ok(epoch) => epoch,
             Err((owner, epoch)) => {

@@ -28,15 +28,21 @@
 //! * **Locks**: a read in a read-write transaction takes no lock on a shard file (so the
 //!   controller's routing publication, which reads every ownership record, never waits for
 //!   a cell's writer); a write or `get_for_update` takes it, and fails with
-//!   [`StoreError::Conflict`] if that file changed since the transaction read it. The
-//!   control file is locked at its first access, before any shard file (a transaction that
-//!   locked a shard file first is refused as a bug): every control operation so queues on
-//!   the control file first, and two of them never deadlock on shard files.
+//!   [`StoreError::Conflict`] if that file changed since the transaction read it. A
+//!   transaction from [`Store::begin`] (a control operation: moves, publication, leases)
+//!   locks the control file at its first access and before its first shard file, so
+//!   control operations queue on the control file and two of them never deadlock on shard
+//!   files. The group commit ([`Store::begin_unsynced`]) writes shard records only and
+//!   never waits for the control file (one that locked a shard file and then touches the
+//!   control file is refused as a bug). Shard files are locked in shard order by both.
 //! * **Snapshots**: [`Store::begin_read`] reads each file on its own snapshot, taken at
 //!   first use: right for anything that reads within a shard. [`Store::begin_snapshot`] is
-//!   one snapshot of every file at one instant (it takes every file's write lock for the
-//!   moment it takes the snapshots): what reconciliation, which adds up money across
-//!   shards, reads.
+//!   one snapshot of every file at one instant (taken optimistically: it takes no lock, and
+//!   tries again if a file changed while it took them): what reconciliation, which adds up
+//!   money across shards, reads. At that instant a transaction that writes several files
+//!   may be committed in some of them only; money never moves in such a transaction (a
+//!   payment writes one shard; the relay moves money between shards in one transaction
+//!   per side, in order).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +56,8 @@ use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn, prefix_end
 pub const SHARD_DIGITS: usize = 5;
 /// Most shard files one store may have (a limit on everything: a sync visits each).
 pub const PARTITIONS_MAX: usize = 256;
+/// Attempts of [`Store::begin_snapshot`] before it reports the store busy.
+const SNAPSHOT_ATTEMPTS_MAX: u32 = 10_000;
 
 /// The shard a key belongs to, by the convention above; `None` for a control key.
 pub fn shard_of_key(key: &[u8]) -> Option<u32> {
@@ -224,6 +232,28 @@ pub fn files(control: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// SQLite's `integrity_check` on every file of the store at `control`: each problem found,
+/// as `file: message` (none when every file is sound).
+pub fn integrity_check(control: &Path) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for f in files(control)? {
+        let store = SqliteStore::open(&f)?;
+        let found: Vec<String> = store.with_conn(|c| {
+            let mut st = c.prepare("PRAGMA integrity_check").map_err(map_err)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(map_err)?;
+            rows.collect::<std::result::Result<Vec<String>, _>>()
+                .map_err(map_err)
+        })?;
+        problems.extend(
+            found
+                .into_iter()
+                .filter(|m| m != "ok")
+                .map(|m| format!("{}: {m}", f.display())),
+        );
+    }
+    Ok(problems)
+}
+
 /// Opens the embedded store at `control`: one file, or its shard files too when it has a
 /// layout.
 pub fn open(control: &Path) -> Result<Arc<dyn Store>> {
@@ -246,11 +276,21 @@ struct Inner {
     /// `files[0]` is the control file; `files[i + 1]` holds `ranges[i]`.
     files: Vec<SqliteStore>,
     ranges: Vec<(u32, u32)>,
+    /// The files [`Store::sync`] syncs: those whose shard records this handle has read or
+    /// written, and any it committed to unsynced. Unsynced commits (the cells' group
+    /// commit) only ever write shard records, and a process syncs for what it wrote or
+    /// read of its own shards (the relay, before it sends the outbox it read); syncing
+    /// every file would make each cell flush every other cell's writes too.
+    interest: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Inner {
     fn index_of_key(&self, key: &[u8]) -> usize {
         shard_of_key(key).map_or(0, |s| self.index_of_shard(s))
+    }
+
+    fn mark(&self, i: usize) {
+        self.interest[i].store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn index_of_shard(&self, shard: u32) -> usize {
@@ -271,8 +311,13 @@ impl PartitionedStore {
         for p in layout {
             files.push(SqliteStore::open(&dir.join(&p.file))?);
         }
+        let interest = files.iter().map(|_| Default::default()).collect();
         Ok(PartitionedStore {
-            inner: Arc::new(Inner { files, ranges }),
+            inner: Arc::new(Inner {
+                files,
+                ranges,
+                interest,
+            }),
         })
     }
 
@@ -306,30 +351,52 @@ struct PartitionedTxn {
 impl PartitionedTxn {
     /// The transaction's part in file `i`, begun (and locked, if `lock`) as needed.
     fn sub(&mut self, i: usize, lock: bool) -> Result<&mut SqliteTxn> {
+        let control_op = self.mode == (Mode::Write { unsynced: false });
+        if lock && i != 0 && control_op && self.subs[0].is_none() {
+            // A control operation: control first (see the module doc on the lock order).
+            self.sub(0, false)?;
+        }
+        let group_commit = self.mode == (Mode::Write { unsynced: true });
+        if lock
+            && i == 0
+            && group_commit
+            && !self.subs[0].as_ref().is_some_and(SqliteTxn::is_locked)
+            && self.subs[1..].iter().flatten().any(SqliteTxn::is_locked)
+        {
+            return Err(StoreError::Backend(
+                "lock order: a group commit locked a shard file before the control file \
+                 (a bug: group commits write shard records only)"
+                    .into(),
+            ));
+        }
         if self.subs[i].is_none() {
             let file = &self.inner.files[i];
             let t = match self.mode {
                 Mode::Read => file.begin_reading()?,
-                Mode::Write { unsynced } if i == 0 => {
-                    if self.subs[1..].iter().flatten().any(SqliteTxn::is_locked) {
-                        return Err(StoreError::Backend(
-                            "lock order: this transaction locked a shard file before the control file \
-                             (a bug: control operations take the control file first)"
-                                .into(),
-                        ));
-                    }
+                Mode::Write { unsynced } if lock || (i == 0 && control_op) => {
                     file.begin_locked(unsynced)?
                 }
-                Mode::Write { unsynced } if lock => file.begin_locked(unsynced)?,
                 Mode::Write { unsynced } => file.begin_deferred_write(unsynced)?,
             };
             self.subs[i] = Some(t);
+        }
+        if lock && group_commit {
+            self.inner.mark(i);
         }
         let t = self.subs[i].as_mut().expect("begun above");
         if lock {
             t.lock()?;
         }
         Ok(t)
+    }
+
+    /// The part in the file of `key`, noting a shard record's file for [`Store::sync`].
+    fn sub_of_key(&mut self, key: &[u8], lock: bool) -> Result<&mut SqliteTxn> {
+        let i = self.inner.index_of_key(key);
+        if shard_of_key(key).is_some() {
+            self.inner.mark(i);
+        }
+        self.sub(i, lock)
     }
 
     fn finish(&mut self, commit: bool) -> Result<()> {
@@ -363,30 +430,25 @@ impl PartitionedTxn {
 
 impl Kv for PartitionedTxn {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let i = self.inner.index_of_key(key);
-        self.sub(i, false)?.get(key)
+        self.sub_of_key(key, false)?.get(key)
     }
 
     fn get_for_update(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let i = self.inner.index_of_key(key);
-        self.sub(i, true)?.get_for_update(key)
+        self.sub_of_key(key, true)?.get_for_update(key)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        let i = self.inner.index_of_key(key);
-        self.sub(i, true)?.put(key, value)
+        self.sub_of_key(key, true)?.put(key, value)
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<()> {
-        let i = self.inner.index_of_key(key);
-        self.sub(i, true)?.delete(key)
+        self.sub_of_key(key, true)?.delete(key)
     }
 
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>> {
         let limit = limit.min(SCAN_LIMIT_MAX);
-        if let Some(shard) = shard_of_range(start, end) {
-            let i = self.inner.index_of_shard(shard);
-            return self.sub(i, false)?.scan(start, end, limit);
+        if shard_of_range(start, end).is_some() {
+            return self.sub_of_key(start, false)?.scan(start, end, limit);
         }
         // Keys of different files never coincide: merge every file's first `limit`.
         let mut all = Vec::new();
@@ -423,34 +485,55 @@ impl Store for PartitionedStore {
     }
 
     fn begin_snapshot(&self) -> Result<Box<dyn Txn>> {
-        // With every file's write lock held no commit is half done anywhere: snapshots
-        // taken now are one instant of the whole store. Locks in the order every
-        // transaction takes them (control, then shard files in order); held only while the
-        // snapshots are taken.
-        let mut locks = Vec::with_capacity(self.inner.files.len());
-        for f in &self.inner.files {
-            locks.push(f.begin_locked(false)?);
-        }
-        let mut txn = self.txn(Mode::Read);
-        let taken = (|| {
+        // Optimistic, so that it never waits for (or starves behind) a busy writer: take a
+        // snapshot of each file, one after another, between two readings of every file's
+        // `data_version` (which changes when another connection commits). If no file
+        // changed from the first reading to the second, each snapshot is its file's state
+        // over the whole span, so all of them are the store at one instant; otherwise try
+        // again.
+        let probes: Vec<rusqlite::Connection> = self
+            .inner
+            .files
+            .iter()
+            .map(SqliteStore::probe_connection)
+            .collect::<Result<_>>()?;
+        let versions = || -> Result<Vec<i64>> {
+            probes
+                .iter()
+                .map(|c| {
+                    c.query_row("PRAGMA data_version", [], |r| r.get(0))
+                        .map_err(map_err)
+                })
+                .collect()
+        };
+        for attempt in 0..SNAPSHOT_ATTEMPTS_MAX {
+            let before = versions()?;
+            let mut txn = self.txn(Mode::Read);
             for (i, f) in self.inner.files.iter().enumerate() {
                 let mut t = f.begin_reading()?;
                 t.get(b"")?; // a read starts the snapshot
                 txn.subs[i] = Some(t);
             }
-            Ok(())
-        })();
-        for mut l in locks {
-            let _ = l.rollback_now();
+            if versions()? == before {
+                return Ok(Box::new(txn));
+            }
+            drop(txn.finish(false));
+            if attempt % 16 == 15 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
         }
-        taken.map(|()| Box::new(txn) as Box<dyn Txn>)
+        Err(StoreError::Busy(format!(
+            "the store's files changed during each of {SNAPSHOT_ATTEMPTS_MAX} attempts at one snapshot of them all"
+        )))
     }
 
     fn sync(&self) -> Result<()> {
-        // Another process (the cell's other colour) may have committed to any file, and a
-        // caller syncs for what it saw: sync every file (a file with nothing new is cheap).
-        for f in &self.inner.files {
-            f.sync_wal()?;
+        // What it syncs covers every commit to those files before the call, whoever made it
+        // (the cell's other colour writes the same shards' file).
+        for (f, interest) in self.inner.files.iter().zip(&self.inner.interest) {
+            if interest.load(std::sync::atomic::Ordering::Relaxed) {
+                f.sync_wal()?;
+            }
         }
         Ok(())
     }

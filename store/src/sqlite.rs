@@ -193,6 +193,12 @@ impl SqliteStore {
         self.start_txn("BEGIN DEFERRED", false, false)
     }
 
+    /// A connection of its own, outside the pools (for `PRAGMA data_version`, which counts
+    /// the commits of every other connection since the last time it was asked on this one).
+    pub(crate) fn probe_connection(&self) -> Result<Connection> {
+        self.connect()
+    }
+
     /// Runs `f` on a connection of this store outside any transaction.
     pub(crate) fn with_conn<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
         let conn = match self.pool.lock().expect("pool lock").pop() {

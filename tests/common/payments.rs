@@ -91,25 +91,61 @@ impl Load {
         workers: usize,
         tag: &str,
     ) -> Load {
+        let users = users.to_vec();
+        Self::spawn(c, workers, tag, move |w, n| {
+            let i = (w * 7 + n as usize) % users.len();
+            let to = (!n.is_multiple_of(3)).then(|| users[(i + 5) % users.len()].clone());
+            (users[i].clone(), to)
+        })
+    }
+
+    /// Payments by `payers` (two transfers to one of `payees` for every top-up), with
+    /// `workers` workers for each payer: a payer whose cell stops holds up only itself.
+    pub fn per_payer(
+        c: &PaymentsClient<Channel>,
+        payers: &[String],
+        payees: &[String],
+        workers: usize,
+        tag: &str,
+    ) -> Load {
+        let (payers, payees) = (payers.to_vec(), payees.to_vec());
+        Self::spawn(c, payers.len() * workers, tag, move |w, n| {
+            let payer = &payers[w % payers.len()];
+            let mut j = (w * 5 + n as usize * 3) % payees.len();
+            if &payees[j] == payer {
+                j = (j + 1) % payees.len();
+            }
+            let to = (!n.is_multiple_of(3)).then(|| payees[j].clone());
+            (payer.clone(), to)
+        })
+    }
+
+    /// `workers` workers, each paying `pick(worker, n)` (payer, payee of a transfer or
+    /// none for a top-up) for its n-th payment, one after another.
+    fn spawn(
+        c: &PaymentsClient<Channel>,
+        workers: usize,
+        tag: &str,
+        pick: impl Fn(usize, u64) -> (String, Option<String>) + Send + Sync + 'static,
+    ) -> Load {
         let stop: Arc<AtomicBool> = Arc::default();
         let shared: Arc<Shared> = Arc::default();
+        let pick = Arc::new(pick);
         let handles = (0..workers)
             .map(|w| {
-                let (c, users, stop, shared, tag) = (
+                let (c, stop, shared, tag, pick) = (
                     c.clone(),
-                    users.to_vec(),
                     stop.clone(),
                     shared.clone(),
                     tag.to_string(),
+                    pick.clone(),
                 );
                 tokio::spawn(async move {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        let i = (w * 7 + n as usize) % users.len();
-                        let to =
-                            (!n.is_multiple_of(3)).then(|| users[(i + 5) % users.len()].clone());
-                        pay(&c, &shared, &users[i], format!("{tag}w{w}-{n}"), to).await;
+                        let (payer, to) = pick(w, n);
+                        pay(&c, &shared, &payer, format!("{tag}w{w}-{n}"), to).await;
                     }
                 })
             })
