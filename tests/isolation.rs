@@ -1,11 +1,13 @@
 //! Cells fail alone, on the platform as users run it (`ldc up`: 2 regions × 2 serving cells
 //! and a standby each, the embedded store split into a file per cell's shards).
 //!
-//! * A serving process stopped (SIGSTOP: it holds whatever store lock it held, as a hung
-//!   or swapped-out process does) five times at random under continuous cross-cell
-//!   transfers: the users of every other cell keep paying at no less than half their
-//!   normal rate with not one failed call, the controller kills the stopped process and
-//!   fails its cell over, and its users pay again.
+//! * A serving process stopped (SIGSTOP) while it holds its store file's write lock, as a
+//!   hung or swapped-out process may, five times at random under continuous cross-cell
+//!   transfers: while it is stopped (until the controller kills it, a few seconds) the
+//!   users of every other cell keep paying at no less than half their normal rate with
+//!   not one failed call; the controller fails its cell over and its users pay again.
+//!   With every shard in one file (`--store-layout one-file`) the same stop does stop
+//!   the other cells: that is the control.
 //! * `kill -9` of every cell process in turn under load: every store file passes SQLite's
 //!   `integrity_check`, and the exactly-once audit and `ldc reconcile` are clean.
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::payments::*;
 use common::*;
+use ldc_store::sqlite::LockProbe;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng;
@@ -48,20 +51,64 @@ struct Stopped {
     killed_after: Option<Duration>,
 }
 
-const STOPS: usize = 5;
 const STOP_FOR: Duration = Duration::from_secs(10);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_cell_stops_no_other_cell() {
+/// Stops `pid` at a moment it holds the write lock of one of the store's files (the worst
+/// moment: a process stopped between two transactions holds nothing): stops it, and lets it
+/// go on again if it holds none, until it is caught holding one.
+async fn stop_holding_a_lock(pid: u32, probes: &[LockProbe]) {
+    let p = Pid::from_raw(pid as i32);
+    for _ in 0..STOP_ATTEMPTS_MAX {
+        kill(p, Signal::SIGSTOP).unwrap();
+        // SIGSTOP is asynchronous: wait until the kernel reports the process stopped.
+        while !stopped(pid) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if probes.iter().any(|l| l.holder().unwrap() == Some(pid)) {
+            return;
+        }
+        kill(p, Signal::SIGCONT).unwrap();
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1..20))).await;
+    }
+    panic!("process {pid} was never caught holding a store lock");
+}
+
+const STOP_ATTEMPTS_MAX: usize = 2_000;
+
+/// Whether the process is in the stopped state (`T` in `/proc/PID/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// What one stop did to the others.
+struct Seen {
+    cell: String,
+    /// The other cells' users' payments per second: normally, and while it was stopped.
+    normal: f64,
+    during: f64,
+}
+
+/// `ldc up` with `--store-layout layout`; `stops` times, a random serving process is
+/// stopped for [`STOP_FOR`] under continuous payments. Checks that the controller kills it,
+/// that its users pay again, that no call of any other user failed and that the audit,
+/// `reconcile` and every file's `integrity_check` are clean; returns the rates.
+async fn stop_serving_processes(layout: &str, stops: usize) -> Vec<Seen> {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ldc");
-    let platform = Platform::start(&data, &[]);
-    let files = ldc_store::partitioned::files(&data.join("store.db")).unwrap();
-    assert_eq!(
-        files.len(),
-        5,
-        "a control file and one per serving cell: {files:?}"
+    // Slower to give up on a process than by default, so each stop leaves a few seconds in
+    // which the stopped process holds whatever it held before it is killed.
+    let platform = Platform::start(
+        &data,
+        &["--failure-threshold", "8", "--store-layout", layout],
     );
+    let probes: Vec<LockProbe> = ldc_store::partitioned::files(&data.join("store.db"))
+        .unwrap()
+        .iter()
+        .map(|f| LockProbe::open(f).unwrap())
+        .collect();
     let c = platform.client().await;
     let users: Vec<String> = (0..32).map(|i| format!("user-{i}")).collect();
     fund(&c, &users).await;
@@ -73,8 +120,8 @@ async fn a_stopped_cell_stops_no_other_cell() {
     let normal_to = Instant::now();
 
     let mut rng = rand::rng();
-    let mut stops: Vec<Stopped> = Vec::new();
-    for _ in 0..STOPS {
+    let mut stopped: Vec<Stopped> = Vec::new();
+    for _ in 0..stops {
         let status = platform.status();
         let serving: Vec<&serde_json::Value> = status["cells"]
             .as_array()
@@ -87,7 +134,7 @@ async fn a_stopped_cell_stops_no_other_cell() {
         // Blue carries a cell's traffic (no traffic shift here).
         let pid = victim["pids"][0].as_u64().unwrap() as u32;
         let affected = users_on(&platform, &users, &cell);
-        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        stop_holding_a_lock(pid, &probes).await;
         let at = Instant::now();
         let mut killed_after = None;
         while at.elapsed() < STOP_FOR {
@@ -99,12 +146,16 @@ async fn a_stopped_cell_stops_no_other_cell() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
         let until = Instant::now();
         eprintln!(
-            "stopped {cell} (pid {pid}, {} of the users) for {STOP_FOR:?}: killed after {killed_after:?}",
+            "stopped {cell} (pid {pid}, {} of the users): killed after {killed_after:?}",
             affected.len()
+        );
+        assert!(
+            killed_after.is_some(),
+            "the stopped process of {cell} was never killed"
         );
         load.wait_recovered(&affected, at, Duration::from_secs(30))
             .await;
-        stops.push(Stopped {
+        stopped.push(Stopped {
             cell,
             at,
             until,
@@ -120,46 +171,76 @@ async fn a_stopped_cell_stops_no_other_cell() {
     } = load.stop_and_audit(&data, &c, &users).await;
 
     let all: HashSet<String> = users.iter().cloned().collect();
-    for s in &stops {
+    let mut seen = Vec::new();
+    for s in &stopped {
         let others: HashSet<String> = all.difference(&s.affected).cloned().collect();
         let normal = rate(&acked, &others, normal_from, normal_to);
-        let during = rate(&acked, &others, s.at, s.until);
+        // While the process was stopped: until the controller killed it.
+        let stopped_until = s.killed_after.map_or(s.until, |d| s.at + d);
+        let during = rate(&acked, &others, s.at, stopped_until);
         let r = recovery(&acked, &s.affected, s.at);
         eprintln!(
-            "{} stopped: the other cells' {} users paid {during:.0}/s (normal {normal:.0}/s, {:.0}%); \
+            "[{layout}] {} stopped for {:?}: the other cells' {} users paid {during:.0}/s (normal {normal:.0}/s, {:.0}%); \
              its {} users paid again after {:?}",
             s.cell,
+            stopped_until - s.at,
             others.len(),
             100.0 * during / normal,
             r.users,
             r.max
         );
-        assert!(
-            during >= normal / 2.0,
-            "while {} was stopped the other cells' users paid {during:.0}/s, under half their normal {normal:.0}/s",
-            s.cell
-        );
-        assert!(
-            s.killed_after.is_some(),
-            "the stopped process of {} was never killed",
-            s.cell
-        );
+        seen.push(Seen {
+            cell: s.cell.clone(),
+            normal,
+            during,
+        });
     }
-    // Not one failed call by a user whose cell was not stopped at that moment.
-    for f in &failed_attempts {
-        assert!(
-            stops
-                .iter()
-                .any(|s| s.affected.contains(&f.user) && f.at >= s.at),
-            "{} (on a running cell) had a call fail with {:?}",
-            f.user,
-            f.code
-        );
+    if layout == "cells" {
+        // Not one failed call by a user whose cell was not stopped at that moment.
+        for f in &failed_attempts {
+            assert!(
+                stopped
+                    .iter()
+                    .any(|s| s.affected.contains(&f.user) && f.at >= s.at),
+                "{} (on a running cell) had a call fail with {:?}",
+                f.user,
+                f.code
+            );
+        }
     }
     let pids = platform.stop();
     assert!(pids.iter().all(|p| !alive(*p)));
-    let problems = ldc_store::partitioned::integrity_check(&data.join("store.db")).unwrap();
+    let control = data.join("store.db");
+    let files = ldc_store::partitioned::files(&control).unwrap();
+    let expected = if layout == "cells" { 5 } else { 1 };
+    assert_eq!(files.len(), expected, "{files:?}");
+    let problems = ldc_store::partitioned::integrity_check(&control).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_cell_stops_no_other_cell() {
+    for s in stop_serving_processes("cells", 5).await {
+        assert!(
+            s.during >= s.normal / 2.0,
+            "while {} was stopped the other cells' users paid {:.0}/s, under half their normal {:.0}/s",
+            s.cell,
+            s.during,
+            s.normal
+        );
+    }
+}
+
+/// The control: with every shard in one file, the same stop does stop the other cells
+/// (which is why `ldc up` splits the store, and shows that the check above can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_one_file_a_stopped_cell_stops_the_others() {
+    let seen = stop_serving_processes("one-file", 1).await;
+    assert!(
+        seen.iter().all(|s| s.during < s.normal / 2.0),
+        "with one store file the other cells kept paying while one was stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
