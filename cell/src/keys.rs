@@ -20,6 +20,11 @@
 //! ```
 //! User ids are `[A-Za-z0-9_.-]` (no `/`), so user prefixes never overlap.
 //!
+//! Every shard's key is `{space}/{shard:05}` or `{space}/{shard:05}/…`, and every other
+//! key starts with `sys/`: the convention by which the embedded store puts a shard's
+//! records, its ownership record (the fence) among them, in that shard's file
+//! (`ldc_store::partitioned::shard_of_key`; checked by `every_shard_key_names_its_shard`).
+//!
 //! The order inside a user's range is chosen for write locality: a payment writes its
 //! payment record, its entry and the account. Entries and payments share the `j/` journal
 //! range (their counters advance together, so the newest of each sit side by side), and the
@@ -191,6 +196,48 @@ pub fn parse_payment_id(id: &str) -> Option<(&str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The embedded store files every shard's records by the shard its key names.
+    #[test]
+    fn every_shard_key_names_its_shard() {
+        use ldc_store::partitioned::shard_of_key;
+        let shard = 12_345;
+        for key in [
+            owner(shard),
+            account(shard, "alice"),
+            payment(shard, "alice", 7),
+            entry(shard, "alice", 7),
+            idempotency(shard, "alice", "k/with/slashes"),
+            idempotency_by_age(shard, 1, "alice", "k"),
+            dedup(shard, "alice", "m"),
+            sys_account(shard, "EUR", SysAccount::Transit),
+            outbox(shard, "m"),
+            outbox_prefix(shard).into_bytes(),
+            idempotency_age_prefix(shard).into_bytes(),
+            user_prefix(shard, "alice").into_bytes(),
+            journal_prefix(shard, "alice").into_bytes(),
+        ] {
+            assert_eq!(
+                shard_of_key(&key),
+                Some(shard),
+                "{}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+        for key in [
+            CONFIG.to_vec(),
+            TOPOLOGY.to_vec(),
+            cell_runtime("00001"),
+            ldc_core::routing::STORE_KEY.to_vec(),
+        ] {
+            assert_eq!(
+                shard_of_key(&key),
+                None,
+                "{}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
 
     #[test]
     fn payment_ids_round_trip() {

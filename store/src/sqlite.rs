@@ -1,5 +1,6 @@
-//! The embedded engine: one SQLite file in WAL mode, shared by every cell process on the
-//! machine.
+//! The embedded engine: a SQLite file in WAL mode, shared by the cell processes on the
+//! machine (`ldc up` gives each group of shards a file of its own: see
+//! [`crate::partitioned`], which builds on this one).
 //!
 //! Why SQLite: it is crash-safe (the WAL is synced on commit with `synchronous=FULL`, so an
 //! acknowledged payment survives `kill -9` and power loss), it needs no server, and several
