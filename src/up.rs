@@ -1119,6 +1119,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_serving_cell_gets_a_store_file_for_its_shards() {
+        let (_, serving) = default_topology(2, 2, 100);
+        assert_eq!(
+            cell_shard_ranges(100, &serving),
+            vec![(0, 24), (25, 49), (50, 74), (75, 99)]
+        );
+        let one = vec!["only".to_string()];
+        assert_eq!(cell_shard_ranges(7, &one), vec![(0, 6)]);
+        // More cells than shards: the cells that own none get no file.
+        let (_, serving) = default_topology(1, 5, 3);
+        assert_eq!(cell_shard_ranges(3, &serving), vec![(0, 0), (1, 1), (2, 2)]);
+        // The ranges are exactly what the initial ownership map gives each cell.
+        for shards in [1, 9, 100, 1000] {
+            let (_, serving) = default_topology(3, 3, shards);
+            let refs: Vec<&str> = serving.iter().map(String::as_str).collect();
+            let map = planner::ShardMap::initial(shards, &refs);
+            for (first, last) in cell_shard_ranges(shards, &serving) {
+                let owner = &map.owners[first as usize].cell;
+                assert_eq!(map.owned_by(owner), (first..=last).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[test]
     fn a_holder_is_stuck_when_it_keeps_the_lock_or_fails_its_checks() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);

@@ -63,6 +63,16 @@ fn request_id<T>(req: &Request<T>) -> String {
 }
 
 /// The router routes on the header; a body naming another user means a confused client.
+/// Most credits in one `DeliverBatch`.
+pub const DELIVER_BATCH_MAX: usize = 256;
+
+fn delivered(o: Outcome) -> Option<proto::DeliverResponse> {
+    match o {
+        Outcome::Delivered(d) => Some(d),
+        _ => None,
+    }
+}
+
 fn check_header<T>(req: &Request<T>, user: &str) -> Result<(), PaymentError> {
     if let Some(h) = req.metadata().get(ldc_core::USER_HEADER) {
         let h = h.to_str().unwrap_or("");
@@ -344,10 +354,49 @@ impl CellRelay for CellService {
         let rid = request_id(&req);
         let cmd = check_header(&req, &req.get_ref().to_user_id)
             .map(|_| Command::Deliver(req.into_inner()));
-        self.write("Deliver", rid, cmd, |o| match o {
-            Outcome::Delivered(d) => Some(d),
-            _ => None,
-        })
-        .await
+        self.write("Deliver", rid, cmd, delivered).await
+    }
+
+    async fn deliver_batch(
+        &self,
+        req: Request<proto::CreditBatch>,
+    ) -> Result<Response<proto::DeliverBatchResponse>, Status> {
+        let rid = request_id(&req);
+        let credits = req.into_inner().credits;
+        if credits.len() > DELIVER_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {DELIVER_BATCH_MAX} credits, this one {}; send it in parts",
+                credits.len()
+            )));
+        }
+        // All at once, so the writer takes them into one store transaction.
+        let mut tasks = tokio::task::JoinSet::new();
+        let n = credits.len();
+        for (i, c) in credits.into_iter().enumerate() {
+            let (this, rid) = (self.clone(), rid.clone());
+            tasks.spawn(async move {
+                let r = this
+                    .write("Deliver", rid, Ok(Command::Deliver(c)), delivered)
+                    .await;
+                (i, r)
+            });
+        }
+        let mut results = vec![proto::DeliverResult::default(); n];
+        while let Some(done) = tasks.join_next().await {
+            let (i, r) = done.map_err(|_| Status::internal("a delivery task failed"))?;
+            results[i] = match r {
+                Ok(resp) => proto::DeliverResult {
+                    response: Some(resp.into_inner()),
+                    code: 0,
+                    message: String::new(),
+                },
+                Err(s) => proto::DeliverResult {
+                    response: None,
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                },
+            };
+        }
+        Ok(Response::new(proto::DeliverBatchResponse { results }))
     }
 }

@@ -531,6 +531,13 @@ async fn only_routers_pay_and_only_cells_deliver() {
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{leaf}: {e:?}");
         assert!(e.message().contains("only cells"), "{}", e.message());
+        let e = CellRelayClient::new(channel_as(&cell.pki, cell.addr, leaf))
+            .deliver_batch(proto::CreditBatch {
+                credits: vec![credit()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "batch, {leaf}: {e:?}");
     }
     assert_eq!(cell.user_keys(), before, "a refused peer wrote something");
 
@@ -580,6 +587,103 @@ async fn only_routers_pay_and_only_cells_deliver() {
     // And the router's certificate opens the account.
     let mut c = cell.client.clone();
     c.open_account(open(&alice)).await.unwrap();
+    cell.stop().await;
+}
+
+/// A batch of credits is answered credit by credit, in order, each as `Deliver` would
+/// answer it: applied, a duplicate answered as the first time, a reused id with other
+/// content refused, a credit for a user without an account (bob's) rejected. A batch over the
+/// limit is refused whole with nothing written.
+#[tokio::test]
+async fn a_batch_of_credits_is_answered_credit_by_credit() {
+    use ldc_core::proto::cell_relay_client::CellRelayClient;
+    let cell = start().await;
+    let (alice, bob, _) = users();
+    let mut c = cell.client.clone();
+    c.open_account(req(
+        &alice,
+        proto::OpenAccountRequest {
+            user_id: alice.clone(),
+            currency: "EUR".into(),
+            idempotency_key: "o".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let credit = |id: &str, to: &str, amount: i64| proto::Credit {
+        message_id: id.into(),
+        from_shard: 0,
+        from_user_id: "payer".into(),
+        to_user_id: to.into(),
+        amount,
+        currency: "EUR".into(),
+        kind: proto::CreditKind::Transfer as i32,
+        refund_of: String::new(),
+    };
+    let mut relay =
+        CellRelayClient::new(channel_as(&cell.pki, cell.addr, &platform::cell_leaf("c2")));
+    let too_many: Vec<proto::Credit> = (0..=ldc_cell::service::DELIVER_BATCH_MAX)
+        .map(|i| credit(&format!("payer:{i}"), &alice, 1))
+        .collect();
+    let before = cell.user_keys();
+    let e = relay
+        .deliver_batch(proto::CreditBatch { credits: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("at most 256"), "{}", e.message());
+    assert_eq!(cell.user_keys(), before, "a refused batch wrote something");
+
+    let mut deliver = async |credits: Vec<proto::Credit>| {
+        relay
+            .deliver_batch(proto::CreditBatch { credits })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+    };
+    let first = deliver(vec![
+        credit("payer:1", &alice, 5),
+        credit("payer:2", &alice, 7),
+    ])
+    .await;
+    assert_eq!(first.len(), 2);
+    let applied = first[0].response.clone().unwrap();
+    assert_eq!(applied.outcome, proto::DeliverOutcome::Applied as i32);
+    assert_eq!(
+        first[1].response.as_ref().unwrap().outcome,
+        proto::DeliverOutcome::Applied as i32
+    );
+    let results = deliver(vec![
+        credit("payer:1", &alice, 5),
+        credit("payer:2", &alice, 8),
+        credit("payer:3", &bob, 5),
+    ])
+    .await;
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        results[0].response.as_ref(),
+        Some(&applied),
+        "a duplicate's answer"
+    );
+    assert_ne!(
+        results[1].code, 0,
+        "a reused id with other content was applied"
+    );
+    assert!(results[1].response.is_none());
+    let rejected = results[2].response.clone().unwrap();
+    assert_eq!(rejected.outcome, proto::DeliverOutcome::Rejected as i32);
+    let bal = c
+        .get_balance(req(
+            &alice,
+            proto::GetBalanceRequest {
+                user_id: alice.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bal.balance, 12, "each credit was applied once");
     cell.stop().await;
 }
 

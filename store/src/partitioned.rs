@@ -463,6 +463,10 @@ impl Kv for PartitionedTxn {
 
 impl Txn for PartitionedTxn {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.mode != Mode::Read {
+            // Once per transaction, even one that wrote nothing (the writer's heartbeat).
+            crate::failpoints::hit(crate::failpoints::COMMIT)?;
+        }
         self.finish(true)
     }
 

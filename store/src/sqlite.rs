@@ -414,10 +414,8 @@ impl Kv for SqliteTxn {
 }
 
 impl SqliteTxn {
+    /// Commits (the failpoint is the caller's: once per store transaction).
     pub(crate) fn commit_now(&mut self) -> Result<()> {
-        if self.write {
-            crate::failpoints::hit(crate::failpoints::COMMIT)?;
-        }
         self.finish("COMMIT")?;
         if self.write {
             self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -432,6 +430,9 @@ impl SqliteTxn {
 
 impl Txn for SqliteTxn {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.write {
+            crate::failpoints::hit(crate::failpoints::COMMIT)?;
+        }
         self.commit_now()
     }
 
