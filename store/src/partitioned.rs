@@ -109,21 +109,25 @@ fn read_layout(control: &SqliteStore) -> Result<Vec<Partition>> {
         if exists.is_none() {
             return Ok(Vec::new());
         }
-        let mut st = c
-            .prepare("SELECT first, last, file FROM ldc_partitions ORDER BY first")
-            .map_err(map_err)?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(Partition {
-                    first: r.get(0)?,
-                    last: r.get(1)?,
-                    file: r.get(2)?,
-                })
-            })
-            .map_err(map_err)?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(map_err)
+        layout_rows(c)
     })
+}
+
+fn layout_rows(c: &rusqlite::Connection) -> Result<Vec<Partition>> {
+    let mut st = c
+        .prepare("SELECT first, last, file FROM ldc_partitions ORDER BY first")
+        .map_err(map_err)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(Partition {
+                first: r.get(0)?,
+                last: r.get(1)?,
+                file: r.get(2)?,
+            })
+        })
+        .map_err(map_err)?;
+    rows.collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(map_err)
 }
 
 /// The file name of the shard file for `first..=last` of the store at `control`.
@@ -179,21 +183,7 @@ pub fn create(control: &Path, ranges: &[(u32, u32)]) -> Result<Created> {
         c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
         let r = (|| {
             c.execute_batch(LAYOUT_SQL).map_err(map_err)?;
-            let existing = {
-                let mut st = c
-                    .prepare("SELECT first, last, file FROM ldc_partitions ORDER BY first")
-                    .map_err(map_err)?;
-                st.query_map([], |r| {
-                    Ok(Partition {
-                        first: r.get(0)?,
-                        last: r.get(1)?,
-                        file: r.get(2)?,
-                    })
-                })
-                .map_err(map_err)?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(map_err)?
-            };
+            let existing = layout_rows(c)?;
             if !existing.is_empty() {
                 return Ok(Created::Exists(existing));
             }
