@@ -149,6 +149,7 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         transport,
         readiness,
         idempotency_retention: Duration::from_secs(a.idempotency_retention_secs),
+        fail_stop_marker: Some(fail_stop_marker(&g.data_dir, std::process::id())),
     };
     let mut rx = stop_rx;
     match ldc_cell::serve(cfg, listener, registry, async move {
@@ -163,6 +164,17 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Where cell process `pid` says it stopped on a storage fault (see `EXIT_FAIL_STOP`),
+/// before it has left.
+pub fn fail_stop_marker(data_dir: &std::path::Path, pid: u32) -> std::path::PathBuf {
+    data_dir.join("fail-stop").join(pid.to_string())
+}
+
+/// Whether cell process `pid` raised its fail-stop alarm (and forgets it).
+fn took_fail_stop(data_dir: &std::path::Path, pid: u32) -> bool {
+    std::fs::remove_file(fail_stop_marker(data_dir, pid)).is_ok()
 }
 
 /// Exit code of a cell process that stopped on a storage fault or a writer panic
@@ -690,6 +702,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             g.data_dir.display()
         );
     }
+    // Fail-stop markers of processes of an earlier run say nothing about this one.
+    let _ = std::fs::remove_dir_all(g.data_dir.join("fail-stop"));
     if a.shards == 0 || a.shards > ldc_core::shard::MAX_SHARDS {
         bail!(
             "--shards must be between 1 and {}",
@@ -893,7 +907,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             Err(e) => eprintln!("cannot read the routing table's weights: {e:#}"),
         }
         let mut changed = false;
-        let mut fail_stopped = false;
+        // A process that raised its fail-stop alarm says so at once (a marker file), even
+        // if it is killed as unresponsive before it leaves with its exit code.
+        let mut fail_stopped = cells
+            .iter()
+            .flat_map(|c| [&c.blue, &c.green])
+            .filter(|p| p.child.is_some())
+            .fold(false, |any, p| took_fail_stop(&g.data_dir, p.pid) || any);
         let mut to_fail = Vec::new();
         let mut stuck_holders = Vec::new();
         for (probe, seen) in lock_probes.iter().zip(holder_seen.iter_mut()) {

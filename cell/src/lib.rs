@@ -56,6 +56,10 @@ pub struct CellConfig {
     pub readiness: health::Readiness,
     /// How long idempotency keys are remembered (see [`retention`]).
     pub idempotency_retention: Duration,
+    /// A file written (with the reason) the moment the fail-stop alarm is raised, for a
+    /// supervisor that may kill this process as unresponsive before it has left with its
+    /// exit code (`ldc up` must know, to restart every process on the store).
+    pub fail_stop_marker: Option<std::path::PathBuf>,
 }
 
 /// How a cell talks to the rest of the platform.
@@ -171,10 +175,22 @@ pub async fn serve(
     // Stop serving on the shutdown signal, or at once on a fail-stop alarm.
     let shutdown = {
         let (alarm, reporter) = (alarm.clone(), health_reporter.clone());
+        let marker = cfg.fail_stop_marker.clone();
         async move {
             tokio::select! {
                 _ = shutdown => {}
-                _ = alarm.wait() => health::set(&reporter, false).await,
+                why = alarm.wait() => {
+                    if let Some(m) = marker {
+                        let written = m
+                            .parent()
+                            .map_or(Ok(()), std::fs::create_dir_all)
+                            .and_then(|()| std::fs::write(&m, &why));
+                        if let Err(e) = written {
+                            tracing::error!(marker = %m.display(), error = %e, "cannot write the fail-stop marker");
+                        }
+                    }
+                    health::set(&reporter, false).await
+                }
             }
         }
     };

@@ -75,6 +75,7 @@ async fn start_with(retention: std::time::Duration) -> Cell {
         transport,
         readiness: Default::default(),
         idempotency_retention: retention,
+        fail_stop_marker: None,
     };
     let task = tokio::spawn(async move {
         ldc_cell::serve(cfg, listener, registry, async move {
