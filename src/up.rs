@@ -909,11 +909,13 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         let mut changed = false;
         // A process that raised its fail-stop alarm says so at once (a marker file), even
         // if it is killed as unresponsive before it leaves with its exit code.
-        let mut fail_stopped = cells
-            .iter()
-            .flat_map(|c| [&c.blue, &c.green])
-            .filter(|p| p.child.is_some())
-            .fold(false, |any, p| took_fail_stop(&g.data_dir, p.pid) || any);
+        let mut fail_stopped = false;
+        for p in cells.iter().flat_map(|c| [&c.blue, &c.green]) {
+            // Every marker is taken (and removed), not just the first.
+            if p.child.is_some() && took_fail_stop(&g.data_dir, p.pid) {
+                fail_stopped = true;
+            }
+        }
         let mut to_fail = Vec::new();
         let mut stuck_holders = Vec::new();
         for (probe, seen) in lock_probes.iter().zip(holder_seen.iter_mut()) {
