@@ -1075,7 +1075,11 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 Ok(None) => {}
                 Err(e) => {
                     metrics.failovers.with_label_values(&[&cell, "error"]).inc();
-                    eprintln!("failover of {cell} failed: {e:#}");
+                    eprintln!("failover of {cell} failed: {e:#}; trying again at the next check");
+                    // Judged again at the next check: still unhealthy, it is failed over then.
+                    if let Some(c) = cells.iter_mut().find(|c| c.id == cell) {
+                        c.healthy = true;
+                    }
                 }
             }
         }

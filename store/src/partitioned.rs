@@ -27,8 +27,11 @@
 //!   of a shard, a set of independent commands), never half of one.
 //! * **Locks**: a read in a read-write transaction takes no lock on a shard file (so the
 //!   controller's routing publication, which reads every ownership record, never waits for
-//!   a cell's writer); a write or `get_for_update` takes it, and fails with
-//!   [`StoreError::Conflict`] if that file changed since the transaction read it. A
+//!   a cell's writer); a write or `get_for_update` takes it. In a group commit that
+//!   fails with [`StoreError::Conflict`] if the file changed since the transaction read it;
+//!   a control operation instead reads that file afresh from then on (it would otherwise
+//!   conflict with every commit of a busy writer; it decides on what it reads for update,
+//!   as the ownership compare-and-set of a move does). A
 //!   transaction from [`Store::begin`] (a control operation: moves, publication, leases)
 //!   locks the control file at its first access and before its first shard file, so
 //!   control operations queue on the control file and two of them never deadlock on shard
@@ -358,6 +361,16 @@ impl PartitionedTxn {
                  (a bug: group commits write shard records only)"
                     .into(),
             ));
+        }
+        if lock && control_op && i != 0 && self.subs[i].as_ref().is_some_and(|t| !t.is_locked()) {
+            // A control operation locks a shard file it has only read so far: its part in
+            // that file starts again, locked, on the file as it is now. Upgrading the old
+            // snapshot would fail whenever the shard's writer committed since (under load,
+            // always). Only plain reads came before, which promise nothing at commit; what
+            // a control operation decides on it reads for update (`apply_plan`'s
+            // compare-and-set of each ownership record).
+            let mut read = self.subs[i].take().expect("checked above");
+            let _ = read.rollback_now();
         }
         if self.subs[i].is_none() {
             let file = &self.inner.files[i];

@@ -133,18 +133,50 @@ fn a_held_shard_file_stops_no_other_writer() {
     r.rollback().unwrap();
 }
 
+/// A group commit that wrote after a stale read conflicts (retryable, nothing written).
 #[test]
-fn a_write_after_a_stale_read_conflicts() {
+fn a_group_commit_after_a_stale_read_conflicts() {
     let (_dir, a, b) = split();
-    let mut t = a.begin().unwrap();
+    let mut t = a.begin_unsynced().unwrap();
     assert_eq!(t.get(b"own/00004").unwrap(), None);
-    let mut other = b.begin().unwrap();
+    let mut other = b.begin_unsynced().unwrap();
     other.put(b"own/00004", b"theirs").unwrap();
     other.commit().unwrap();
     let e = t.put(b"own/00004", b"mine").unwrap_err();
     assert!(matches!(e, StoreError::Conflict), "{e:?}");
     assert!(e.is_retryable());
     t.rollback().unwrap();
+}
+
+/// A control operation (a move) that read a busy writer's file and then locks it reads
+/// it afresh: its compare-and-set sees the writer's latest commit, and it commits.
+#[test]
+fn a_control_operation_locks_what_it_read_afresh() {
+    let (_dir, a, b) = split();
+    let mut w = b.begin_unsynced().unwrap();
+    w.put(b"own/00004", b"epoch-1").unwrap();
+    w.commit().unwrap();
+    let mut t = a.begin().unwrap();
+    assert_eq!(
+        t.get(b"own/00004").unwrap().as_deref(),
+        Some(&b"epoch-1"[..])
+    );
+    let mut w = b.begin_unsynced().unwrap();
+    w.put(b"own/00004", b"epoch-2").unwrap();
+    w.commit().unwrap();
+    assert_eq!(
+        t.get_for_update(b"own/00004").unwrap().as_deref(),
+        Some(&b"epoch-2"[..]),
+        "the lock was taken on a stale snapshot"
+    );
+    t.put(b"own/00004", b"epoch-3").unwrap();
+    t.commit().unwrap();
+    let mut r = a.begin_read().unwrap();
+    assert_eq!(
+        r.get(b"own/00004").unwrap().as_deref(),
+        Some(&b"epoch-3"[..])
+    );
+    r.rollback().unwrap();
 }
 
 #[test]
