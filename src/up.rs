@@ -1017,10 +1017,14 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
             }
         }
         if fail_stopped && shared_file {
-            // The failed process may have synced the one store file every cell shares: no
-            // other process may acknowledge anything more before recovery from disk.
+            // The failed file may be any the process wrote: its cell's shard file (shared
+            // with its other colour, and with whichever cell those shards move to) or the
+            // control file (shared by all). After a failed fsync the kernel may have dropped
+            // pages that a later sync through another process would not bring back, so no
+            // process acknowledges anything more before recovery from what is on disk (we
+            // cannot tell which file failed: all of them).
             eprintln!(
-                "a cell stopped on a storage fault: restarting every cell process on the shared store"
+                "a cell stopped on a storage fault: restarting every cell process on the store"
             );
             for cell in cells.iter_mut() {
                 for (_, p) in cell.procs_mut() {
