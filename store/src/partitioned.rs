@@ -283,7 +283,11 @@ impl Inner {
     }
 
     fn mark(&self, i: usize) {
-        self.interest[i].store(true, std::sync::atomic::Ordering::Relaxed);
+        // Read first: after the first time this is a shared read, not a write to a cache
+        // line every thread of the process touches.
+        if !self.interest[i].load(std::sync::atomic::Ordering::Relaxed) {
+            self.interest[i].store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn index_of_shard(&self, shard: u32) -> usize {
@@ -395,10 +399,14 @@ impl PartitionedTxn {
 
     /// The part in the file of `key`, noting a shard record's file for [`Store::sync`].
     fn sub_of_key(&mut self, key: &[u8], lock: bool) -> Result<&mut SqliteTxn> {
-        let i = self.inner.index_of_key(key);
-        if shard_of_key(key).is_some() {
-            self.inner.mark(i);
-        }
+        let i = match shard_of_key(key) {
+            Some(shard) => {
+                let i = self.inner.index_of_shard(shard);
+                self.inner.mark(i);
+                i
+            }
+            None => 0,
+        };
         self.sub(i, lock)
     }
 

@@ -233,8 +233,10 @@ fn a_snapshot_is_one_instant_of_every_file() {
             let mut moves = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for k in [sent, applied] {
+                    // As a cell's writer does: the file locked first (its fence), then read.
                     let mut t = b.begin_unsynced().unwrap();
-                    let v = value(&mut t, k);
+                    let raw = t.get_for_update(k).unwrap().unwrap();
+                    let v: i64 = std::str::from_utf8(&raw).unwrap().parse().unwrap();
                     t.put(k, (v + 1).to_string().as_bytes()).unwrap();
                     t.commit().unwrap();
                 }
