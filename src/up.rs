@@ -725,7 +725,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         .await?;
         if made == ldc_store::partitioned::Created::SingleFile {
             eprintln!(
-                "note: this store keeps every shard in one file (it was created before shard files);                  a stuck cell can stop the others until it is killed"
+                "note: this store keeps every shard in one file (it was created before shard files); \
+                 a stuck cell can stop the others until it is killed"
             );
         }
     }
@@ -743,7 +744,6 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     } else {
         Vec::new()
     };
-    let shared_file = embedded;
     let (created, topo) = {
         let store = store.clone();
         blocking(move || {
@@ -1016,7 +1016,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 }
             }
         }
-        if fail_stopped && shared_file {
+        if fail_stopped && embedded {
             // The failed file may be any the process wrote: its cell's shard file (shared
             // with its other colour, and with whichever cell those shards move to) or the
             // control file (shared by all). After a failed fsync the kernel may have dropped

@@ -278,10 +278,6 @@ struct Inner {
 }
 
 impl Inner {
-    fn index_of_key(&self, key: &[u8]) -> usize {
-        shard_of_key(key).map_or(0, |s| self.index_of_shard(s))
-    }
-
     fn mark(&self, i: usize) {
         // Read first: after the first time this is a shared read, not a write to a cache
         // line every thread of the process touches.
@@ -316,11 +312,6 @@ impl PartitionedStore {
                 interest,
             }),
         })
-    }
-
-    /// The file (0: control, `i`: the `i`-th shard file) that holds `key`.
-    pub fn file_of_key(&self, key: &[u8]) -> usize {
-        self.inner.index_of_key(key)
     }
 
     fn txn(&self, mode: Mode) -> PartitionedTxn {
