@@ -71,7 +71,7 @@ def cell_metrics(ldc, data):
         "ldc_cell_batch_commands_sum": "commands",
     }
     for c in status["cells"]:
-        for addr in c.get("metrics", []):
+        for addr in [c["colours"][k]["metrics"] for k in ("blue", "green")]:
             if not addr:
                 continue
             try:

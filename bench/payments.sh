@@ -47,7 +47,7 @@ ldc_cell() {
   for _ in $(seq 1 100); do grep -q "LDC is up" "$dir.up.log" 2>/dev/null && break; sleep 0.2; done
   local cell
   # shellcheck disable=SC2086
-  cell=$("$LDC" --data-dir "$dir" $flags cell status -o json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([c for c in d["cells"] if c["cell"]=="r1-a"][0]["endpoints"]["blue"][0])')
+  cell=$("$LDC" --data-dir "$dir" $flags cell status -o json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([c for c in d["cells"] if c["cell"]=="r1-a"][0]["colours"]["blue"]["endpoints"][0])')
   # shellcheck disable=SC2086
   "$LDC" --data-dir "$dir" $flags $cred -o json load --target "$cell" --concurrency "$CLIENTS" --seconds "$SECONDS_EACH" --users 1000 2>/dev/null
   kill "$pid" 2>/dev/null || true

@@ -88,10 +88,18 @@ pub struct Global {
     pub insecure: bool,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    Text,
-    Json,
+/// `-o text|json|yaml`, the format of every command (the operating verbs' own).
+pub use ldc_ops::cli::Format as Output;
+
+/// Prints a document as `-o json` (one line) or `-o yaml` asks.
+pub fn print_doc(out: Output, v: &serde_json::Value) {
+    match out {
+        Output::Yaml => print!(
+            "---\n{}",
+            serde_yaml::to_string(v).expect("documents encode")
+        ),
+        _ => println!("{v}"),
+    }
 }
 
 fn deadline_secs(s: &str) -> Result<f64, String> {
@@ -273,95 +281,9 @@ fn parse_region_netns(s: &str) -> Result<RegionNetns, String> {
 pub enum CellCmd {
     /// Run one cell process.
     Serve(CellServeArgs),
-    /// Regions, cells, health, owned shards, epochs and processes.
-    Status,
-    /// Move a cell's shards to its region's standby (epoch bump fences the old cell).
-    Failover {
-        cell: String,
-        #[command(flatten)]
-        m: MoveOpts,
-    },
-    /// Planned move of a cell's shards to another cell.
-    Switchover {
-        cell: String,
-        #[arg(long)]
-        to: String,
-        #[command(flatten)]
-        m: MoveOpts,
-    },
-    /// Undo an earlier move: its shards go back to the cells they left (ids: `history`).
-    Revert {
-        op: String,
-        #[command(flatten)]
-        m: MoveOpts,
-    },
-    /// Disaster recovery: move a whole region's shards to the surviving regions.
-    Dr {
-        #[command(subcommand)]
-        cmd: DrCmd,
-    },
-    /// Blue/green release of one cell: shift a share of its users to green, pause, resume,
-    /// promote (green 100%) or abort (green 0%, always allowed).
-    TrafficShift(TrafficShiftArgs),
-    /// The moves (id, plan, epoch, who) and the traffic changes (who, when, before -> after).
-    History {
-        /// Only this cell.
-        cell: Option<String>,
-    },
-}
-
-/// Options of every move.
-#[derive(Args, Debug)]
-pub struct MoveOpts {
-    /// Print the plan and its reverse; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Act even if the move could not be undone afterwards.
-    #[arg(long)]
-    pub force: bool,
-}
-
-#[derive(Args, Debug)]
-#[command(group(
-    clap::ArgGroup::new("action")
-        .required(true)
-        .args(["green", "pause", "resume", "promote", "abort", "undo"]),
-))]
-pub struct TrafficShiftArgs {
-    pub cell: String,
-    /// Share of the cell's users on green, in percent (0-100, up to two decimals: 0.5 = 50 bp).
-    #[arg(long, value_name = "PCT")]
-    pub green: Option<f64>,
-    /// Freeze the weight: every change except --abort is refused until --resume.
-    #[arg(long)]
-    pub pause: bool,
-    /// Allow weight changes again after --pause.
-    #[arg(long)]
-    pub resume: bool,
-    /// Send every user of the cell to green (100%).
-    #[arg(long)]
-    pub promote: bool,
-    /// Send every user back to blue (0%); allowed even when paused, and ends the pause.
-    #[arg(long)]
-    pub abort: bool,
-    /// Return to the weight and pause state before the last change (again: toggles back).
-    #[arg(long)]
-    pub undo: bool,
-    /// Print before -> after and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum DrCmd {
-    Cutover {
-        #[arg(long)]
-        from: String,
-        #[arg(long)]
-        to: Option<String>,
-        #[command(flatten)]
-        m: MoveOpts,
-    },
+    /// The operating verbs, the same as `kubectl cell`'s (crate `ldc-ops`).
+    #[command(flatten)]
+    Ops(ldc_ops::cli::OpsCmd),
 }
 
 #[derive(Args, Debug)]
@@ -510,9 +432,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Router {
             cmd: RouterCmd::Serve(a),
         } => crate::up::serve_router(&g, a).await,
-        Cmd::Cell { cmd } => crate::ops::run(&g, cmd).await,
+        Cmd::Cell {
+            cmd: CellCmd::Ops(cmd),
+        } => crate::ops::run(&g, cmd).await,
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
-        Cmd::Route { users, stdin } => crate::traffic::route(&g, users, stdin).await,
+        Cmd::Route { users, stdin } => crate::route::route(&g, users, stdin).await,
         Cmd::Load(a) => crate::load::run(&g, a).await,
         Cmd::Token(a) => crate::token::run(&g, a),
         other => crate::client::run(&g, other).await,

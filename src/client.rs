@@ -152,12 +152,12 @@ fn account_json(a: &proto::Account) -> serde_json::Value {
 
 fn print_payment(out: Output, p: &proto::Payment, key: Option<&str>) {
     match out {
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let mut v = payment_json(p);
             if let Some(k) = key {
                 v["idempotency_key"] = json!(k);
             }
-            println!("{v}");
+            crate::cli::print_doc(out, &v);
         }
         Output::Text => {
             println!(
@@ -185,7 +185,7 @@ fn print_payment(out: Output, p: &proto::Payment, key: Option<&str>) {
 
 fn print_account(out: Output, a: &proto::Account) {
     match out {
-        Output::Json => println!("{}", account_json(a)),
+        Output::Json | Output::Yaml => crate::cli::print_doc(out, &account_json(a)),
         Output::Text => println!(
             "{} balance {} {} (shard {}, cell {}, epoch {})",
             a.user_id, a.balance, a.currency, a.shard, a.cell, a.epoch
@@ -359,15 +359,15 @@ pub async fn run(g: &Global, cmd: Cmd) -> Result<ExitCode> {
 
 fn print_entries(out: Output, r: &proto::ListEntriesResponse) {
     match out {
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let entries: Vec<_> = r
                 .entries
                 .iter()
                 .map(|e| json!({"seq": e.seq, "payment_id": e.payment_id, "amount": e.amount, "balance_after": e.balance_after, "kind": kind_name(e.kind)}))
                 .collect();
-            println!(
-                "{}",
-                json!({"entries": entries, "next_after_seq": r.next_after_seq})
+            crate::cli::print_doc(
+                out,
+                &json!({"entries": entries, "next_after_seq": r.next_after_seq}),
             );
         }
         Output::Text => {

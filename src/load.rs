@@ -313,11 +313,11 @@ pub async fn run(g: &Global, a: LoadArgs) -> Result<ExitCode> {
     let retry_n = retries.load(Ordering::Relaxed);
     let rate = ok_n as f64 / elapsed;
     match g.output {
-        Output::Json => println!(
-            "{}",
-            json!({"target": target, "mix": format!("{:?}", a.mix).to_lowercase(), "concurrency": a.concurrency,
+        Output::Json | Output::Yaml => crate::cli::print_doc(
+            g.output,
+            &json!({"target": target, "mix": format!("{:?}", a.mix).to_lowercase(), "concurrency": a.concurrency,
                    "seconds": elapsed, "payments": ok_n, "errors": err_n, "retries": retry_n, "payments_per_sec": rate,
-                   "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "last_error": last_err})
+                   "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "last_error": last_err}),
         ),
         Output::Text => {
             println!(

@@ -12,9 +12,9 @@ mod cli;
 mod client;
 mod load;
 mod ops;
+mod route;
 mod security;
 mod token;
-mod traffic;
 mod up;
 
 use clap::Parser;

@@ -48,9 +48,9 @@ pub fn run(g: &Global, a: TokenArgs) -> Result<ExitCode> {
     })?;
     let token = issuer.issue(&p, ttl)?;
     match g.output {
-        Output::Json => println!(
-            "{}",
-            json!({"token": token, "principal": p.label(), "ttl_seconds": ttl.as_secs()})
+        Output::Json | Output::Yaml => crate::cli::print_doc(
+            g.output,
+            &json!({"token": token, "principal": p.label(), "ttl_seconds": ttl.as_secs()}),
         ),
         Output::Text => println!("{token}"),
     }

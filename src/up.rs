@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use ldc_cell::control::{self, CellRuntime};
+use ldc_control::{self as control, CellRuntime};
 use ldc_core::planner::{self, CellInfo, Health, Topology};
-use ldc_core::routing::{BP_MAX, Colour};
+use ldc_core::routing::Colour;
 use ldc_store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -52,12 +52,6 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .context("store task panicked")?
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The default layout: regions r1..rN, each with cells rN-a, rN-b, … and standby rN-s.
@@ -550,7 +544,7 @@ impl Cell {
 
     /// The colours that carry traffic at this green weight must be healthy.
     fn judge(&self, green_bp: u16) -> bool {
-        (green_bp >= BP_MAX || self.blue.healthy) && (green_bp == 0 || self.green.healthy)
+        ldc_core::traffic::serves(green_bp, self.blue.healthy, self.green.healthy)
     }
 
     /// When the current run of failed checks of a traffic-carrying colour began.
@@ -654,21 +648,23 @@ async fn failover(
             t.rollback()?;
             return Ok(None);
         }
-        let id = format!("auto-failover-{cell}");
-        let plan = planner::plan(&topo, &map, &health, &planner::Command::Failover { cell })?;
+        let command = planner::Command::Failover { cell };
+        let id = planner::automatic_move_id(&command, &topo, &map);
+        let plan = planner::plan(&topo, &map, &health, &command)?;
         control::apply_plan(&mut *t, &plan)?;
         for (name, rt) in &rts {
             control::put_cell_runtime(&mut *t, name, rt)?;
         }
         let table = control::publish_routing(&mut *t, &BTreeMap::new(), signer.as_deref())?;
         // Recorded like a manual move, so `ldc cell revert` can send the shards home.
-        crate::ops::record_op(
-            &mut *t,
-            &format!("{id}-e{}", table.epoch),
+        let record = control::moves::MoveRecord::of(
+            &id,
             &plan,
             table.epoch,
             "ldc up (automatic failover)",
-        )?;
+            ldc_core::clock::now_ms(),
+        );
+        control::moves::put(&mut *t, control::keys::LOCAL_MOVES_PREFIX, &record)?;
         t.commit()?;
         Ok(Some((plan, table.epoch)))
     })
@@ -749,7 +745,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         blocking(move || {
             let mut t = store.begin()?;
             let refs: Vec<&str> = serving.iter().map(String::as_str).collect();
-            let created = match control::init(&mut *t, &topo, &refs, now_ms()) {
+            let created = match control::init(&mut *t, &topo, &refs, ldc_core::clock::now_ms()) {
                 Ok(c) => c,
                 Err(control::ControlError::ShardCountChanged { stored, .. }) => {
                     eprintln!(
@@ -873,7 +869,8 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                 p.listen,
                 p.metrics,
                 match colour {
-                    Colour::Green if w > 0 => format!("  (green {})", crate::traffic::fmt_pct(w)),
+                    Colour::Green if w > 0 =>
+                        format!("  (green {})", ldc_core::traffic::fmt_pct(w)),
                     _ => String::new(),
                 }
             );
@@ -1010,7 +1007,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                     eprintln!(
                         "cell {} is unhealthy: a colour carrying its traffic (green {}) is down",
                         cell.id,
-                        crate::traffic::fmt_pct(w)
+                        ldc_core::traffic::fmt_pct(w)
                     );
                     to_fail.push(cell.id.clone());
                 }

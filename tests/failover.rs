@@ -42,7 +42,7 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
     let load = Load::start(&c, &users, 6);
     load.wait_progress(30, Duration::from_secs(30)).await;
     let before_kill = load.acked();
-    let pid = platform.cell(victim)["pids"][0].as_u64().unwrap() as i32;
+    let pid = pids(&platform.cell(victim))[0].as_u64().unwrap() as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -150,7 +150,7 @@ async fn kill_serving_cell_under_load_then_restart_platform() {
     );
     // The automatic failover is recorded; reverting it sends the shards home, epoch +1.
     let h = ldc_json(&data, &["cell", "history"]);
-    let op = h["operations"]
+    let op = h["moves"]
         .as_array()
         .unwrap()
         .iter()

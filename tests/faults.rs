@@ -65,7 +65,7 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
 
 /// The pids of the cell that owns `user`'s shard.
 fn owner_pids(p: &Platform, user: &str) -> Vec<i32> {
-    p.owner_of(user)["pids"]
+    pids(&p.owner_of(user))
         .as_array()
         .unwrap()
         .iter()
@@ -202,12 +202,12 @@ async fn fsync_failure_stops_every_writer_on_the_file_and_loses_nothing() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|c| c["pids"].as_array().unwrap().clone())
+        .flat_map(|c| pids(&c).as_array().unwrap().clone())
         .map(|p| p.as_u64().unwrap() as u32)
         .filter(|p| *p != 0)
         .collect();
     let victim = platform.cell("r1-a");
-    let victim_pid = victim["pids"][0].as_u64().unwrap() as u32;
+    let victim_pid = pids(&victim)[0].as_u64().unwrap() as u32;
     set_failpoint(
         victim["metrics"][0].as_str().unwrap(),
         "store::sync",
@@ -267,10 +267,10 @@ async fn a_hung_writer_is_detected_fenced_and_failed_over() {
     load.wait_progress(30, Duration::from_secs(30)).await;
 
     let victim = platform.cell("r1-a");
-    let victim_pid = victim["pids"][0].as_u64().unwrap() as u32;
+    let victim_pid = pids(&victim)[0].as_u64().unwrap() as u32;
     let others: Vec<u32> = ["r1-b", "r2-a", "r2-b"]
         .iter()
-        .map(|c| platform.cell(c)["pids"][0].as_u64().unwrap() as u32)
+        .map(|c| pids(&platform.cell(c))[0].as_u64().unwrap() as u32)
         .collect();
     set_failpoint(
         victim["metrics"][0].as_str().unwrap(),
@@ -316,7 +316,7 @@ async fn a_hung_writer_is_detected_fenced_and_failed_over() {
         );
     }
     let h = ldc_json(&data, &["cell", "history"]);
-    let failovers: Vec<&serde_json::Value> = h["operations"]
+    let failovers: Vec<&serde_json::Value> = h["moves"]
         .as_array()
         .unwrap()
         .iter()
@@ -594,7 +594,7 @@ async fn a_full_disk_refuses_payments_cleanly_and_they_resume_when_space_returns
     let c = platform.client().await;
     let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
     fund(&c, &users).await;
-    let pids_before = platform.cell("r1-a")["pids"].clone();
+    let pids_before = pids(&platform.cell("r1-a")).clone();
     let load = Load::start(&c, &users, 4);
     load.wait_progress(20, Duration::from_secs(30)).await;
 
@@ -609,7 +609,7 @@ async fn a_full_disk_refuses_payments_cleanly_and_they_resume_when_space_returns
     let refused = load.failed_with(tonic::Code::ResourceExhausted);
     // A full disk is refused, not a fault: the cell processes stay.
     assert_eq!(
-        platform.cell("r1-a")["pids"],
+        pids(&platform.cell("r1-a")),
         pids_before,
         "a full disk made a cell leave"
     );
@@ -898,7 +898,7 @@ async fn a_region_partitioned_from_the_other_loses_nothing_and_heals() {
     let failed_attempts = result.failed_attempts;
     let h = ldc_json(&data, &["cell", "history"]);
     assert!(
-        h["operations"].as_array().unwrap().is_empty(),
+        h["moves"].as_array().unwrap().is_empty(),
         "a partition between regions failed a cell over: {h}"
     );
     eprintln!(

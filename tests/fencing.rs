@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ldc_cell::control::{self, CellRuntime};
+use ldc_control::{self as control, CellRuntime};
 use ldc_core::planner::{CellInfo, Topology};
 use ldc_core::proto;
 use ldc_store::Store;

@@ -132,7 +132,7 @@ async fn stop_serving_processes(layout: &str, stops: usize) -> Vec<Seen> {
         let victim = serving[rng.random_range(0..serving.len())];
         let cell = victim["cell"].as_str().unwrap().to_string();
         // Blue carries a cell's traffic (no traffic shift here).
-        let pid = victim["pids"][0].as_u64().unwrap() as u32;
+        let pid = pids(&victim)[0].as_u64().unwrap() as u32;
         let affected = users_on(&platform, &users, &cell);
         stop_holding_a_lock(pid, &probes).await;
         let at = Instant::now();
@@ -262,13 +262,13 @@ async fn kill_9_of_every_cell_process_in_turn() {
     let mut killed = 0;
     for cell in &cells {
         for colour in 0..2 {
-            let pid = platform.cell(cell)["pids"][colour].as_u64().unwrap() as u32;
+            let pid = pids(&platform.cell(cell))[colour].as_u64().unwrap() as u32;
             kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
             killed += 1;
             // Restarted by the controller (a new pid in the same place), and payments go on.
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let now = platform.cell(cell)["pids"][colour].as_u64().unwrap_or(0) as u32;
+                let now = pids(&platform.cell(cell))[colour].as_u64().unwrap_or(0) as u32;
                 if now != 0 && now != pid && alive(now) {
                     break;
                 }

@@ -54,7 +54,7 @@ fn traffic_shift(p: &Platform, cell: &str, args: &[&str]) -> u64 {
     let mut a = vec!["cell", "traffic-shift", cell];
     a.extend_from_slice(args);
     let r = ldc_json(&p.data, &a);
-    r["routing_epoch_after"].as_u64().unwrap()
+    r["routingEpochAfter"].as_u64().unwrap()
 }
 
 /// `count` users on `cell` and `count` elsewhere (user ids are what decide the shard).
@@ -166,7 +166,7 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
     ] {
         let epoch = traffic_shift(&platform, CELL, &args);
         wait_router_epoch(&platform.admin, epoch).await;
-        assert_eq!(platform.cell(CELL)["green_weight_bp"], bp);
+        assert_eq!(platform.cell(CELL)["greenWeightBp"], bp);
         load.wait_progress(40, Duration::from_secs(30)).await;
         for u in &on {
             let want = colour_for(u, bp);
@@ -209,14 +209,14 @@ async fn shift_cell_0_1_50_100_abort_under_load_without_a_failed_request() {
 
     // The audit trail recorded every change, in order.
     let h = ldc_json(&data, &["cell", "history", CELL]);
-    let steps: Vec<(u64, u64)> = h["changes"]
+    let steps: Vec<(u64, u64)> = h["traffic"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| {
             (
-                c["before_bp"].as_u64().unwrap(),
-                c["after_bp"].as_u64().unwrap(),
+                c["beforeBp"].as_u64().unwrap(),
+                c["afterBp"].as_u64().unwrap(),
             )
         })
         .collect();

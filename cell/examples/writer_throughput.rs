@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ldc_cell::control;
 use ldc_cell::ledger::Command;
 use ldc_cell::metrics::CellMetrics;
 use ldc_cell::writer::{Writer, WriterConfig};
+use ldc_control;
 use ldc_core::planner::{CellInfo, Topology};
 use ldc_store::{Store, sqlite::SqliteStore};
 
@@ -26,7 +26,7 @@ async fn main() {
         }],
     };
     let mut t = store.begin().unwrap();
-    control::init(&mut *t, &topo, &["c"], 0).unwrap();
+    ldc_control::init(&mut *t, &topo, &["c"], 0).unwrap();
     t.commit().unwrap();
     let reg = prometheus::Registry::new();
     let (w, _h) = Writer::start(

@@ -3,12 +3,7 @@
 //! and a scan never crosses shards by accident.
 //!
 //! ```text
-//! sys/config                          platform config (shard count), JSON
-//! sys/topology                        planner topology, JSON
-//! sys/routing                         published routing table, JSON (ldc_core::routing::STORE_KEY)
-//! sys/cells/{cell}                    local runtime facts (pid, endpoint, health), JSON
-//! sys/relay/{cell}                    which colour's relay delivers the cell's outbox (lease), JSON
-//! own/{shard:05}                      shard ownership {cell, epoch}: the fencing record, JSON
+//! sys/…, own/{shard:05}               control records: ldc_control (ownership, config, …)
 //! u/{shard:05}/{user}/d/{message}     inbound credit dedup record
 //! u/{shard:05}/{user}/i/{key}         idempotency record
 //! u/{shard:05}/{user}/j/{seq:012}e    ledger entry (both legs: the user's and its contra)
@@ -35,19 +30,8 @@
 //! frames per top-up with system entry rows, 3.3 without (counted with `perf stat` on the
 //! writer's `pwrite`s under `bench/payments.sh` load), so this is throughput.
 
-pub const CONFIG: &[u8] = b"sys/config";
-pub const TOPOLOGY: &[u8] = b"sys/topology";
-pub const CELLS_PREFIX: &str = "sys/cells/";
-
-pub fn cell_runtime(cell: &str) -> Vec<u8> {
-    format!("{CELLS_PREFIX}{cell}").into_bytes()
-}
-
-pub fn owner(shard: u32) -> Vec<u8> {
-    format!("own/{shard:05}").into_bytes()
-}
-
-pub const OWNER_PREFIX: &[u8] = b"own/";
+/// The shard's ownership record (its fence), a control record: [`ldc_control::keys`].
+pub use ldc_control::keys::owner;
 
 pub fn user_prefix(shard: u32, user: &str) -> String {
     format!("u/{shard:05}/{user}/")

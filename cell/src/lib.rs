@@ -10,11 +10,10 @@
 //! * [`relay`]: delivers cross-cell credits from the outbox, exactly once, cell to cell.
 //! * [`gate`]: who may call a cell (routers the payment API, cells the relay).
 //! * [`reconcile`]: recomputes balances and proves money is conserved.
-//! * [`control`]: ownership, topology and routing records; applies planner plans.
+//! Control records (ownership, topology, routing) are `ldc_control`'s.
 //! * [`keys`], [`model`], [`error`], [`metrics`]: key layout, records, errors, metrics.
 #![forbid(unsafe_code)]
 
-pub mod control;
 pub mod error;
 pub mod gate;
 pub mod health;
@@ -79,7 +78,7 @@ pub enum Transport {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot read the platform config: {0}")]
-    Control(#[from] control::ControlError),
+    Control(#[from] ldc_control::ControlError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("store: {0}")]
@@ -106,7 +105,7 @@ pub async fn serve(
         let store = cfg.store.clone();
         tokio::task::spawn_blocking(move || -> Result<u32, ServeError> {
             let mut t = store.begin_read()?;
-            let c = control::load_config(&mut *t)?;
+            let c = ldc_control::load_config(&mut *t)?;
             let _ = t.rollback();
             Ok(c.shard_count)
         })

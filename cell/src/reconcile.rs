@@ -19,7 +19,6 @@ use ldc_store::{Kv, Pair, Store, prefix_end};
 use prost::Message;
 use serde::Serialize;
 
-use crate::control;
 use crate::error::PaymentError;
 use crate::keys::{self, SysAccount, UserKey};
 use crate::model::*;
@@ -107,7 +106,7 @@ pub fn run(store: &dyn Store) -> Result<Report, PaymentError> {
 
 pub fn run_on(kv: &mut dyn Kv) -> Result<Report, PaymentError> {
     // Refuse to "prove" anything about a store that holds no platform.
-    control::load_config(kv).map_err(|e| PaymentError::Corrupt(e.to_string()))?;
+    ldc_control::load_config(kv).map_err(|e| PaymentError::Corrupt(e.to_string()))?;
     let mut report = Report::default();
     let mut accounts: HashMap<String, AccountCheck> = HashMap::new();
     let mut applied: HashMap<String, bool> = HashMap::new(); // message id → applied (payee side)

@@ -126,7 +126,7 @@ pub fn lead(
     holder: &str,
     now_ms: u64,
 ) -> Result<bool, PaymentError> {
-    let key = format!("sys/relay/{cell}").into_bytes();
+    let key = ldc_control::keys::relay_lease(cell);
     // Some(answer) when nothing needs writing; None to take or renew the lease.
     let decide = |raw: Option<Vec<u8>>| -> Option<bool> {
         match raw.and_then(|b| serde_json::from_slice::<Lease>(&b).ok()) {
@@ -173,9 +173,9 @@ struct Round {
 /// snapshot).
 fn scan_outbox(store: &dyn Store, cell: &str) -> Result<Round, PaymentError> {
     let mut t = store.begin_read()?;
-    let table = crate::control::load_routing(&mut *t)
+    let table = ldc_control::load_routing(&mut *t)
         .map_err(|e| PaymentError::Corrupt(format!("routing table: {e}")))?;
-    let shards = crate::control::owned_shards(&mut *t, cell)
+    let shards = ldc_control::owned_shards(&mut *t, cell)
         .map_err(|e| PaymentError::Corrupt(e.to_string()))?;
     let owned = shards.len() as u32;
     let mut out = Vec::new();

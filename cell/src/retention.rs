@@ -63,7 +63,7 @@ pub async fn run(
         let (s, c) = (store.clone(), cell.clone());
         let shards = tokio::task::spawn_blocking(move || {
             let mut t = s.begin_read()?;
-            let owned = crate::control::owned_shards(&mut *t, &c);
+            let owned = ldc_control::owned_shards(&mut *t, &c);
             let _ = t.rollback();
             owned.map_err(|e| ldc_store::StoreError::Backend(e.to_string()))
         })

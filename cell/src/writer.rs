@@ -703,7 +703,6 @@ mod tests {
     use ldc_store::sqlite::SqliteStore;
 
     use super::*;
-    use crate::control;
 
     /// The embedded store, with a sync that can be held back or made to fail.
     struct GatedStore {
@@ -759,7 +758,7 @@ mod tests {
             syncs: AtomicU64::new(0),
         });
         let mut t = store.begin().unwrap();
-        control::init(&mut *t, &control::one_cell_topology(), &["c"], 0).unwrap();
+        control::init(&mut *t, &ldc_control::one_cell_topology(), &["c"], 0).unwrap();
         t.commit().unwrap();
         let reg = prometheus::Registry::new();
         let (w, _h) = Writer::start(

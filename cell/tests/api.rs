@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ldc_cell::{CellConfig, Transport, control};
+use ldc_cell::{CellConfig, Transport};
 use ldc_core::planner::{CellInfo, Topology};
 use ldc_core::proto::{self, payments_client::PaymentsClient};
 use ldc_security::pki::Pki;
@@ -52,7 +52,7 @@ async fn start_with(retention: std::time::Duration) -> Cell {
         ],
     };
     let mut t = store.begin().unwrap();
-    control::init(&mut *t, &topo, &["c1", "c1", "c1", "c1", "c2"], 0).unwrap();
+    ldc_control::init(&mut *t, &topo, &["c1", "c1", "c1", "c1", "c2"], 0).unwrap();
     t.commit().unwrap();
     let pki = Pki::new(dir.path().join("pki"));
     platform::ensure_local(&pki, ["c1", "c2"]).unwrap();

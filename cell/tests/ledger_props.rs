@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ldc_cell::control;
 use ldc_cell::ledger::{self, Command, Ctx, Outcome};
 use ldc_cell::reconcile;
 use ldc_cell::{PaymentError, keys};
@@ -51,7 +50,7 @@ impl World {
             ],
         };
         let mut t = store.begin().unwrap();
-        assert!(control::init(&mut *t, &topo, &["c1", "c2"], 0).unwrap());
+        assert!(ldc_control::init(&mut *t, &topo, &["c1", "c2"], 0).unwrap());
         t.commit().unwrap();
         World {
             store,
@@ -86,7 +85,7 @@ impl World {
 
     fn owner(&self, shard: u32) -> String {
         let mut t = self.store.begin_read().unwrap();
-        let m = control::load_map(&mut *t, SHARDS).unwrap();
+        let m = ldc_control::load_map(&mut *t, SHARDS).unwrap();
         m.owners[shard as usize].cell.clone()
     }
 
@@ -281,7 +280,7 @@ proptest! {
                 }
                 Op::Move(shard) => {
                     let mut t = w.store.begin().unwrap();
-                    let map = control::load_map(&mut *t, SHARDS).unwrap();
+                    let map = ldc_control::load_map(&mut *t, SHARDS).unwrap();
                     let o = &map.owners[shard as usize];
                     let to = if o.cell == "c1" { "c2" } else { "c1" };
                     let plan = ldc_core::planner::Plan {
@@ -290,7 +289,7 @@ proptest! {
                             shard, from: o.cell.clone(), to: to.into(), epoch_before: o.epoch, epoch_after: o.epoch + 1,
                         }],
                     };
-                    control::apply_plan(&mut *t, &plan).unwrap();
+                    ldc_control::apply_plan(&mut *t, &plan).unwrap();
                     t.commit().unwrap();
                     // The deposed cell can no longer write the shard.
                     let mut t = w.store.begin().unwrap();

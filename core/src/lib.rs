@@ -15,10 +15,11 @@
 //! * [`authz`]: who may call which payment method for which user (the router's rule).
 //! * [`proto`]: the gRPC wire protocol (`proto/ldc/v1/payments.proto`).
 //!
-//! Nothing here does I/O.
+//! Nothing here does I/O but reading the clock ([`clock`]).
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod clock;
 pub mod codec;
 pub mod planner;
 pub mod routing;

@@ -240,6 +240,60 @@ pub enum Command {
     },
 }
 
+impl std::fmt::Display for Command {
+    /// The command as typed after `ldc cell` / `kubectl cell`: `failover r1-a`,
+    /// `switchover r1-s --to r1-a`, `dr cutover --from r1`, `revert op-17`. What both
+    /// platforms record and print for a move.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Failover { cell } => write!(f, "failover {cell}"),
+            Command::Switchover { cell, to } => write!(f, "switchover {cell} --to {to}"),
+            Command::DrCutover { from, to: None } => write!(f, "dr cutover --from {from}"),
+            Command::DrCutover { from, to: Some(t) } => {
+                write!(f, "dr cutover --from {from} --to {t}")
+            }
+            Command::Revert { op, .. } => write!(f, "revert {op}"),
+        }
+    }
+}
+
+/// The id of a move a controller starts on its own (`ldc up`'s or the operator's):
+/// `auto-failover-r1-a-e3`, `auto-dr-cutover-r1-e5`, where the number is the highest epoch
+/// of the shards the command would move, before it moves them. It is known before the
+/// move is planned and changes with every move of those shards, so a controller that
+/// restarts in the middle names the same move again (and finds it recorded) instead of
+/// moving twice.
+pub fn automatic_move_id(command: &Command, topo: &Topology, map: &ShardMap) -> String {
+    let in_scope = |cell: &str| match command {
+        Command::Failover { cell: c } | Command::Switchover { cell: c, .. } => c == cell,
+        Command::DrCutover { from, .. } => topo.cell(cell).is_some_and(|c| &c.region == from),
+        Command::Revert { back, .. } => back.contains_key(cell),
+    };
+    let epoch = map
+        .owners
+        .iter()
+        .filter(|o| in_scope(&o.cell))
+        .map(|o| o.epoch)
+        .max()
+        .unwrap_or(0);
+    let (verb, subject) = match command {
+        Command::Failover { cell } => ("failover", cell.as_str()),
+        Command::Switchover { cell, .. } => ("switchover", cell.as_str()),
+        Command::DrCutover { from, .. } => ("dr-cutover", from.as_str()),
+        Command::Revert { op, .. } => ("revert", op.as_str()),
+    };
+    format!("auto-{verb}-{subject}-e{epoch}")
+}
+
+/// The epochs of a cell's shards for humans: `3`, or `2-5` when they differ, `-` for none.
+pub fn epoch_span(epochs: &[u64]) -> String {
+    match (epochs.iter().min(), epochs.iter().max()) {
+        (Some(a), Some(b)) if a == b => a.to_string(),
+        (Some(a), Some(b)) => format!("{a}-{b}"),
+        _ => "-".into(),
+    }
+}
+
 /// One shard changing owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {

@@ -158,6 +158,19 @@ pub enum TableError {
 }
 
 impl RoutingTable {
+    /// The table to publish after `prev`: this one with the next epoch if it differs
+    /// from `prev` in anything but the epoch; `None` when nothing changed (a re-run
+    /// publishes nothing). The one epoch rule of every publisher (`ldc up`, the operator).
+    pub fn succeeding(mut self, prev: Option<&RoutingTable>) -> Option<RoutingTable> {
+        let prev_epoch = prev.map_or(0, |p| p.epoch);
+        self.epoch = prev_epoch;
+        if prev == Some(&self) {
+            return None;
+        }
+        self.epoch = prev_epoch + 1;
+        Some(self)
+    }
+
     pub fn shard_count(&self) -> u32 {
         self.shards.len() as u32
     }

@@ -94,6 +94,25 @@ pub struct Decision {
     pub warnings: Vec<String>,
 }
 
+/// Most changes a cell's traffic audit trail keeps, on every platform: the oldest are
+/// dropped first ([`record_change`]). It bounds the record (a store value locally, an
+/// annotation of the Cell on Kubernetes, where all annotations share 256 KiB).
+pub const TRAFFIC_HISTORY_MAX: usize = 100;
+
+/// Appends `change` to a trail and drops the oldest beyond [`TRAFFIC_HISTORY_MAX`].
+pub fn record_change(trail: &mut Vec<Change>, change: Change) {
+    trail.push(change);
+    let excess = trail.len().saturating_sub(TRAFFIC_HISTORY_MAX);
+    trail.drain(..excess);
+}
+
+/// Whether a cell can serve its users: every colour that receives some of them (blue below
+/// 100% green, green above 0%) has something live. The one health rule of `ldc up`'s
+/// controller and the operator; a cell for which it is false is failed over.
+pub fn serves(green_bp: u16, blue_live: bool, green_live: bool) -> bool {
+    (green_bp >= BP_MAX || blue_live) && (green_bp == 0 || green_live)
+}
+
 /// `--green PCT` in basis points: 0..=100 with at most two decimals (0.5 -> 50 bp).
 pub fn pct_to_bp(pct: f64) -> Result<u16, String> {
     if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {

@@ -203,12 +203,6 @@ fn reached<T>(r: &Result<T, Error>) -> bool {
     )
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Runs the controller for `namespace` until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -430,7 +424,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
     let init = {
         let (store, ptopo) = (store.clone(), ptopo.clone());
         blocking(&ctx.reach, move || {
-            fence::ensure_initialised(&*store, &ptopo, &serving, now_ms())
+            fence::ensure_initialised(&*store, &ptopo, &serving, ldc_core::clock::now_ms())
         })
         .await
     };
@@ -540,13 +534,13 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         for (region, due) in model::regions_down(&cells, &map, &health, &since, now, delay) {
             match due {
                 Ok(()) => {
-                    let epoch = map.owners.iter().map(|o| o.epoch).max().unwrap_or(0);
+                    let command = Command::DrCutover {
+                        from: region,
+                        to: None,
+                    };
                     pending = Some(Pending {
-                        id: format!("auto-dr-cutover-{region}-e{epoch}"),
-                        command: Command::DrCutover {
-                            from: region,
-                            to: None,
-                        },
+                        id: planner::automatic_move_id(&command, &ptopo, &map),
+                        command,
                         requested_by: MANAGER.into(),
                         automatic: true,
                     });
@@ -569,14 +563,10 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
             }
             match model::failover_due(*s, now, delay) {
                 Ok(()) => {
-                    let epoch = owned
-                        .iter()
-                        .map(|sh| map.owners[*sh as usize].epoch)
-                        .max()
-                        .unwrap_or(0);
+                    let command = Command::Failover { cell: cname };
                     pending = Some(Pending {
-                        id: format!("auto-failover-{cname}-e{epoch}"),
-                        command: Command::Failover { cell: cname },
+                        id: planner::automatic_move_id(&command, &ptopo, &map),
+                        command,
                         requested_by: MANAGER.into(),
                         automatic: true,
                     });
@@ -614,25 +604,13 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         let scope = scope.clone();
         let op = op_for_step
             .as_ref()
-            .map(|(p, plan)| (p.id.clone(), plan.clone()));
+            .map(|(p, plan)| (p.id.clone(), p.requested_by.clone(), plan.clone()));
         let shard_count = topo.spec.shard_count;
         blocking(&ctx.reach, move || {
-            let summary = op
-                .as_ref()
-                .and_then(|(_, plan)| plan.as_ref().map(model::describe_plan))
-                .unwrap_or_default();
-            let empty = ldc_core::planner::Plan {
-                command: Command::Failover {
-                    cell: String::new(),
-                },
-                moves: vec![],
-            };
-            let op_ref = op.as_ref().map(|(id, plan)| {
-                (
-                    id.as_str(),
-                    plan.as_ref().unwrap_or(&empty),
-                    summary.as_str(),
-                )
+            let op_ref = op.as_ref().map(|(id, by, plan)| fence::StepMove {
+                id,
+                by,
+                plan: plan.as_ref(),
             });
             fence::commit_step(
                 &*store,
@@ -680,13 +658,20 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
 
     // ---- report the operation
     if let Some((p, _)) = op_for_step {
-        let rec = step.op.clone().unwrap_or(fence::AppliedOp {
-            shards_moved: 0,
-            routing_epoch: step.table.epoch,
-            summary: String::new(),
-            moved_from: Default::default(),
+        let rec = step.op.clone().unwrap_or_else(|| {
+            // Recorded as applied, then its record lost: say so rather than invent it.
+            ldc_control::moves::MoveRecord {
+                id: p.id.clone(),
+                command: p.command.to_string(),
+                summary: "applied by an earlier run; its record is gone".into(),
+                shards_moved: 0,
+                routing_epoch: step.table.epoch,
+                moved_from: Default::default(),
+                by: p.requested_by.clone(),
+                at_unix_ms: 0,
+            }
         });
-        let command = model::describe_command(&p.command);
+        let command = p.command.to_string();
         let note = format!(
             "{command}: {} (routing epoch {})",
             rec.summary, rec.routing_epoch
@@ -716,7 +701,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
                 message: rec.summary,
                 shards_moved: rec.shards_moved,
                 routing_epoch: rec.routing_epoch,
-                moved_from: rec.moved_from,
+                moved_from: ldc_ops::verbs::moves::ranges_by_cell(&rec.moved_from),
                 requested_by: p.requested_by,
                 finished_at: now.to_string(),
             },
@@ -724,7 +709,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         requeue = Duration::from_millis(100); // look again at once with the new map
     }
     if let Some((p, why)) = failed {
-        let command = model::describe_command(&p.command);
+        let command = p.command.to_string();
         let kind = metrics::operation_kind(&p.command, p.automatic);
         ctx.metrics.operation(kind, OpResult::Failed, 0, None);
         ctx.event(
@@ -787,12 +772,8 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
         }
         .into();
         st.shards = owned.len() as u32;
-        st.shard_ranges = model::ranges(&owned);
-        st.epochs = match (epochs.iter().min(), epochs.iter().max()) {
-            (Some(a), Some(b)) if a == b => a.to_string(),
-            (Some(a), Some(b)) => format!("{a}-{b}"),
-            _ => "-".into(),
-        };
+        st.shard_ranges = planner::shard_ranges(&owned);
+        st.epochs = planner::epoch_span(&epochs);
         st.ready_blue = r.blue;
         st.ready_green = r.green;
         let weight = step

@@ -31,7 +31,8 @@ pub const TOPOLOGY_FINALIZER: &str = "ldc.dev/topology";
 /// Finalizer on a [`Cell`]: a cell that still owns shards cannot disappear (its users would
 /// have no writer); move its shards first (`kubectl cell switchover`).
 pub const CELL_FINALIZER: &str = "ldc.dev/owns-shards";
-/// Most entries kept in `Topology.status.history` (a limit on everything).
+/// Most moves shown in `Topology.status.history` (a resource's size is bounded); every move
+/// is kept in the store (`ldc_control::moves`), and a revert of an older one looks there.
 pub const HISTORY_MAX: usize = 20;
 
 /// The shape of one LDC platform: how many shards, which regions, the N+1 policy and how
@@ -351,27 +352,17 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// The first step above the current weight, if any.
-    pub fn next_step(&self) -> Option<u16> {
-        self.steps
-            .iter()
-            .copied()
-            .find(|s| *s > self.green_weight_bp)
-    }
-
     /// "step 2/4" when the weight is one of the steps.
     pub fn step_label(&self) -> Option<String> {
-        let i = self.steps.iter().position(|s| *s == self.green_weight_bp)?;
-        Some(format!("step {}/{}", i + 1, self.steps.len()))
+        ldc_ops::verbs::status::step_label(&self.steps, self.green_weight_bp)
     }
 }
 
 /// Annotation on a Cell holding its traffic audit trail (JSON list of
-/// [`ldc_core::traffic::Change`], newest last, at most [`TRAFFIC_HISTORY_MAX`]). Written by
+/// [`ldc_core::traffic::Change`], newest last, at most
+/// [`ldc_core::traffic::TRAFFIC_HISTORY_MAX`], as on the local platform). Written by
 /// `kubectl cell traffic-shift` in the same optimistic-locked patch as the change itself.
 pub const TRAFFIC_HISTORY_ANNOTATION: &str = "ldc.dev/traffic-history";
-/// Most entries kept in a cell's traffic audit trail.
-pub const TRAFFIC_HISTORY_MAX: usize = 20;
 
 /// What the operator observed about one cell.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

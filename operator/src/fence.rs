@@ -1,7 +1,7 @@
 //! The operator's store executor: fence first, then route.
 //!
 //! One store transaction applies a plan (a compare-and-set per ownership record with the
-//! epoch bump, [`ldc_cell::control::apply_plan`]), records the operation id so a re-run
+//! epoch bump, [`ldc_control::apply_plan`]), records the move ([`ldc_control::moves`]) so a re-run
 //! after a crash does not plan again, and writes the next routing table (epoch + 1) under
 //! [`ldc_core::routing::STORE_KEY`]. Only after that commit does the reconciler publish the
 //! same table to the ConfigMap routers watch. So the epoch lives with the ownership it
@@ -10,15 +10,14 @@
 //!
 //! Everything here is synchronous (store transactions are); callers use `spawn_blocking`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ldc_cell::control::{self, ControlError};
+use ldc_control::moves::{self, MoveRecord};
+use ldc_control::{self as control, ControlError, keys};
 use ldc_core::planner::{Plan, ShardMap, Topology};
-use ldc_core::routing::{RoutingTable, SIGNATURE_KEY, STORE_KEY};
+use ldc_core::routing::RoutingTable;
 use ldc_security::table::TableSigner;
 use ldc_store::{Store, StoreError, Txn};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -27,10 +26,6 @@ pub enum FenceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error(
-        "the store holds {stored} shards but the Topology asks for {asked}; the shard count never changes"
-    )]
-    ShardCount { stored: u32, asked: u32 },
     #[error(
         "no Cell has role serving, so the platform cannot be created; mark at least one cell serving"
     )]
@@ -43,30 +38,11 @@ impl FenceError {
         match self {
             FenceError::Store(_) => "store",
             FenceError::Control(ControlError::StalePlan { .. }) => "stale_plan",
+            FenceError::Control(ControlError::ShardCountChanged { .. }) => "shard_count",
             FenceError::Control(_) => "control",
-            FenceError::ShardCount { .. } => "shard_count",
             FenceError::NoServingCell => "no_serving_cell",
         }
     }
-}
-
-/// What was recorded for an applied operation (under `sys/k8s/op/...`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedOp {
-    pub shards_moved: u32,
-    pub routing_epoch: u64,
-    pub summary: String,
-    /// Where the moved shards came from (cell -> ranges), so the move can be reverted.
-    #[serde(default)]
-    pub moved_from: BTreeMap<String, String>,
-}
-
-/// A plan's moved shards by the cell they left, as ranges (`{"r1-a": "0-5"}`).
-pub fn moved_from(plan: &Plan) -> BTreeMap<String, String> {
-    plan.moved_from()
-        .into_iter()
-        .map(|(c, v)| (c, ldc_core::planner::shard_ranges(&v)))
-        .collect()
 }
 
 /// The outcome of one [`commit_step`].
@@ -81,12 +57,8 @@ pub struct Step {
     /// The table as stored (its JSON) and the publisher's signature of those bytes: what
     /// the routing ConfigMap carries, byte for byte.
     pub published: (String, Option<String>),
-    /// The operation's record, when one was given (applied now or by an earlier run).
-    pub op: Option<AppliedOp>,
-}
-
-fn op_key(scope: &str, id: &str) -> Vec<u8> {
-    format!("sys/k8s/op/{scope}/{id}").into_bytes()
+    /// The move's record, when one was given (applied now or by an earlier run).
+    pub op: Option<MoveRecord>,
 }
 
 /// Opens a store by spec (`tikv://...` or a SQLite path).
@@ -118,19 +90,12 @@ pub fn ensure_initialised(
     let mut txn = store.begin()?;
     let r = (|| {
         let kv = &mut *txn;
+        // `init` checks that the shard count never changed when the platform exists.
         match control::load_config(kv) {
-            Ok(cfg) => {
-                if cfg.shard_count != topo.shard_count {
-                    return Err(FenceError::ShardCount {
-                        stored: cfg.shard_count,
-                        asked: topo.shard_count,
-                    });
-                }
+            Err(ControlError::NotInitialised) if serving.is_empty() => {
+                return Err(FenceError::NoServingCell);
             }
-            Err(ControlError::NotInitialised) => {
-                if serving.is_empty() {
-                    return Err(FenceError::NoServingCell);
-                }
+            Err(ControlError::NotInitialised) | Ok(_) => {
                 let refs: Vec<&str> = serving.iter().map(String::as_str).collect();
                 control::init(kv, topo, &refs, now_ms)?;
             }
@@ -157,90 +122,83 @@ pub fn load(
     finish(txn, r)
 }
 
-/// Whether operation `id` of `scope` was already applied (and what it did).
+/// Whether move `id` of `scope` was already applied (and what it did).
 pub fn applied_op(
     store: &dyn Store,
     scope: &str,
     id: &str,
-) -> Result<Option<AppliedOp>, FenceError> {
+) -> Result<Option<MoveRecord>, FenceError> {
     let mut txn = store.begin_read()?;
-    let r = (|| {
-        Ok(match txn.get(&op_key(scope, id))? {
-            Some(b) => serde_json::from_slice(&b).ok(),
-            None => None,
-        })
-    })();
+    let r = moves::get(&mut *txn, &keys::operator_moves_prefix(scope), id, false)
+        .map_err(FenceError::from);
     finish(txn, r)
 }
 
-/// One fenced step in one transaction: apply `op`'s plan unless its id is already recorded
-/// (then nothing moves again), then store the routing table `build` makes from the new
-/// map if it differs from the stored one (epoch + 1). `build` returns a table with any
-/// epoch; the epoch is set here.
+/// A move for [`commit_step`]: its id, who asked, and its plan (`None` when an earlier run
+/// applied it and only its record is wanted).
+pub struct StepMove<'a> {
+    pub id: &'a str,
+    pub by: &'a str,
+    pub plan: Option<&'a Plan>,
+}
+
+/// One fenced step in one transaction: apply the move's plan unless its id is already
+/// recorded (then nothing moves again), then store the routing table `build` makes from
+/// the new map if it differs from the stored one ([`RoutingTable::succeeding`]). `build`
+/// returns a table with any epoch; the epoch is set here.
 pub fn commit_step(
     store: &dyn Store,
     shard_count: u32,
     scope: &str,
-    op: Option<(&str, &Plan, &str)>,
+    op: Option<StepMove<'_>>,
     build: impl Fn(&ShardMap) -> RoutingTable,
     signer: Option<&TableSigner>,
 ) -> Result<Step, FenceError> {
     let mut txn = store.begin()?;
+    let prefix = keys::operator_moves_prefix(scope);
     let r = (|| {
         let kv = &mut *txn;
         let mut record = None;
-        let mut fresh_op = None;
-        if let Some((id, plan, summary)) = op {
-            let key = op_key(scope, id);
-            match kv.get_for_update(&key)? {
-                Some(b) => record = serde_json::from_slice::<AppliedOp>(&b).ok(),
-                None => {
-                    // Fence: every moved shard must still be where the plan saw it.
-                    control::apply_plan(kv, plan)?;
-                    fresh_op = Some((
-                        key,
-                        plan.moves.len() as u32,
-                        summary.to_string(),
-                        moved_from(plan),
-                    ));
-                }
+        let mut fresh = None;
+        if let Some(m) = &op {
+            record = moves::get(kv, &prefix, m.id, true)?;
+            if record.is_none()
+                && let Some(plan) = m.plan
+            {
+                // Fence: every moved shard must still be where the plan saw it.
+                control::apply_plan(kv, plan)?;
+                fresh = Some(plan);
             }
         }
         let map = control::load_map(kv, shard_count)?;
         let prev = control::load_routing(kv)?;
-        let (table, table_changed, published) =
-            match crate::model::next_table(prev.as_ref(), build(&map)) {
-                Some(t) => {
-                    let published = control::store_routing(kv, &t, signer)?;
-                    (t, true, published)
-                }
-                None => {
-                    let t = prev.expect("unchanged implies a previous table");
-                    let json = kv
-                        .get(STORE_KEY)?
-                        .and_then(|b| String::from_utf8(b).ok())
-                        .unwrap_or_default();
-                    let sig = kv
-                        .get(SIGNATURE_KEY)?
-                        .and_then(|b| String::from_utf8(b).ok());
-                    let published = match (sig, signer) {
-                        (Some(sig), _) => (json, Some(sig)),
-                        // Stored unsigned (an older operator, or --insecure): sign it now,
-                        // routers take only signed tables.
-                        (None, Some(_)) => control::store_routing(kv, &t, signer)?,
-                        (None, None) => (json, None),
-                    };
-                    (t, false, published)
-                }
-            };
-        if let Some((key, shards_moved, summary, moved_from)) = fresh_op {
-            let rec = AppliedOp {
-                shards_moved,
-                routing_epoch: table.epoch,
-                summary,
-                moved_from,
-            };
-            kv.put(&key, &serde_json::to_vec(&rec).expect("record encodes"))?;
+        let (table, table_changed, published) = match build(&map).succeeding(prev.as_ref()) {
+            Some(t) => {
+                let published = control::store_routing(kv, &t, signer)?;
+                (t, true, published)
+            }
+            None => {
+                let t = prev.expect("unchanged implies a previous table");
+                let json = kv
+                    .get(keys::ROUTING)?
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .unwrap_or_default();
+                let sig = kv
+                    .get(keys::ROUTING_SIGNATURE)?
+                    .and_then(|b| String::from_utf8(b).ok());
+                let published = match (sig, signer) {
+                    (Some(sig), _) => (json, Some(sig)),
+                    // Stored unsigned (an older operator, or --insecure): sign it now,
+                    // routers take only signed tables.
+                    (None, Some(_)) => control::store_routing(kv, &t, signer)?,
+                    (None, None) => (json, None),
+                };
+                (t, false, published)
+            }
+        };
+        if let (Some(plan), Some(m)) = (fresh, &op) {
+            let rec = MoveRecord::of(m.id, plan, table.epoch, m.by, ldc_core::clock::now_ms());
+            moves::put(kv, &prefix, &rec)?;
             record = Some(rec);
         }
         Ok(Step {
@@ -318,7 +276,11 @@ mod tests {
             &*store,
             4,
             "ns/t",
-            Some(("op1", &plan, "a -> s")),
+            Some(StepMove {
+                id: "op1",
+                by: "me",
+                plan: Some(&plan),
+            }),
             build,
             None,
         )
@@ -334,7 +296,11 @@ mod tests {
             &*store,
             4,
             "ns/t",
-            Some(("op1", &plan, "a -> s")),
+            Some(StepMove {
+                id: "op1",
+                by: "me",
+                plan: Some(&plan),
+            }),
             build,
             None,
         )
@@ -342,11 +308,23 @@ mod tests {
         assert_eq!(s2.map, s1.map);
         assert_eq!((s2.table.epoch, s2.table_changed), (2, false));
         assert_eq!(s2.op, s1.op);
+        assert_eq!(s1.op.as_ref().unwrap().moved_from["a"], vec![0, 1]);
         assert_eq!(applied_op(&*store, "ns/t", "op1").unwrap(), s1.op);
 
         // The same plan under a new id is stale: the fence refuses it and nothing changes.
-        let err =
-            commit_step(&*store, 4, "ns/t", Some(("op2", &plan, "")), build, None).unwrap_err();
+        let err = commit_step(
+            &*store,
+            4,
+            "ns/t",
+            Some(StepMove {
+                id: "op2",
+                by: "me",
+                plan: Some(&plan),
+            }),
+            build,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.label(), "stale_plan");
         assert_eq!(load(&*store, 4).unwrap().0, s1.map);
 
@@ -361,10 +339,10 @@ mod tests {
         );
         assert!(matches!(
             bad,
-            Err(FenceError::ShardCount {
+            Err(FenceError::Control(ControlError::ShardCountChanged {
                 stored: 4,
                 asked: 5
-            })
+            }))
         ));
     }
 }

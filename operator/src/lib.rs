@@ -17,7 +17,7 @@
 //! * [`controller`]: the reconciler (observe → plan → act → report).
 //! * [`lease`]: leader election through a Lease.
 //! * [`metrics`]: the operator's Prometheus metrics (served on `--metrics-listen`).
-//! * [`plugin`]: the `kubectl cell` verbs (parse apart from act, client injected).
+//! * [`platform`]: the Kubernetes platform of the `kubectl cell` verbs (crate `ldc-ops`).
 #![forbid(unsafe_code)]
 
 pub mod controller;
@@ -27,7 +27,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod pki;
-pub mod plugin;
+pub mod platform;
 pub mod reach;
 pub mod specs;
 pub mod teardown;

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-pub use ldc_core::planner::shard_ranges as ranges;
-use ldc_core::planner::{self, CellInfo, Command, Health, Plan, ShardMap};
+use ldc_core::planner::{self, CellInfo, Command, Health, ShardMap};
 use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable, ShardRoute};
 use thiserror::Error;
 
@@ -106,10 +105,9 @@ pub fn readiness(pods: &[Pod]) -> BTreeMap<String, Readiness> {
 /// A cell is healthy when every colour that receives users has at least one ready pod
 /// (blue below 100% green, green above 0%). A cell being deleted is never a target.
 pub fn cell_health(cell: &Cell, r: Readiness) -> Health {
-    let w = cell.spec.traffic.green_weight_bp;
-    let blue_ok = w >= BP_MAX || r.blue > 0;
-    let green_ok = w == 0 || r.green > 0;
-    if blue_ok && green_ok && cell.metadata.deletion_timestamp.is_none() {
+    let serves =
+        ldc_core::traffic::serves(cell.spec.traffic.green_weight_bp, r.blue > 0, r.green > 0);
+    if serves && cell.metadata.deletion_timestamp.is_none() {
         Health::Healthy
     } else {
         Health::Unhealthy
@@ -253,23 +251,7 @@ pub fn command_of(
     }
 }
 
-/// `failover r1-a`, `switchover r1-s --to r1-a`, `dr cutover --from r1`.
-pub fn describe_command(c: &Command) -> String {
-    match c {
-        Command::Failover { cell } => format!("failover {cell}"),
-        Command::Switchover { cell, to } => format!("switchover {cell} --to {to}"),
-        Command::DrCutover { from, to: None } => format!("dr cutover --from {from}"),
-        Command::DrCutover { from, to: Some(t) } => format!("dr cutover --from {from} --to {t}"),
-        Command::Revert { op, .. } => format!("revert {op}"),
-    }
-}
-
-/// The plan on one line (pairs joined by `; `).
-pub fn describe_plan(plan: &Plan) -> String {
-    plan.describe().join("; ")
-}
-
-/// The routing table for `map` and `cells`, with epoch 0 (see [`next_table`]).
+/// The routing table for `map` and `cells`, with epoch 0 (see [`RoutingTable::succeeding`]).
 pub fn build_table(map: &ShardMap, cells: &[Cell], namespace: &str) -> RoutingTable {
     let cells = cells
         .iter()
@@ -307,21 +289,6 @@ pub fn build_table(map: &ShardMap, cells: &[Cell], namespace: &str) -> RoutingTa
         shards,
         cells,
     }
-}
-
-/// The table to publish: `candidate` with the next epoch if it differs from `prev` in
-/// anything but the epoch; `None` when nothing changed (idempotent re-runs publish nothing).
-pub fn next_table(
-    prev: Option<&RoutingTable>,
-    mut candidate: RoutingTable,
-) -> Option<RoutingTable> {
-    let prev_epoch = prev.map_or(0, |p| p.epoch);
-    candidate.epoch = prev_epoch;
-    if prev == Some(&candidate) {
-        return None;
-    }
-    candidate.epoch = prev_epoch + 1;
-    Some(candidate)
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
@@ -545,7 +512,7 @@ mod tests {
         );
         op.to = Some("r1-a".into());
         let c = command_of(&op, &[]).unwrap();
-        assert_eq!(describe_command(&c), "switchover r1-s --to r1-a");
+        assert_eq!(c.to_string(), "switchover r1-s --to r1-a");
 
         // A revert resolves the recorded operation's moves from the history.
         let rec = |id: &str, result: &str, moved: &[(&str, &str)]| OperationRecord {
@@ -616,7 +583,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            describe_plan(&plan),
+            plan.describe().join("; "),
             "r1-a -> r1-s: 4 shards [0-3], each epoch +1"
         );
         let next = plan.apply(&map);
@@ -632,14 +599,16 @@ mod tests {
     fn table_epoch_moves_only_on_change() {
         let cs = cells();
         let map = ShardMap::initial(12, &["r1-a", "r1-b", "r2-a"]);
-        let t1 = next_table(None, build_table(&map, &cs, "pay")).unwrap();
+        let t1 = build_table(&map, &cs, "pay").succeeding(None).unwrap();
         assert_eq!(t1.epoch, 1);
         t1.validate().unwrap();
         assert_eq!(t1.cells["r1-a"].blue, ["r1-a-blue.pay.svc:7500"]);
-        assert_eq!(next_table(Some(&t1), build_table(&map, &cs, "pay")), None);
+        assert_eq!(build_table(&map, &cs, "pay").succeeding(Some(&t1)), None);
         let mut cs2 = cs.clone();
         cs2[0].spec.traffic.green_weight_bp = 100;
-        let t2 = next_table(Some(&t1), build_table(&map, &cs2, "pay")).unwrap();
+        let t2 = build_table(&map, &cs2, "pay")
+            .succeeding(Some(&t1))
+            .unwrap();
         assert_eq!((t2.epoch, t2.cells["r1-a"].green_weight_bp), (2, 100));
     }
 
@@ -654,6 +623,5 @@ mod tests {
         set_condition(&mut c, "Ready", false, "Down", "no".into(), Some(2), t1);
         assert_eq!(c[0].last_transition_time, t1.to_string());
         assert_eq!(c.len(), 1);
-        assert_eq!(ranges(&[0, 1, 2, 5]), "0-2,5");
     }
 }

@@ -91,7 +91,10 @@ pub trait Kv {
     fn get_for_update(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()>;
     fn delete(&mut self, key: &[u8]) -> Result<()>;
-    /// Pairs with `start <= key < end`, ascending, at most `limit` (≤ [`SCAN_LIMIT_MAX`]).
+    /// Pairs with `start <= key < end`, ascending, at most `limit`. A `limit` above
+    /// [`SCAN_LIMIT_MAX`] is a bug of the caller and panics (see [`check_scan_limit`]):
+    /// a silent clamp would return fewer pairs than asked without a word. Readers of
+    /// ranges that may hold more use [`scan_all`].
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>>;
 }
 
@@ -133,6 +136,77 @@ pub trait Store: Send + Sync {
     }
     /// A short name for logs and metrics (`sqlite`, `tikv`).
     fn engine(&self) -> &'static str;
+}
+
+/// Panics on a scan `limit` above [`SCAN_LIMIT_MAX`]; every engine calls it first.
+pub fn check_scan_limit(limit: usize) -> usize {
+    assert!(
+        limit <= SCAN_LIMIT_MAX,
+        "a scan of {limit} pairs asked for more than SCAN_LIMIT_MAX ({SCAN_LIMIT_MAX}); page with scan_all"
+    );
+    limit
+}
+
+/// Too many pairs for [`scan_all`]: the caller's bound, exceeded.
+#[derive(Debug, Clone, Error)]
+#[error("more than {max} records under {prefix}; the bound was reached, nothing was cut")]
+pub struct TooMany {
+    pub prefix: String,
+    pub max: usize,
+}
+
+/// Calls `visit` with every pair whose key starts with `prefix`, in key order, reading
+/// pages of [`SCAN_LIMIT_MAX`]: for ranges that may hold more than one scan returns.
+/// Memory stays one page whatever the range holds.
+pub fn visit_prefix(
+    kv: &mut dyn Kv,
+    prefix: &[u8],
+    mut visit: impl FnMut(Vec<u8>, Vec<u8>),
+) -> Result<()> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.to_vec();
+    loop {
+        let page = kv.scan(&start, &end, SCAN_LIMIT_MAX)?;
+        let full = page.len() == SCAN_LIMIT_MAX;
+        if let Some((last, _)) = page.last() {
+            // The next page starts just after the last key (its successor in key order).
+            start = last.clone();
+            start.push(0);
+        }
+        for (k, v) in page {
+            visit(k, v);
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Every pair whose key starts with `prefix` (read in pages, see [`visit_prefix`]), at
+/// most `max` of them: more is [`TooMany`] (an error the caller reports), never a silently
+/// shorter answer.
+pub fn scan_all(
+    kv: &mut dyn Kv,
+    prefix: &[u8],
+    max: usize,
+) -> Result<std::result::Result<Vec<Pair>, TooMany>> {
+    let mut out: Vec<Pair> = Vec::new();
+    let mut over = false;
+    visit_prefix(kv, prefix, |k, v| {
+        if out.len() < max {
+            out.push((k, v));
+        } else {
+            over = true;
+        }
+    })?;
+    Ok(if over {
+        Err(TooMany {
+            prefix: String::from_utf8_lossy(prefix).into_owned(),
+            max,
+        })
+    } else {
+        Ok(out)
+    })
 }
 
 /// The end of the key range of every key that starts with `prefix`.

@@ -78,7 +78,9 @@ impl<P: Kv + ?Sized> Kv for Overlay<'_, P> {
         let local: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
             self.writes.range(start.to_vec()..end.to_vec()).collect();
         let deletes = local.iter().filter(|(_, v)| v.is_none()).count();
-        let want = limit + deletes;
+        // Bounded by what one scan may ask; a shorter merged page is still correct (the
+        // horizon below stops it where the parent's page ended).
+        let want = (limit + deletes).min(crate::SCAN_LIMIT_MAX);
         let base = self.parent.scan(start, end, want)?;
         // If the parent stopped at `want`, keys past its last one are unknown: local inserts
         // beyond it must wait for the next page or the order would have holes.

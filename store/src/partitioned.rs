@@ -53,7 +53,7 @@ use std::sync::Arc;
 use rusqlite::OptionalExtension;
 
 use crate::sqlite::{SqliteStore, SqliteTxn, map_err};
-use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn, prefix_end};
+use crate::{Kv, Pair, Result, Store, StoreError, Txn, prefix_end};
 
 /// Digits of the shard number in a shard's keys (`{space}/{shard:05}…`).
 pub const SHARD_DIGITS: usize = 5;
@@ -448,7 +448,7 @@ impl Kv for PartitionedTxn {
     }
 
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>> {
-        let limit = limit.min(SCAN_LIMIT_MAX);
+        let limit = crate::check_scan_limit(limit);
         if shard_of_range(start, end).is_some() {
             return self.sub_of_key(start, false)?.scan(start, end, limit);
         }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 
-use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
+use crate::{Kv, Pair, Result, Store, StoreError, Txn};
 
 /// How long a writer waits for another process's write lock before giving up with `Busy`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -400,7 +400,7 @@ impl Kv for SqliteTxn {
     }
 
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>> {
-        let limit = limit.min(SCAN_LIMIT_MAX) as i64;
+        let limit = crate::check_scan_limit(limit) as i64;
         let mut st = self
             .conn()
             .prepare_cached("SELECT k, v FROM kv WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3")

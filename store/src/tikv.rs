@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tikv_client::{Transaction, TransactionClient};
 use tokio::runtime::Runtime;
 
-use crate::{Kv, Pair, Result, SCAN_LIMIT_MAX, Store, StoreError, Txn};
+use crate::{Kv, Pair, Result, Store, StoreError, Txn};
 
 pub struct TikvStore {
     rt: Arc<Runtime>,
@@ -136,7 +136,7 @@ impl Kv for TikvTxn {
 
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>> {
         let rt = self.rt.clone();
-        let limit = limit.min(SCAN_LIMIT_MAX) as u32;
+        let limit = crate::check_scan_limit(limit) as u32;
         let range = start.to_vec()..end.to_vec();
         let pairs = rt.block_on(self.t().scan(range, limit)).map_err(map_err)?;
         Ok(pairs.map(|p| (Vec::from(p.0), p.1)).collect())

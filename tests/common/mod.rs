@@ -94,6 +94,7 @@ impl Platform {
         client(&self.data, &self.router).await
     }
 
+    /// `ldc cell status -o json`.
     pub fn status(&self) -> serde_json::Value {
         ldc_json(&self.data, &["cell", "status"])
     }
@@ -324,4 +325,12 @@ pub fn wait_settled_store(global: &[&std::ffi::OsStr], timeout: Duration) -> ser
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The pids of a cell's processes in `ldc cell status -o json`, blue then green (0: none).
+pub fn pids(cell: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!([
+        cell["colours"]["blue"]["pid"],
+        cell["colours"]["green"]["pid"]
+    ])
 }

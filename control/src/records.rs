@@ -1,6 +1,5 @@
-//! Control records in the store: platform config, topology, shard ownership, cell runtime
-//! facts and the published routing table, plus the executor that applies a planner
-//! [`Plan`] to the store.
+//! Platform config, topology, shard ownership, cell runtime facts and the published
+//! routing table, plus the executor that applies a planner [`Plan`] to the store.
 //!
 //! The order is the fencing rule of the design: ownership records (with bumped epochs) are
 //! written first, then the routing table is rebuilt from them. The local platform does both
@@ -13,39 +12,8 @@ use ldc_core::planner::{Owner, Plan, ShardMap, Topology};
 use ldc_core::routing::{self, CellRoute, RoutingTable, ShardRoute};
 use ldc_store::{Kv, prefix_end};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
-use crate::keys;
-
-#[derive(Debug, Error)]
-pub enum ControlError {
-    #[error("store: {0}")]
-    Store(#[from] ldc_store::StoreError),
-    #[error("control record {what} is corrupt: {why}")]
-    Corrupt { what: String, why: String },
-    #[error("the platform is not initialised in this store; run `ldc up` once to create it")]
-    NotInitialised,
-    #[error(
-        "the store holds ledger records in format {stored}, and this build of LDC reads format {supported}; \
-         use the LDC release that created the store, or start on a new data directory (a new store)"
-    )]
-    LedgerFormat { stored: u32, supported: u32 },
-    #[error(
-        "the store was created with {stored} shards but {asked} were asked; the shard count never changes after creation"
-    )]
-    ShardCountChanged { stored: u32, asked: u32 },
-    #[error(
-        "shard {shard} changed since the plan was made (planned {planned_cell}@{planned_epoch}, now {cell}@{epoch}); \
-         nothing was applied, plan again"
-    )]
-    StalePlan {
-        shard: u32,
-        planned_cell: String,
-        planned_epoch: u64,
-        cell: String,
-        epoch: u64,
-    },
-}
+use crate::{ControlError, decode, get_json, keys, put_json};
 
 /// The layout of the ledger's records (see [`crate::keys`] and [`crate::model`]) this
 /// build writes and reads. 2: entries carry their contra leg, system accounts have no
@@ -114,26 +82,6 @@ pub struct CellRuntime {
     pub pids: Vec<u32>,
     pub metrics: Vec<String>,
     pub healthy: bool,
-}
-
-fn get_json<T: for<'de> Deserialize<'de>>(
-    kv: &mut dyn Kv,
-    key: &[u8],
-) -> Result<Option<T>, ControlError> {
-    match kv.get(key)? {
-        None => Ok(None),
-        Some(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| ControlError::Corrupt {
-                what: String::from_utf8_lossy(key).into_owned(),
-                why: e.to_string(),
-            }),
-    }
-}
-
-fn put_json<T: Serialize>(kv: &mut dyn Kv, key: &[u8], v: &T) -> Result<(), ControlError> {
-    kv.put(key, &serde_json::to_vec(v).expect("control records encode"))?;
-    Ok(())
 }
 
 pub fn load_config(kv: &mut dyn Kv) -> Result<PlatformConfig, ControlError> {
@@ -258,17 +206,16 @@ pub fn put_cell_runtime(kv: &mut dyn Kv, cell: &str, rt: &CellRuntime) -> Result
     put_json(kv, &keys::cell_runtime(cell), rt)
 }
 
+/// Most cells a platform may have (bounds every per-cell read).
+pub const CELLS_MAX: usize = ldc_store::SCAN_LIMIT_MAX;
+
 pub fn load_cell_runtimes(kv: &mut dyn Kv) -> Result<BTreeMap<String, CellRuntime>, ControlError> {
     let p = keys::CELLS_PREFIX.as_bytes();
-    let rows = kv.scan(p, &prefix_end(p), 10_000)?;
-    rows.into_iter()
+    ldc_store::scan_all(kv, p, CELLS_MAX)??
+        .into_iter()
         .map(|(k, v)| {
             let name = String::from_utf8_lossy(&k[p.len()..]).into_owned();
-            let rt = serde_json::from_slice(&v).map_err(|e| ControlError::Corrupt {
-                what: format!("sys/cells/{name}"),
-                why: e.to_string(),
-            })?;
-            Ok((name, rt))
+            Ok((name, decode(&k, &v)?))
         })
         .collect()
 }
@@ -293,8 +240,9 @@ pub fn store_routing(
 }
 
 /// Rebuilds the routing table from ownership and cell runtimes, keeps each cell's green
-/// weight from the previous table unless `weights` overrides it, bumps the epoch, and
-/// stores it, signed by `signer`. Returns the new table.
+/// weight from the previous table unless `weights` overrides it, and stores it with the
+/// next epoch, signed by `signer`, if it differs from the stored one
+/// ([`RoutingTable::succeeding`]). Returns the table in force.
 pub fn publish_routing(
     kv: &mut dyn Kv,
     weights: &BTreeMap<String, u16>,
@@ -304,7 +252,8 @@ pub fn publish_routing(
     let topo = load_topology(kv)?;
     let map = load_map(kv, cfg.shard_count)?;
     let runtimes = load_cell_runtimes(kv)?;
-    let prev = load_routing(kv)?.unwrap_or_default();
+    let stored = load_routing(kv)?;
+    let prev = stored.clone().unwrap_or_default();
     let cells = topo
         .cells
         .iter()
@@ -334,10 +283,13 @@ pub fn publish_routing(
             epoch: o.epoch,
         })
         .collect();
-    let table = RoutingTable {
-        epoch: prev.epoch + 1,
+    let candidate = RoutingTable {
+        epoch: 0,
         shards,
         cells,
+    };
+    let Some(table) = candidate.succeeding(stored.as_ref()) else {
+        return Ok(prev);
     };
     table.validate().map_err(|e| ControlError::Corrupt {
         what: "routing table".into(),
@@ -348,8 +300,8 @@ pub fn publish_routing(
 }
 
 /// A topology of one cell `c` in region `r` with 4 shards, for unit tests.
-#[cfg(test)]
-pub(crate) fn one_cell_topology() -> Topology {
+#[doc(hidden)]
+pub fn one_cell_topology() -> Topology {
     Topology {
         shard_count: 4,
         cells: vec![ldc_core::planner::CellInfo {

@@ -1,0 +1,99 @@
+//! `history`: the moves (newest last) and every cell's traffic changes.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::HistoryData;
+use crate::verbs::moves::ranges_by_cell;
+
+/// How many moves `history` shows unless asked (`--limit`; 0 shows them all).
+pub const MOVES_SHOWN_DEFAULT: usize = 50;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryReport {
+    pub moves: Vec<MoveEntry>,
+    /// Moves recorded in all (more than shown when `--limit` cut the list).
+    pub moves_total: usize,
+    pub traffic: Vec<TrafficEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveEntry {
+    pub id: String,
+    pub command: String,
+    /// `Succeeded` or `Failed`.
+    pub result: String,
+    pub message: String,
+    pub shards_moved: u32,
+    pub routing_epoch: u64,
+    pub moved_from: BTreeMap<String, String>,
+    pub by: String,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficEntry {
+    pub cell: String,
+    pub at_unix_ms: u64,
+    pub by: String,
+    pub action: String,
+    pub before_bp: u16,
+    pub after_bp: u16,
+    pub paused_before: bool,
+    pub paused_after: bool,
+    pub routing_epoch: u64,
+}
+
+/// The history report, only of `cell` if named (the moves that involve it: it lost
+/// shards, or the command names it).
+pub fn history(h: &HistoryData, cell: Option<&str>) -> HistoryReport {
+    let involves = |from: &BTreeMap<String, Vec<u32>>, command: &str| {
+        cell.is_none_or(|c| from.contains_key(c) || command.split(' ').any(|w| w == c))
+    };
+    let moves: Vec<MoveEntry> = h
+        .moves
+        .iter()
+        .filter(|m| involves(&m.record.moved_from, &m.record.command))
+        .map(|m| MoveEntry {
+            id: m.record.id.clone(),
+            command: m.record.command.clone(),
+            result: m.result.clone(),
+            message: m.message.clone(),
+            shards_moved: m.record.shards_moved,
+            routing_epoch: m.record.routing_epoch,
+            moved_from: ranges_by_cell(&m.record.moved_from),
+            by: m.record.by.clone(),
+            at_unix_ms: m.record.at_unix_ms,
+        })
+        .collect();
+    let mut traffic: Vec<TrafficEntry> = h
+        .traffic
+        .iter()
+        .filter(|(c, _)| cell.is_none_or(|want| want == c))
+        .map(|(c, ch)| TrafficEntry {
+            cell: c.clone(),
+            at_unix_ms: ch.at_unix_ms,
+            by: ch.by.clone(),
+            action: ch.action.clone(),
+            before_bp: ch.before_bp,
+            after_bp: ch.after_bp,
+            paused_before: ch.paused_before,
+            paused_after: ch.paused_after,
+            routing_epoch: ch.routing_epoch,
+        })
+        .collect();
+    traffic.sort_by(|a, b| (a.at_unix_ms, &a.cell).cmp(&(b.at_unix_ms, &b.cell)));
+    HistoryReport {
+        moves_total: if cell.is_some() {
+            moves.len()
+        } else {
+            h.moves_total
+        },
+        moves,
+        traffic,
+    }
+}
