@@ -463,6 +463,38 @@ impl World {
         out
     }
 
+    /// `kubectl cell ARGS -o json`.
+    fn kubectl_cell_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl_cell(&a)).unwrap()
+    }
+
+    /// The cluster's state mirrored into a local store; then the same verbs through both
+    /// front-ends must print the same document (`common::frontends`).
+    fn same_json_on_both_front_ends(&self) {
+        let status = self.kubectl_cell_json(&["status"]);
+        let store = self.dir.path().join("mirror").join("store.db");
+        std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+        frontends::mirror(&store, &status, &self.get(&["cells"]));
+        let ldc = Path::new(env!("CARGO_BIN_EXE_ldc"));
+        for args in [
+            &["status"][..],
+            &["failover", "r1-a", "--dry-run"],
+            &["switchover", "r1-a", "--to", "r1-s", "--dry-run"],
+            &["dr", "cutover", "--from", "r2", "--dry-run"],
+            &["traffic-shift", "r1-a", "--green", "10", "--dry-run"],
+            &["traffic-shift", "r2-b", "--pause", "--dry-run"],
+        ] {
+            let k = self.kubectl_cell_json(args);
+            let l = frontends::ldc_cell_json(ldc, &store, args);
+            frontends::assert_same(&k, &l, args);
+        }
+        eprintln!(
+            "kubectl cell and ldc cell agree on status, every move's dry run and traffic changes"
+        );
+    }
+
     fn kubectl_cell_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("kubectl");
         let path = format!(
@@ -896,6 +928,10 @@ async fn payments_through_the_router_survive_every_operation() {
         installed.as_secs_f64(),
         format_cells(HEADER)
     );
+
+    // ---- 0. one product: `kubectl cell` and `ldc cell` print the same JSON for the same
+    // state (status, a dry run of each move, a traffic change).
+    w.same_json_on_both_front_ends();
 
     // ---- 1. a release of r1-a: 10%, pause (a shift is refused), resume, 100%, undo (back
     // to 10%), abort. No request may fail; every change is in the cell's audit trail.

@@ -202,7 +202,7 @@ async fn fsync_failure_stops_every_writer_on_the_file_and_loses_nothing() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|c| pids(&c).as_array().unwrap().clone())
+        .flat_map(|c| pids(c).as_array().unwrap().clone())
         .map(|p| p.as_u64().unwrap() as u32)
         .filter(|p| *p != 0)
         .collect();

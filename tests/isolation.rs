@@ -132,7 +132,7 @@ async fn stop_serving_processes(layout: &str, stops: usize) -> Vec<Seen> {
         let victim = serving[rng.random_range(0..serving.len())];
         let cell = victim["cell"].as_str().unwrap().to_string();
         // Blue carries a cell's traffic (no traffic shift here).
-        let pid = pids(&victim)[0].as_u64().unwrap() as u32;
+        let pid = pids(victim)[0].as_u64().unwrap() as u32;
         let affected = users_on(&platform, &users, &cell);
         stop_holding_a_lock(pid, &probes).await;
         let at = Instant::now();

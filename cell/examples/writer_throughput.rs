@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use ldc_cell::ledger::Command;
 use ldc_cell::metrics::CellMetrics;
 use ldc_cell::writer::{Writer, WriterConfig};
-use ldc_control;
 use ldc_core::planner::{CellInfo, Topology};
 use ldc_store::{Store, sqlite::SqliteStore};
 

@@ -209,10 +209,12 @@ mod tests {
             );
         }
         for key in [
-            CONFIG.to_vec(),
-            TOPOLOGY.to_vec(),
-            cell_runtime("00001"),
-            ldc_core::routing::STORE_KEY.to_vec(),
+            ldc_control::keys::CONFIG.to_vec(),
+            ldc_control::keys::TOPOLOGY.to_vec(),
+            ldc_control::keys::cell_runtime("00001"),
+            ldc_control::keys::ROUTING.to_vec(),
+            ldc_control::keys::traffic("00001"),
+            ldc_control::keys::relay_lease("00001"),
         ] {
             assert_eq!(
                 shard_of_key(&key),

@@ -10,6 +10,7 @@
 //! * [`relay`]: delivers cross-cell credits from the outbox, exactly once, cell to cell.
 //! * [`gate`]: who may call a cell (routers the payment API, cells the relay).
 //! * [`reconcile`]: recomputes balances and proves money is conserved.
+//!
 //! Control records (ownership, topology, routing) are `ldc_control`'s.
 //! * [`keys`], [`model`], [`error`], [`metrics`]: key layout, records, errors, metrics.
 #![forbid(unsafe_code)]

@@ -311,7 +311,7 @@ impl Env {
     fn store_map(&self) -> ShardMap {
         let store = ldc_store::open(self.store_path().to_str().unwrap()).expect("open store");
         let mut t = store.begin_read().expect("begin");
-        let m = ldc_cell::control::load_map(&mut *t, 12).expect("load map");
+        let m = ldc_control::load_map(&mut *t, 12).expect("load map");
         t.rollback().expect("rollback");
         m
     }

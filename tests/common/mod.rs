@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ldc_core::proto::{self, payments_client::PaymentsClient};
 use tonic::transport::Channel;
 
+pub mod frontends;
 pub mod netns;
 pub mod payments;
 

@@ -49,15 +49,28 @@ pub struct TrafficEntry {
 }
 
 /// The history report, only of `cell` if named (the moves that involve it: it lost
-/// shards, or the command names it).
-pub fn history(h: &HistoryData, cell: Option<&str>) -> HistoryReport {
-    let involves = |from: &BTreeMap<String, Vec<u32>>, command: &str| {
-        cell.is_none_or(|c| from.contains_key(c) || command.split(' ').any(|w| w == c))
+/// shards, gained them, or the command names it), at most the newest `shown` moves.
+pub fn history(h: &HistoryData, cell: Option<&str>, shown: usize) -> HistoryReport {
+    let names = |text: &str, c: &str| {
+        text.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'))
+            .any(|w| w == c)
     };
-    let moves: Vec<MoveEntry> = h
-        .moves
+    let involves = |m: &crate::MoveView| {
+        cell.is_none_or(|c| {
+            m.record.moved_from.contains_key(c)
+                || names(&m.record.command, c)
+                || names(&m.record.summary, c)
+        })
+    };
+    let matching: Vec<&crate::MoveView> = h.moves.iter().filter(|m| involves(m)).collect();
+    let total = if cell.is_some() {
+        matching.len()
+    } else {
+        h.moves_total
+    };
+    let moves: Vec<MoveEntry> = matching
         .iter()
-        .filter(|m| involves(&m.record.moved_from, &m.record.command))
+        .skip(matching.len().saturating_sub(shown))
         .map(|m| MoveEntry {
             id: m.record.id.clone(),
             command: m.record.command.clone(),
@@ -88,11 +101,7 @@ pub fn history(h: &HistoryData, cell: Option<&str>) -> HistoryReport {
         .collect();
     traffic.sort_by(|a, b| (a.at_unix_ms, &a.cell).cmp(&(b.at_unix_ms, &b.cell)));
     HistoryReport {
-        moves_total: if cell.is_some() {
-            moves.len()
-        } else {
-            h.moves_total
-        },
+        moves_total: total,
         moves,
         traffic,
     }
