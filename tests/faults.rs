@@ -209,7 +209,7 @@ async fn fsync_failure_stops_every_writer_on_the_file_and_loses_nothing() {
     let victim = platform.cell("r1-a");
     let victim_pid = pids(&victim)[0].as_u64().unwrap() as u32;
     set_failpoint(
-        victim["metrics"][0].as_str().unwrap(),
+        victim["colours"]["blue"]["metrics"].as_str().unwrap(),
         "store::sync",
         "return",
     )
@@ -273,7 +273,7 @@ async fn a_hung_writer_is_detected_fenced_and_failed_over() {
         .map(|c| pids(&platform.cell(c))[0].as_u64().unwrap() as u32)
         .collect();
     set_failpoint(
-        victim["metrics"][0].as_str().unwrap(),
+        victim["colours"]["blue"]["metrics"].as_str().unwrap(),
         "store::commit",
         "sleep(600000)",
     )
@@ -351,8 +351,14 @@ async fn readiness_follows_writer_progress_not_the_open_port() {
     let data = dir.path().join("ldc");
     let platform = Platform::start(&data, &["--failure-threshold", "1000000"]);
     let cell = platform.cell("r1-a");
-    let metrics = cell["metrics"][0].as_str().unwrap().to_string();
-    let grpc = cell["endpoints"]["blue"][0].as_str().unwrap().to_string();
+    let metrics = cell["colours"]["blue"]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let grpc = cell["colours"]["blue"]["endpoints"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
         http(&metrics, "GET", "/readyz", "").await.0,
         "HTTP/1.1 200 OK"
@@ -834,7 +840,7 @@ async fn a_region_partitioned_from_the_other_loses_nothing_and_heals() {
     let (r1, r2) = (net.up_arg(1), net.up_arg(2));
     let platform = Platform::start(&data, &["--region-netns", &r1, "--region-netns", &r2]);
     assert!(
-        platform.cell("r1-a")["endpoints"]["blue"][0]
+        platform.cell("r1-a")["colours"]["blue"]["endpoints"][0]
             .as_str()
             .unwrap()
             .starts_with(&net.address(1)),

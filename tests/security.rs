@@ -25,7 +25,7 @@ fn user_records(data: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut t = store.begin_read().unwrap();
     let mut all = Vec::new();
     for p in [&b"u/"[..], b"x/", b"ob/"] {
-        all.extend(t.scan(p, &prefix_end(p), 100_000).unwrap());
+        all.extend(ldc_store::scan_all(&mut *t, p, 100_000).unwrap().unwrap());
     }
     all
 }
@@ -216,7 +216,7 @@ async fn what_a_credential_may_not_do_is_refused_and_writes_nothing() {
             .unwrap()
             .iter()
             .find(|c| c["cell"] == name)
-            .unwrap()["endpoints"]["blue"][0]
+            .unwrap()["colours"]["blue"]["endpoints"][0]
             .as_str()
             .unwrap()
             .to_string()

@@ -102,10 +102,15 @@ impl Cell {
     /// Number of user records in the store (accounts, payments, entries, keys...).
     fn user_keys(&self) -> usize {
         let mut t = self.store.begin_read().unwrap();
-        let n = t.scan(b"u/", &prefix_end(b"u/"), 100_000).unwrap().len()
-            + t.scan(b"x/", &prefix_end(b"x/"), 100_000).unwrap().len()
-            + t.scan(b"ob/", &prefix_end(b"ob/"), 100_000).unwrap().len()
-            + t.scan(b"t/", &prefix_end(b"t/"), 100_000).unwrap().len();
+        let n: usize = [&b"u/"[..], b"x/", b"ob/", b"t/"]
+            .iter()
+            .map(|p| {
+                ldc_store::scan_all(&mut *t, p, 100_000)
+                    .unwrap()
+                    .unwrap()
+                    .len()
+            })
+            .sum();
         t.rollback().unwrap();
         n
     }

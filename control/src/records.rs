@@ -9,7 +9,7 @@ use ldc_security::table::TableSigner;
 use std::collections::BTreeMap;
 
 use ldc_core::planner::{Owner, Plan, ShardMap, Topology};
-use ldc_core::routing::{self, CellRoute, RoutingTable, ShardRoute};
+use ldc_core::routing::{self, CellRoute, RoutingTable};
 use ldc_store::{Kv, prefix_end};
 use serde::{Deserialize, Serialize};
 
@@ -275,19 +275,7 @@ pub fn publish_routing(
             (c.id.clone(), route)
         })
         .collect();
-    let shards = map
-        .owners
-        .iter()
-        .map(|o| ShardRoute {
-            cell: o.cell.clone(),
-            epoch: o.epoch,
-        })
-        .collect();
-    let candidate = RoutingTable {
-        epoch: 0,
-        shards,
-        cells,
-    };
+    let candidate = RoutingTable::of(&map, cells);
     let Some(table) = candidate.succeeding(stored.as_ref()) else {
         return Ok(prev);
     };

@@ -171,6 +171,37 @@ impl RoutingTable {
         Some(self)
     }
 
+    /// A table (epoch 0: see [`RoutingTable::succeeding`]) routing by `map` to `cells`.
+    pub fn of(map: &crate::planner::ShardMap, cells: BTreeMap<String, CellRoute>) -> Self {
+        let shards = map
+            .owners
+            .iter()
+            .map(|o| ShardRoute {
+                cell: o.cell.clone(),
+                epoch: o.epoch,
+            })
+            .collect();
+        RoutingTable {
+            epoch: 0,
+            shards,
+            cells,
+        }
+    }
+
+    /// The ownership the table states (what a reader of a published table plans on).
+    pub fn ownership(&self) -> crate::planner::ShardMap {
+        crate::planner::ShardMap {
+            owners: self
+                .shards
+                .iter()
+                .map(|s| crate::planner::Owner {
+                    cell: s.cell.clone(),
+                    epoch: s.epoch,
+                })
+                .collect(),
+        }
+    }
+
     pub fn shard_count(&self) -> u32 {
         self.shards.len() as u32
     }

@@ -52,17 +52,26 @@ impl Action {
 }
 
 /// One entry of a cell's traffic audit trail: who changed what, when, before and after.
+/// Written in camelCase (the key style of every report); trails written before read the
+/// same (the snake_case aliases).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Change {
+    #[serde(alias = "at_unix_ms")]
     pub at_unix_ms: u64,
     /// Who ran the command (`user@host` locally, the Kubernetes user in a cluster).
     pub by: String,
     pub action: String,
+    #[serde(alias = "before_bp")]
     pub before_bp: u16,
+    #[serde(alias = "after_bp")]
     pub after_bp: u16,
+    #[serde(alias = "paused_before")]
     pub paused_before: bool,
+    #[serde(alias = "paused_after")]
     pub paused_after: bool,
-    /// Epoch of the routing table this change published (unchanged for pause/resume).
+    /// Epoch of the routing table the change was decided on.
+    #[serde(alias = "routing_epoch")]
     pub routing_epoch: u64,
 }
 
@@ -84,6 +93,7 @@ pub struct Facts {
 
 /// The decided change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Decision {
     pub before_bp: u16,
     pub after_bp: u16,

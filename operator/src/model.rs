@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use ldc_core::planner::{self, CellInfo, Command, Health, ShardMap};
-use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable, ShardRoute};
+use ldc_core::routing::{BP_MAX, CellRoute, Colour, RoutingTable};
 use thiserror::Error;
 
 use crate::crd::{Cell, CellRole, Condition, OperationRecord, OperationRequest, Topology};
@@ -276,19 +276,7 @@ pub fn build_table(map: &ShardMap, cells: &[Cell], namespace: &str) -> RoutingTa
             (name, route)
         })
         .collect();
-    let shards = map
-        .owners
-        .iter()
-        .map(|o| ShardRoute {
-            cell: o.cell.clone(),
-            epoch: o.epoch,
-        })
-        .collect();
-    RoutingTable {
-        epoch: 0,
-        shards,
-        cells,
-    }
+    RoutingTable::of(map, cells)
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.

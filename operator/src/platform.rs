@@ -18,7 +18,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use ldc_control::moves::MoveRecord;
-use ldc_core::planner::{self, Command, Owner, Plan, ShardMap};
+use ldc_core::planner::{self, Command, Plan};
 use ldc_core::routing::RoutingTable;
 use ldc_core::traffic::{Change, record_change};
 use ldc_ops::{
@@ -47,20 +47,6 @@ fn kube_error(e: kube::Error) -> PlatformError {
     match e {
         kube::Error::Api(s) if s.code == 409 => PlatformError::Conflict,
         e => PlatformError::Failed(format!("kubernetes API: {e}")),
-    }
-}
-
-/// The ownership map as the published table states it.
-pub fn map_of(table: &RoutingTable) -> ShardMap {
-    ShardMap {
-        owners: table
-            .shards
-            .iter()
-            .map(|s| Owner {
-                cell: s.cell.clone(),
-                epoch: s.epoch,
-            })
-            .collect(),
     }
 }
 
@@ -125,7 +111,7 @@ pub fn snapshot_of(
     cells: &[Cell],
     table: &RoutingTable,
 ) -> Result<Snapshot, PlatformError> {
-    let map = map_of(table);
+    let map = table.ownership();
     let mut facts = BTreeMap::new();
     for c in cells {
         let name = c.name_any();
@@ -574,7 +560,7 @@ mod tests {
     }
 
     fn table(cells: &[Cell]) -> RoutingTable {
-        let map = ShardMap::initial(12, &["r1-a", "r2-a"]);
+        let map = ldc_core::planner::ShardMap::initial(12, &["r1-a", "r2-a"]);
         model::build_table(&map, cells, "pay")
             .succeeding(None)
             .unwrap()

@@ -157,35 +157,36 @@ fn moves(r: &MoveReport, tool: &str) -> String {
 }
 
 fn traffic(r: &TrafficReport) -> String {
+    let d = &r.decision;
     let mut out = String::new();
-    for w in &r.warnings {
+    for w in &d.warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
     let paused = |p: bool| if p { ", paused" } else { "" };
     let change = format!(
         "{}: green {}{} -> {}{}",
         r.cell,
-        fmt_pct(r.before_bp),
-        paused(r.paused_before),
-        fmt_pct(r.after_bp),
-        paused(r.paused_after)
+        fmt_pct(d.before_bp),
+        paused(d.paused_before),
+        fmt_pct(d.after_bp),
+        paused(d.paused_after)
     );
     let dry = if r.dry_run { "dry run: " } else { "" };
-    out.push_str(&if r.noop {
+    out.push_str(&if d.noop {
         format!(
             "{}: nothing to change (green {}{})",
             r.cell,
-            fmt_pct(r.after_bp),
-            paused(r.paused_after)
+            fmt_pct(d.after_bp),
+            paused(d.paused_after)
         )
     } else if r.action == "pause" {
         format!(
             "{dry}{}: paused at green {}; weight changes are refused until --resume (--abort still works)",
             r.cell,
-            fmt_pct(r.after_bp)
+            fmt_pct(d.after_bp)
         )
     } else if r.action == "resume" {
-        format!("{dry}{}: resumed at green {}", r.cell, fmt_pct(r.after_bp))
+        format!("{dry}{}: resumed at green {}", r.cell, fmt_pct(d.after_bp))
     } else if r.dry_run {
         format!("dry run: {change}; nothing changed")
     } else if r.routing_epoch_after != r.routing_epoch_before {
@@ -253,13 +254,13 @@ fn history(r: &HistoryReport) -> String {
         .iter()
         .map(|t| {
             vec![
-                fmt_utc(t.at_unix_ms),
+                fmt_utc(t.change.at_unix_ms),
                 t.cell.clone(),
-                t.action.clone(),
-                t.by.clone(),
-                p(t.before_bp, t.paused_before),
-                p(t.after_bp, t.paused_after),
-                t.routing_epoch.to_string(),
+                t.change.action.clone(),
+                t.change.by.clone(),
+                p(t.change.before_bp, t.change.paused_before),
+                p(t.change.after_bp, t.change.paused_after),
+                t.change.routing_epoch.to_string(),
             ]
         })
         .collect();

@@ -282,13 +282,17 @@ async fn a_release_steps_pauses_undoes_and_aborts() {
         .await
         .unwrap());
     assert_eq!(
-        (a.before_bp, a.after_bp, a.routing_epoch_after),
+        (
+            a.decision.before_bp,
+            a.decision.after_bp,
+            a.routing_epoch_after
+        ),
         (0, 100, 2)
     );
     let a = t(run(&l.p, shift("r1-a", TrafficAction::Next, false))
         .await
         .unwrap());
-    assert_eq!(a.after_bp, 1000);
+    assert_eq!(a.decision.after_bp, 1000);
     let s = status(&l.p).await;
     let r1a = s.cells.iter().find(|c| c.cell == "r1-a").unwrap();
     assert_eq!(
@@ -310,7 +314,7 @@ async fn a_release_steps_pauses_undoes_and_aborts() {
             .await
             .unwrap(),
     );
-    assert!(dry.dry_run && dry.after_bp == 0);
+    assert!(dry.dry_run && dry.decision.after_bp == 0);
     t(run(
         &l.p,
         shift("r1-a", TrafficAction::Do(Action::Resume), false),
@@ -322,13 +326,13 @@ async fn a_release_steps_pauses_undoes_and_aborts() {
             .await
             .unwrap(),
     );
-    assert!(u.paused_after, "undo of the resume pauses again");
+    assert!(u.decision.paused_after, "undo of the resume pauses again");
     let a = t(
         run(&l.p, shift("r1-a", TrafficAction::Do(Action::Abort), false))
             .await
             .unwrap(),
     );
-    assert_eq!((a.after_bp, a.paused_after), (0, false));
+    assert_eq!((a.decision.after_bp, a.decision.paused_after), (0, false));
     let Report::History(h) = run(
         &l.p,
         Verb::History {
@@ -340,12 +344,12 @@ async fn a_release_steps_pauses_undoes_and_aborts() {
     .unwrap() else {
         panic!()
     };
-    let actions: Vec<&str> = h.traffic.iter().map(|c| c.action.as_str()).collect();
+    let actions: Vec<&str> = h.traffic.iter().map(|c| c.change.action.as_str()).collect();
     assert_eq!(
         actions,
         ["shift", "shift", "pause", "resume", "undo", "abort"]
     );
-    assert!(h.traffic.iter().all(|c| c.by.contains('@')));
+    assert!(h.traffic.iter().all(|c| c.change.by.contains('@')));
 }
 
 /// The optimistic lock: a move decided on a snapshot that another move has overtaken is

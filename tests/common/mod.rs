@@ -146,7 +146,7 @@ impl Platform {
             .unwrap()
             .iter()
             .flat_map(|c| {
-                c["pids"]
+                pids(c)
                     .as_array()
                     .unwrap()
                     .iter()

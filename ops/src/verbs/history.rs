@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use ldc_core::traffic::Change;
 use serde::Serialize;
 
 use crate::HistoryData;
@@ -38,14 +39,8 @@ pub struct MoveEntry {
 #[serde(rename_all = "camelCase")]
 pub struct TrafficEntry {
     pub cell: String,
-    pub at_unix_ms: u64,
-    pub by: String,
-    pub action: String,
-    pub before_bp: u16,
-    pub after_bp: u16,
-    pub paused_before: bool,
-    pub paused_after: bool,
-    pub routing_epoch: u64,
+    #[serde(flatten)]
+    pub change: Change,
 }
 
 /// The history report, only of `cell` if named (the moves that involve it: it lost
@@ -89,17 +84,10 @@ pub fn history(h: &HistoryData, cell: Option<&str>, shown: usize) -> HistoryRepo
         .filter(|(c, _)| cell.is_none_or(|want| want == c))
         .map(|(c, ch)| TrafficEntry {
             cell: c.clone(),
-            at_unix_ms: ch.at_unix_ms,
-            by: ch.by.clone(),
-            action: ch.action.clone(),
-            before_bp: ch.before_bp,
-            after_bp: ch.after_bp,
-            paused_before: ch.paused_before,
-            paused_after: ch.paused_after,
-            routing_epoch: ch.routing_epoch,
+            change: ch.clone(),
         })
         .collect();
-    traffic.sort_by(|a, b| (a.at_unix_ms, &a.cell).cmp(&(b.at_unix_ms, &b.cell)));
+    traffic.sort_by(|a, b| (a.change.at_unix_ms, &a.cell).cmp(&(b.change.at_unix_ms, &b.cell)));
     HistoryReport {
         moves_total: total,
         moves,

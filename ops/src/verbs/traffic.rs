@@ -103,13 +103,9 @@ pub struct TrafficReport {
     pub cell: String,
     pub action: &'static str,
     pub dry_run: bool,
-    pub before_bp: u16,
-    pub after_bp: u16,
-    pub paused_before: bool,
-    pub paused_after: bool,
-    /// Nothing would change.
-    pub noop: bool,
-    pub warnings: Vec<String>,
+    /// Before and after, whether nothing would change, and warnings.
+    #[serde(flatten)]
+    pub decision: Decision,
     pub routing_epoch_before: u64,
     pub routing_epoch_after: u64,
 }
@@ -127,12 +123,7 @@ pub fn report(
         cell: cell.to_string(),
         action: action.name(),
         dry_run,
-        before_bp: d.before_bp,
-        after_bp: d.after_bp,
-        paused_before: d.paused_before,
-        paused_after: d.paused_after,
-        noop: d.noop,
-        warnings: d.warnings.clone(),
+        decision: d.clone(),
         routing_epoch_before: s.routing_epoch,
         routing_epoch_after: s.routing_epoch,
     }
