@@ -23,8 +23,9 @@ use ldc_ops::{OpsError, Platform};
     about = "Operate LDC cells on Kubernetes (the same verbs as `ldc cell`)"
 )]
 struct Cli {
-    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG", hide_env_values = true)]
+    /// Path to the kubeconfig file (default: the files $KUBECONFIG lists, else
+    /// ~/.kube/config; in a pod, its service account).
+    #[arg(long, global = true)]
     kubeconfig: Option<std::path::PathBuf>,
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, global = true)]
