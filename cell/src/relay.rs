@@ -18,9 +18,10 @@
 //! settle finds no message. The relay runs on whichever cell owns the payer's shard now, so
 //! a failover hands the outbox to the new owner with the shard.
 
+use ldc_core::clock::now_ms;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ldc_core::proto::{self, DeliverOutcome, cell_relay_client::CellRelayClient};
 use ldc_core::routing::RoutingTable;
@@ -282,12 +283,6 @@ pub async fn run(
             (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2))
         };
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn deliver_all(

@@ -13,8 +13,9 @@
 //! (`keys::idempotency_by_age`), at most [`PRUNE_BATCH_MAX`] per command, so a prune is a
 //! small batch among payments, never a long transaction.
 
+use ldc_core::clock::now_ms;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ldc_store::Store;
 use tokio::sync::watch;
@@ -38,12 +39,6 @@ pub fn interval(retention: Duration) -> Duration {
 /// Pure: the creation time before which records are forgotten at `now_ms`.
 pub fn cutoff_ms(now_ms: u64, retention: Duration) -> u64 {
     now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Prunes the shards `cell` owns every [`interval`] until `stop`.

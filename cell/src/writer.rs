@@ -35,10 +35,11 @@
 //! is never left half-alive. A full disk is not a fault: the batch is refused with nothing
 //! written and payments resume when space returns.
 
+use ldc_core::clock::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ldc_store::overlay::Overlay;
 use ldc_store::{Store, StoreError};
@@ -293,12 +294,6 @@ impl Writer {
         }
         rx.await.unwrap_or(Err(PaymentError::ShuttingDown))
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sync_failed() -> StoreError {
