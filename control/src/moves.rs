@@ -63,9 +63,16 @@ impl MoveRecord {
     }
 }
 
+/// Shard sets by cell as ranges (`{"r1-a": "0-5"}`): how records store them and reports
+/// show them.
+pub fn ranges_by_cell(m: &BTreeMap<String, Vec<u32>>) -> BTreeMap<String, String> {
+    m.iter()
+        .map(|(c, v)| (c.clone(), shard_ranges(v)))
+        .collect()
+}
+
 fn ser_sets<S: Serializer>(m: &BTreeMap<String, Vec<u32>>, s: S) -> Result<S::Ok, S::Error> {
-    let r: BTreeMap<&String, String> = m.iter().map(|(c, v)| (c, shard_ranges(v))).collect();
-    r.serialize(s)
+    ranges_by_cell(m).serialize(s)
 }
 
 fn de_sets<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<u32>>, D::Error> {

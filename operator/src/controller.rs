@@ -701,7 +701,7 @@ async fn apply(cached: Arc<Topology>, ctx: Arc<Context>) -> Result<Action, Error
                 message: rec.summary,
                 shards_moved: rec.shards_moved,
                 routing_epoch: rec.routing_epoch,
-                moved_from: ldc_ops::verbs::moves::ranges_by_cell(&rec.moved_from),
+                moved_from: ldc_control::moves::ranges_by_cell(&rec.moved_from),
                 requested_by: p.requested_by,
                 finished_at: now.to_string(),
             },

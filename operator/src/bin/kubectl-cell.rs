@@ -23,6 +23,18 @@ use ldc_ops::{OpsError, Platform};
     about = "Operate LDC cells on Kubernetes (the same verbs as `ldc cell`)"
 )]
 struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where and as whom to act (kubectl's own flags), and how long to wait.
+#[derive(clap::Args, Debug)]
+struct Conn {
     /// Path to the kubeconfig file (default: the files $KUBECONFIG lists, else
     /// ~/.kube/config; in a pod, its service account).
     #[arg(long, global = true)]
@@ -45,11 +57,6 @@ struct Cli {
     /// How long to wait for the operator to carry out a change: 90s, 1m30s, 1h.
     #[arg(long, global = true, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Text)]
-    output: Format,
-    #[command(subcommand)]
-    cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,7 +109,7 @@ fn completions(args: &[String]) -> Vec<String> {
 }
 
 /// Where the command acts, for the line a changing verb prints first.
-fn target_line(cli: &Cli, cfg: &Config, namespace: &str) -> String {
+fn target_line(cli: &Conn, cfg: &Config, namespace: &str) -> String {
     let kc = match &cli.kubeconfig {
         Some(p) => Kubeconfig::read_from(p).ok(),
         None => Kubeconfig::read().ok(),
@@ -132,7 +139,7 @@ fn target_line(cli: &Cli, cfg: &Config, namespace: &str) -> String {
     )
 }
 
-async fn config(cli: &Cli) -> Result<Config, String> {
+async fn config(cli: &Conn) -> Result<Config, String> {
     let opts = KubeConfigOptions {
         context: cli.context.clone(),
         ..Default::default()
@@ -168,8 +175,12 @@ fn fail(e: &OpsError) -> ExitCode {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    let ops = match std::mem::replace(&mut cli.cmd, Cmd::Complete { args: vec![] }) {
+    let Cli {
+        conn: cli,
+        output,
+        cmd,
+    } = Cli::parse();
+    let ops = match cmd {
         Cmd::Ops(o) => o,
         Cmd::Completion { shell } => {
             clap_complete::generate(
@@ -223,7 +234,7 @@ async fn main() -> ExitCode {
         until_settled,
     } = verb
     {
-        ldc_ops::watch_status(&p, cli.output, until_settled, |s| {
+        ldc_ops::watch_status(&p, output, until_settled, |s| {
             print!("{s}");
             let _ = std::io::stdout().flush();
         })
@@ -231,7 +242,7 @@ async fn main() -> ExitCode {
     } else {
         ldc_ops::run(&p, verb)
             .await
-            .map(|r| print!("{}", render(&r, cli.output, p.tool())))
+            .map(|r| print!("{}", render(&r, output, p.tool())))
     };
     match out {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ use ldc_core::traffic::Change;
 use serde::Serialize;
 
 use crate::HistoryData;
-use crate::verbs::moves::ranges_by_cell;
+use ldc_control::moves::ranges_by_cell;
 
 /// How many moves `history` shows unless asked (`--limit`; 0 shows them all).
 pub const MOVES_SHOWN_DEFAULT: usize = 50;

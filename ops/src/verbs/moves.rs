@@ -2,8 +2,6 @@
 //! planner both controllers use, checked to be reversible, printed, and (unless
 //! `--dry-run`) recorded on the platform, which carries it out.
 
-use std::collections::BTreeMap;
-
 use ldc_control::moves::MoveRecord;
 use ldc_core::planner::{self, Command, Plan, PlanError, ReverseCheck};
 use serde::Serialize;
@@ -235,11 +233,4 @@ pub fn report(s: &Snapshot, p: &Planned, opts: MoveOpts) -> MoveReport {
         reverse,
         result: None,
     }
-}
-
-/// The moved shards of a record by the cell they left, as ranges (what JSON shows).
-pub fn ranges_by_cell(m: &BTreeMap<String, Vec<u32>>) -> BTreeMap<String, String> {
-    m.iter()
-        .map(|(c, v)| (c.clone(), planner::shard_ranges(v)))
-        .collect()
 }
