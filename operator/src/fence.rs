@@ -57,7 +57,8 @@ pub struct Step {
     /// The table as stored (its JSON) and the publisher's signature of those bytes: what
     /// the routing ConfigMap carries, byte for byte.
     pub published: (String, Option<String>),
-    /// The move's record, when one was given (applied now or by an earlier run).
+    /// The move's record, when one was given (applied now, or by an earlier run when its id
+    /// was recorded already: then nothing moved again).
     pub op: Option<MoveRecord>,
 }
 
@@ -134,12 +135,11 @@ pub fn applied_op(
     finish(txn, r)
 }
 
-/// A move for [`commit_step`]: its id, who asked, and its plan (`None` when an earlier run
-/// applied it and only its record is wanted).
+/// A move for [`commit_step`]: its id, who asked, and its plan.
 pub struct StepMove<'a> {
     pub id: &'a str,
     pub by: &'a str,
-    pub plan: Option<&'a Plan>,
+    pub plan: &'a Plan,
 }
 
 /// One fenced step in one transaction: apply the move's plan unless its id is already
@@ -162,12 +162,10 @@ pub fn commit_step(
         let mut fresh = None;
         if let Some(m) = &op {
             record = moves::get(kv, &prefix, m.id, true)?;
-            if record.is_none()
-                && let Some(plan) = m.plan
-            {
+            if record.is_none() {
                 // Fence: every moved shard must still be where the plan saw it.
-                control::apply_plan(kv, plan)?;
-                fresh = Some(plan);
+                control::apply_plan(kv, m.plan)?;
+                fresh = Some(m.plan);
             }
         }
         let map = control::load_map(kv, shard_count)?;
@@ -279,7 +277,7 @@ mod tests {
             Some(StepMove {
                 id: "op1",
                 by: "me",
-                plan: Some(&plan),
+                plan: &plan,
             }),
             build,
             None,
@@ -299,7 +297,7 @@ mod tests {
             Some(StepMove {
                 id: "op1",
                 by: "me",
-                plan: Some(&plan),
+                plan: &plan,
             }),
             build,
             None,
@@ -319,7 +317,7 @@ mod tests {
             Some(StepMove {
                 id: "op2",
                 by: "me",
-                plan: Some(&plan),
+                plan: &plan,
             }),
             build,
             None,
