@@ -84,15 +84,6 @@ pub fn default_topology(regions: u32, per_region: u32, shards: u32) -> (Topology
     )
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn die_with_parent() {
     // If the supervisor is killed (even with -9), its children get SIGTERM.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
@@ -130,7 +121,7 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
         },
     ));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        ldc_admin::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let cfg = ldc_cell::CellConfig {
@@ -229,7 +220,7 @@ pub async fn serve_router(g: &Global, a: RouterServeArgs) -> Result<ExitCode> {
     }
     println!("READY listen={addr} metrics={admin_addr}");
     tokio::spawn(async move {
-        shutdown_signal().await;
+        ldc_admin::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     ldc_router::serve(
@@ -889,7 +880,7 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
     let probe_timeout = period.max(Duration::from_millis(300));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stop = shutdown_signal();
+    let stop = ldc_admin::shutdown_signal();
     tokio::pin!(stop);
     // Each store file's write-lock holder and since when it was seen at every check.
     let mut holder_seen: Vec<Option<(u32, Instant)>> = vec![None; lock_probes.len()];

@@ -1,19 +1,12 @@
-//! Prometheus metrics of a cell process, and the tiny HTTP server that exposes them.
+//! Prometheus metrics of a cell process, and its admin port (on [`ldc_admin`]).
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Request, StatusCode, body::Incoming};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// Every metric a cell exports. Cheap to clone (handles).
 #[derive(Clone)]
@@ -181,94 +174,50 @@ impl CellMetrics {
     }
 }
 
-/// Renders a registry in the Prometheus text format.
-pub fn render(registry: &Registry) -> String {
-    let mut buf = String::new();
-    prometheus::TextEncoder::new()
-        .encode_utf8(&registry.gather(), &mut buf)
-        .expect("text encoding cannot fail");
-    buf
-}
+pub use ldc_admin::render;
 
-/// Most connections the metrics server serves at once (scrapers and probes are few).
-const METRICS_CONNECTIONS_MAX: usize = 64;
-/// Longest a metrics connection may take to send its request headers.
-const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest failpoint action list accepted (`PUT /fail/NAME`).
 const FAILPOINT_BODY_BYTES_MAX: usize = 256;
 
-/// Serves `GET /metrics`, `/healthz` (the process is alive) and `/readyz` (with
-/// `readiness`: the writer makes progress) on `listener` until `shutdown` resolves. Test
-/// builds also take `PUT /fail/NAME` (body: the actions) and `DELETE /fail/NAME` to set the
-/// store's failpoints (`ldc_store::failpoints`); other builds answer 404.
+/// Serves the cell's admin port ([`ldc_admin::serve`]): `GET /metrics`, `/healthz`, and
+/// `/readyz` (with `readiness`: the writer makes progress) on `listener` until `shutdown`
+/// resolves. Test builds also take `PUT /fail/NAME` (body: the actions) and
+/// `DELETE /fail/NAME` to set the store's failpoints (`ldc_store::failpoints`); other
+/// builds answer 404.
 pub async fn serve_metrics(
     listener: TcpListener,
     registry: Registry,
     readiness: Option<crate::health::Readiness>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    ldc_security::net::accept_failed("cell-metrics", &e).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            continue; // dropped: a flood of scrapers must not cost memory
-        };
+    let handler = move |req: Request<Incoming>| {
         let (registry, readiness) = (registry.clone(), readiness.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let (registry, readiness) = (registry.clone(), readiness.clone());
-                async move {
-                    let (status, body) = route(&registry, readiness.as_ref(), req).await;
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("valid response"),
-                    )
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { route(&registry, readiness.as_ref(), req).await }
+    };
+    ldc_admin::serve(listener, "cell-metrics", handler, shutdown).await
 }
 
 async fn route(
     registry: &Registry,
     readiness: Option<&crate::health::Readiness>,
     req: Request<Incoming>,
-) -> (u16, String) {
+) -> ldc_admin::Reply {
+    let ready = || match readiness {
+        Some(r) if !r.ready() => {
+            Err("the writer makes no progress (see ldc_cell_writer_stalled_seconds)".to_string())
+        }
+        _ => Ok(String::new()),
+    };
+    if let Some(r) = ldc_admin::standard(registry, ready, &req) {
+        return r;
+    }
     let path = req.uri().path().to_string();
     match (req.method().as_str(), path.as_str()) {
-        ("GET", "/metrics") => (200, render(registry)),
-        ("GET", "/healthz") => (200, "ok\n".to_string()),
-        ("GET", "/readyz") => match readiness {
-            Some(r) if !r.ready() => (
-                503,
-                "not ready: the writer makes no progress (see ldc_cell_writer_stalled_seconds)\n"
-                    .to_string(),
-            ),
-            _ => (200, "ready\n".to_string()),
-        },
         (m @ ("PUT" | "DELETE"), p) if p.starts_with("/fail/") => {
-            failpoint(m == "PUT", &p["/fail/".len()..], req.into_body()).await
+            let (status, body) = failpoint(m == "PUT", &p["/fail/".len()..], req.into_body()).await;
+            ldc_admin::text(StatusCode::from_u16(status).expect("a valid status"), body)
         }
-        _ => (404, "not found; try /metrics\n".to_string()),
+        _ => ldc_admin::not_found("/metrics, /healthz and /readyz"),
     }
 }
 

@@ -27,8 +27,8 @@
 //!
 //! The hooks in the reconciler are one line each and go through [`OperatorMetrics`]
 //! methods that hold the label logic, so it is tested here without a cluster. The HTTP
-//! side is the cell's [`ldc_cell::metrics::serve_metrics`] (`/metrics` and `/healthz`),
-//! reused rather than written a third time.
+//! side is the admin port every LDC process serves ([`ldc_admin`]: `/metrics`,
+//! `/healthz`, `/readyz`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -38,7 +38,7 @@ use k8s_openapi::jiff::Timestamp;
 use ldc_core::planner::Command;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub use ldc_cell::metrics::{render, serve_metrics};
+pub use ldc_admin::render;
 
 /// Outcome of an operation, as in the Topology's history (`result` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,23 +1,22 @@
 //! Admin endpoints on the admin port (never the client port): `GET /healthz`, `/readyz`,
 //! `/metrics`, `/table`. Read-only: nothing here changes the router.
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use prometheus::{Encoder, TextEncoder};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use ldc_admin::{Reply, reply, text};
 
 use crate::body::RespBody;
 use crate::proxy::Shared;
 
-pub(crate) fn handle<B>(s: &Shared, req: &Request<B>) -> Response<RespBody> {
+pub(crate) fn handle<B>(s: &Shared, req: &Request<B>) -> Reply {
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "the admin port serves GET only\n".into(),
+            "the admin port serves GET only\n",
         );
     }
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match s.table.current() {
             Some(t) => text(
                 StatusCode::OK,
@@ -25,64 +24,36 @@ pub(crate) fn handle<B>(s: &Shared, req: &Request<B>) -> Response<RespBody> {
             ),
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no routing table yet\n".into(),
+                "not ready: no routing table yet\n",
             ),
         },
         "/metrics" => {
             s.table.update_age_gauge();
-            let mut buf = Vec::new();
-            let encoder = TextEncoder::new();
-            match encoder.encode(&s.registry.gather(), &mut buf) {
-                Ok(()) => respond(StatusCode::OK, encoder.format_type(), buf),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot encode metrics: {e}\n"),
-                ),
-            }
+            ldc_admin::metrics(&s.registry)
         }
         "/table" => match s.table.current() {
             Some(t) => match serde_json::to_vec_pretty(&*t) {
-                Ok(json) => respond(StatusCode::OK, "application/json", json),
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("cannot encode the table: {e}\n"),
                 ),
             },
-            None => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no routing table yet\n".into(),
-            ),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet\n"),
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "the admin port serves GET /healthz, /readyz, /metrics and /table\n".into(),
+            "the admin port serves GET /healthz, /readyz, /metrics and /table\n",
         ),
     }
 }
 
 /// Answer to an HTTP/1 request on the traffic port.
 pub(crate) fn not_grpc() -> Response<RespBody> {
-    text(
+    let r = text(
         StatusCode::NOT_FOUND,
         "this port proxies gRPC over HTTP/2; probes, metrics and the table are on the \
-         router's admin port\n"
-            .into(),
-    )
-}
-
-fn text(status: StatusCode, body: String) -> Response<RespBody> {
-    respond(status, "text/plain; charset=utf-8", body.into_bytes())
-}
-
-fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<RespBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
+         router's admin port\n",
     );
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    r
+    r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }

@@ -37,9 +37,6 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Most admin connections served at once.
-const ADMIN_CONNECTIONS_MAX: usize = 64;
-
 /// Serves the proxy on `listeners.traffic` and the admin endpoints on `listeners.admin`
 /// until `shutdown` resolves, then stops accepting and waits (at most
 /// `config.drain_timeout`) for requests in flight. Metrics are registered in `registry`;
@@ -224,40 +221,16 @@ async fn dispatch(
     Box::pin(proxy::proxy(s, req, peer)).await
 }
 
-/// The admin listener: plain HTTP/1.1 GETs, a few connections at a time.
+/// The admin listener: plain HTTP/1.1 GETs ([`ldc_admin::serve`]).
 async fn serve_admin(listener: TcpListener, s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let connections = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|v| *v) => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                ldc_security::net::accept_failed("router-admin", &e).await;
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            continue;
-        };
+    let handler = move |req: Request<Incoming>| {
         let s = s.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let s = s.clone();
-                async move { Ok::<_, Infallible>(admin::handle(&s, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        });
-    }
+        async move { admin::handle(&s, &req) }
+    };
+    let stopped = async move {
+        let _ = stop.wait_for(|v| *v).await;
+    };
+    ldc_admin::serve(listener, "router-admin", handler, stopped).await
 }
 
 /// Probes every endpoint of the table each interval with a gRPC health call (see

@@ -15,7 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Api, Client, ResourceExt};
-use ldc_operator::metrics::{self, OperatorMetrics};
+use ldc_operator::metrics::OperatorMetrics;
 use ldc_operator::{controller, lease};
 
 #[derive(Parser, Debug)]
@@ -59,15 +59,6 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout_seconds: u64,
     },
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -130,10 +121,18 @@ async fn main() -> Result<()> {
         .with_context(|| format!("cannot listen on {} (--metrics-listen)", cli.metrics_listen))?;
     let metrics_addr = listener.local_addr()?;
     tracing::info!(addr = %metrics_addr, "serving metrics on /metrics");
-    tokio::spawn(metrics::serve_metrics(
+    let admin = move |req: ldc_admin::Request<ldc_admin::Incoming>| {
+        let registry = registry.clone();
+        async move {
+            let ready = || Ok(String::new());
+            ldc_admin::standard(&registry, ready, &req)
+                .unwrap_or_else(|| ldc_admin::not_found("/metrics, /healthz and /readyz"))
+        }
+    };
+    tokio::spawn(ldc_admin::serve(
         listener,
-        registry,
-        None,
+        "operator-metrics",
+        admin,
         std::future::pending(),
     ));
     let identity = cli.identity.unwrap_or_else(|| {
@@ -150,7 +149,7 @@ async fn main() -> Result<()> {
     tracing::info!(%namespace, %identity, "waiting for the leader lease");
     tokio::select! {
         _ = lease::acquire(&leases, &cfg) => {}
-        _ = shutdown_signal() => return Ok(()),
+        _ = ldc_admin::shutdown_signal() => return Ok(()),
     }
     metrics.is_leader.set(1);
     eprintln!("READY namespace={namespace} identity={identity} metrics={metrics_addr}");
@@ -161,7 +160,7 @@ async fn main() -> Result<()> {
         identity,
         metrics.clone(),
         reach.clone(),
-        shutdown_signal(),
+        ldc_admin::shutdown_signal(),
     );
     // A leader that cannot reach the store for a whole lease steps down (see `reach`).
     let cut_off = async {
