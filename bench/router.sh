@@ -86,13 +86,13 @@ done
 ROUTER_PID=$(pgrep -f -- "$WORK/ldc .*router serve" | head -1)
 
 echo "== routing $MAP_USERS users with the published table (ldc route), generating the nginx config"
-seq 0 $((MAP_USERS - 1)) | sed 's/^/bench-/' | "${L[@]}" -o json route --stdin > "$WORK/routes.jsonl"
+seq 0 $((MAP_USERS - 1)) | sed 's/^/bench-/' | "${L[@]}" -o json route --stdin > "$WORK/routes.json"
 NGINX_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$WORK/nginx-tmp"
 python3 - "$WORK" "$NGINX_PORT" "$LOAD_USERS" "$PKI" <<'PY'
 import json, sys
 work, port, load_users, pki = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-routes = [json.loads(l) for l in open(f"{work}/routes.jsonl")]
+routes = json.load(open(f"{work}/routes.json"))["routes"]
 upstreams = {}
 for r in routes:
     name = f'{r["cell"]}_{r["colour"]}'

@@ -170,8 +170,8 @@ pub enum Cmd {
     },
     /// Recompute every balance and prove money is conserved (exit 1 on any difference).
     Reconcile,
-    /// Where users are routed now: shard, cell, colour and endpoints (from the published
-    /// routing table). Used by the router benchmark to configure its peer.
+    /// Where users are routed now (the same as `ldc cell route`; the router benchmark
+    /// configures its peer with it).
     #[command(hide = true)]
     Route {
         users: Vec<String>,
@@ -436,7 +436,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             cmd: CellCmd::Ops(cmd),
         } => crate::ops::run(&g, cmd).await,
         Cmd::Reconcile => crate::ops::reconcile(&g).await,
-        Cmd::Route { users, stdin } => crate::route::route(&g, users, stdin).await,
+        Cmd::Route { users, stdin } => {
+            crate::ops::run(&g, ldc_ops::cli::OpsCmd::Route { users, stdin }).await
+        }
         Cmd::Load(a) => crate::load::run(&g, a).await,
         Cmd::Token(a) => crate::token::run(&g, a),
         other => crate::client::run(&g, other).await,

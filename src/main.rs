@@ -12,7 +12,6 @@ mod cli;
 mod client;
 mod load;
 mod ops;
-mod route;
 mod security;
 mod token;
 mod up;

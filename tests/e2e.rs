@@ -485,13 +485,14 @@ impl World {
             &["dr", "cutover", "--from", "r2", "--dry-run"],
             &["traffic-shift", "r1-a", "--green", "10", "--dry-run"],
             &["traffic-shift", "r2-b", "--pause", "--dry-run"],
+            &["route", "alice", "bob", "carol", "dave", "erin"],
         ] {
             let k = self.kubectl_cell_json(args);
             let l = frontends::ldc_cell_json(ldc, &store, args);
             frontends::assert_same(&k, &l, args);
         }
         eprintln!(
-            "kubectl cell and ldc cell agree on status, every move's dry run and traffic changes"
+            "kubectl cell and ldc cell agree on status, every move's dry run, traffic changes and routes"
         );
     }
 

@@ -68,6 +68,14 @@ pub enum OpsCmd {
     /// Blue/green release of one cell: shift a share of its users to green, step, pause,
     /// resume, promote (green 100%), abort (green 0%, always allowed) or undo.
     TrafficShift(TrafficShiftArgs),
+    /// Where the routing table in force sends users: shard, cell, colour, endpoints.
+    Route {
+        /// User ids.
+        users: Vec<String>,
+        /// Also read user ids from stdin, one per line.
+        #[arg(long)]
+        stdin: bool,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
@@ -149,6 +157,11 @@ pub enum Verb {
         action: TrafficAction,
         dry_run: bool,
     },
+    Route {
+        users: Vec<String>,
+        /// Read more user ids from stdin.
+        stdin: bool,
+    },
 }
 
 impl Verb {
@@ -182,6 +195,7 @@ impl TryFrom<OpsCmd> for Verb {
                 until_settled,
             },
             OpsCmd::History { cell, limit } => Verb::History { cell, limit },
+            OpsCmd::Route { users, stdin } => Verb::Route { users, stdin },
             OpsCmd::Failover { cell, m } => mv(MoveCommand::Failover { cell }, m),
             OpsCmd::Switchover { cell, to, m } => mv(MoveCommand::Switchover { cell, to }, m),
             OpsCmd::Revert { op, m } => mv(MoveCommand::Revert { op }, m),

@@ -8,6 +8,7 @@ pub use crate::cli::Format;
 use crate::verbs::Report;
 use crate::verbs::history::HistoryReport;
 use crate::verbs::moves::MoveReport;
+use crate::verbs::route::RouteReport;
 use crate::verbs::status::StatusReport;
 use crate::verbs::traffic::TrafficReport;
 
@@ -26,6 +27,7 @@ pub fn render(report: &Report, format: Format, tool: &str) -> String {
             Report::Move(r) => moves(r, tool),
             Report::Traffic(r) => traffic(r),
             Report::History(r) => history(r),
+            Report::Route(r) => route(r),
         },
     }
 }
@@ -48,6 +50,22 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         .collect::<Vec<_>>()
         .join("\n");
     out.push('\n');
+    out
+}
+
+fn route(r: &RouteReport) -> String {
+    let mut out = String::new();
+    for u in &r.routes {
+        out.push_str(&format!(
+            "{} shard {} cell {} colour {} (green {}) endpoints {}\n",
+            u.user,
+            u.shard,
+            u.cell,
+            u.colour,
+            fmt_pct(u.green_weight_bp),
+            u.endpoints.join(",")
+        ));
+    }
     out
 }
 

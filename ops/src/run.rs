@@ -8,6 +8,7 @@ use ldc_core::clock::now_ms;
 use crate::cli::{Format, Verb};
 use crate::render::render;
 use crate::verbs::moves::{self, MoveCommand, MoveOpts, MoveResult};
+use crate::verbs::route::{self, ROUTE_USERS_MAX};
 use crate::verbs::traffic::{self, TrafficAction};
 use crate::verbs::{Report, history, status};
 use crate::{OpsError, Platform, PlatformError, Snapshot};
@@ -32,12 +33,36 @@ pub async fn run<P: Platform>(p: &P, verb: Verb) -> Result<Report, OpsError> {
             )))
         }
         Verb::Move { command, opts } => do_move(p, command, opts).await,
+        Verb::Route { mut users, stdin } => {
+            if stdin {
+                users.extend(read_users()?);
+            }
+            Ok(Report::Route(route::route(&p.snapshot().await?, &users)?))
+        }
         Verb::Traffic {
             cell,
             action,
             dry_run,
         } => do_traffic(p, &cell, action, dry_run).await,
     }
+}
+
+/// User ids from stdin, one per line (blank lines skipped), at most [`ROUTE_USERS_MAX`]
+/// (one more is read, so that `route` can say there were too many).
+fn read_users() -> Result<Vec<String>, OpsError> {
+    use std::io::BufRead;
+    let mut users = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| OpsError::Failed(format!("cannot read stdin: {e}")))?;
+        let u = line.trim();
+        if !u.is_empty() {
+            users.push(u.to_string());
+        }
+        if users.len() > ROUTE_USERS_MAX {
+            break;
+        }
+    }
+    Ok(users)
 }
 
 fn kept_changing(tool: &str, what: &str) -> OpsError {

@@ -483,3 +483,59 @@ fn every_report_renders_as_text_json_and_yaml() {
         serde_yaml::from_str(&ldc_ops::render::render(&r, Format::Yaml, "ldc cell")).unwrap();
     assert_eq!(json, yaml);
 }
+
+fn route(users: &[&str]) -> Verb {
+    Verb::Route {
+        users: users.iter().map(|u| u.to_string()).collect(),
+        stdin: false,
+    }
+}
+
+#[tokio::test]
+async fn route_follows_the_table_in_force_and_refuses_bad_users() {
+    let l = platform();
+    let users: Vec<String> = (0..64).map(|i| format!("user-{i}")).collect();
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    let Report::Route(r) = run(&l.p, route(&refs)).await.unwrap() else {
+        panic!("a route report");
+    };
+    assert_eq!((r.routing_epoch, r.routes.len()), (1, 64));
+    for u in &r.routes {
+        assert_eq!(u.shard, ldc_core::shard::shard_of(&u.user, 12));
+        assert_eq!(u.shard_epoch, 1);
+        assert_eq!(u.colour, "blue", "green is at 0%");
+        assert!(u.endpoints[0].starts_with("127.0.0.1:70"), "{u:?}");
+    }
+    let moved: Vec<String> = r
+        .routes
+        .iter()
+        .filter(|u| u.cell == "r1-a")
+        .map(|u| u.user.clone())
+        .collect();
+    assert!(!moved.is_empty());
+
+    // After a failover of r1-a, its users go to the standby, at the next shard epoch.
+    run(&l.p, mv(failover("r1-a"), false)).await.unwrap();
+    let moved_refs: Vec<&str> = moved.iter().map(String::as_str).collect();
+    let Report::Route(after) = run(&l.p, route(&moved_refs)).await.unwrap() else {
+        panic!("a route report");
+    };
+    assert_eq!(after.routing_epoch, 2);
+    for u in &after.routes {
+        assert_eq!((u.cell.as_str(), u.shard_epoch), ("r1-s", 2), "{u:?}");
+    }
+
+    for (users, says) in [
+        (vec![], "name at least one user"),
+        (vec!["bad user"], "user \"bad user\""),
+    ] {
+        let err = run(&l.p, route(&users)).await.unwrap_err();
+        assert!(
+            matches!(&err, OpsError::Refused(m) if m.contains(says)),
+            "{err:?}"
+        );
+    }
+    let many = vec!["u"; ldc_ops::verbs::route::ROUTE_USERS_MAX + 1];
+    let err = run(&l.p, route(&many)).await.unwrap_err();
+    assert!(matches!(&err, OpsError::Refused(m) if m.contains("at most")));
+}

@@ -14,6 +14,11 @@ use serde_json::Value;
 /// Fields that name the platform's own machinery, not the state: what runs a colour (pid
 /// and metrics address locally, replicas on Kubernetes, and the endpoints routers dial).
 fn strip_platform_detail(v: &mut Value) {
+    if let Some(routes) = v["routes"].as_array_mut() {
+        for r in routes {
+            r["endpoints"] = Value::Null;
+        }
+    }
     if let Some(cells) = v["cells"].as_array_mut() {
         for c in cells {
             for colour in ["blue", "green"] {

@@ -3,6 +3,7 @@
 
 pub mod history;
 pub mod moves;
+pub mod route;
 pub mod status;
 pub mod traffic;
 
@@ -16,4 +17,5 @@ pub enum Report {
     Move(moves::MoveReport),
     Traffic(traffic::TrafficReport),
     History(history::HistoryReport),
+    Route(route::RouteReport),
 }
