@@ -48,6 +48,16 @@ pub struct MoveRecord {
 }
 
 impl MoveRecord {
+    /// Whether the move involves `cell`: shards moved from it, or its command or summary
+    /// names it (a move to it).
+    pub fn involves(&self, cell: &str) -> bool {
+        let names = |text: &str| {
+            text.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'))
+                .any(|w| w == cell)
+        };
+        self.moved_from.contains_key(cell) || names(&self.command) || names(&self.summary)
+    }
+
     /// The record of `plan`, applied as `id` and carried by routing epoch `routing_epoch`.
     pub fn of(id: &str, plan: &Plan, routing_epoch: u64, by: &str, at_unix_ms: u64) -> Self {
         MoveRecord {
@@ -124,19 +134,20 @@ pub fn get(
     }))
 }
 
-/// The `n` newest moves under `prefix` (by time, then id), oldest first, and how many
-/// are recorded in all. Reads every record page by page and holds only `n`.
+/// The `n` newest moves under `prefix` that `keep` accepts (by time, then id), oldest
+/// first, and how many it accepts in all. Reads every record page by page and holds only
+/// `n`.
 pub fn newest(
     kv: &mut dyn Kv,
     prefix: &str,
     n: usize,
+    keep: impl Fn(&MoveRecord) -> bool,
 ) -> Result<(Vec<MoveRecord>, usize), ControlError> {
     // A min-heap of the newest n by (time, id): the top is the oldest kept.
     let mut kept: BinaryHeap<std::cmp::Reverse<(u64, String, Keep)>> = BinaryHeap::new();
     let mut total = 0usize;
     let mut bad: Option<ControlError> = None;
     ldc_store::visit_prefix(kv, prefix.as_bytes(), |k, v| {
-        total += 1;
         if bad.is_some() {
             return;
         }
@@ -150,6 +161,10 @@ pub fn newest(
         if r.id.is_empty() {
             r.id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
         }
+        if !keep(&r) {
+            return;
+        }
+        total += 1;
         kept.push(std::cmp::Reverse((r.at_unix_ms, r.id.clone(), Keep(r))));
         if kept.len() > n {
             kept.pop();
@@ -215,11 +230,17 @@ mod tests {
         }
         t.commit().unwrap();
         let mut t = store.begin_read().unwrap();
-        let (last, total) = newest(&mut *t, LOCAL, 3).unwrap();
+        let (last, total) = newest(&mut *t, LOCAL, 3, |_| true).unwrap();
         assert_eq!(total, n);
         let ids: Vec<&str> = last.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["op-012342", "op-012343", "op-012344"]);
-        let (all, _) = newest(&mut *t, LOCAL, usize::MAX).unwrap();
+        // Filtered: the newest of those kept, and how many are kept in all.
+        let even = |r: &MoveRecord| r.at_unix_ms.is_multiple_of(2);
+        let (last_even, evens) = newest(&mut *t, LOCAL, 2, even).unwrap();
+        assert_eq!(evens, n.div_ceil(2));
+        let ids: Vec<&str> = last_even.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["op-012342", "op-012344"]);
+        let (all, _) = newest(&mut *t, LOCAL, usize::MAX, |_| true).unwrap();
         assert_eq!(all.len(), n);
         assert_eq!(all[0].id, "op-000000");
         assert_eq!(

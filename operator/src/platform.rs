@@ -468,19 +468,27 @@ impl Platform for KubePlatform {
             .map(record_of))
     }
 
-    async fn history(&self, moves_max: usize) -> Result<HistoryData, PlatformError> {
+    async fn history(
+        &self,
+        moves_max: usize,
+        cell: Option<&str>,
+    ) -> Result<HistoryData, PlatformError> {
         let topo = self.topology().await?;
         let cells = self.cells(&topo.name_any()).await?;
         let h = topo.status.map(|s| s.history).unwrap_or_default();
-        let total = h.len();
-        let moves = h
+        let views: Vec<MoveView> = h
             .iter()
-            .skip(total.saturating_sub(moves_max))
             .map(|r| MoveView {
                 record: record_of(r),
                 result: r.result.clone(),
                 message: r.message.clone(),
             })
+            .filter(|m| cell.is_none_or(|c| m.record.involves(c)))
+            .collect();
+        let total = views.len();
+        let moves = views
+            .into_iter()
+            .skip(total.saturating_sub(moves_max))
             .collect();
         let mut traffic = Vec::new();
         for c in &cells {

@@ -234,10 +234,16 @@ impl Platform for LocalPlatform {
         .await
     }
 
-    async fn history(&self, moves_max: usize) -> Result<HistoryData, PlatformError> {
+    async fn history(
+        &self,
+        moves_max: usize,
+        cell: Option<&str>,
+    ) -> Result<HistoryData, PlatformError> {
+        let cell = cell.map(str::to_string);
         self.txn(false, move |t| {
-            let (recs, total) =
-                moves::newest(t, keys::LOCAL_MOVES_PREFIX, moves_max).map_err(control_error)?;
+            let keep = |r: &MoveRecord| cell.as_deref().is_none_or(|c| r.involves(c));
+            let (recs, total) = moves::newest(t, keys::LOCAL_MOVES_PREFIX, moves_max, keep)
+                .map_err(control_error)?;
             let states = records::load_all(t).map_err(control_error)?;
             Ok(HistoryData {
                 moves: recs

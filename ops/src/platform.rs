@@ -85,8 +85,13 @@ pub trait Platform {
     /// A recorded move by id (what `revert` undoes).
     async fn move_record(&self, id: &str) -> Result<Option<MoveRecord>, PlatformError>;
 
-    /// The newest `moves_max` moves and every traffic change.
-    async fn history(&self, moves_max: usize) -> Result<HistoryData, PlatformError>;
+    /// The newest `moves_max` moves (only those that involve `cell`, when given:
+    /// [`MoveRecord::involves`]), how many there are in all, and every traffic change.
+    async fn history(
+        &self,
+        moves_max: usize,
+        cell: Option<&str>,
+    ) -> Result<HistoryData, PlatformError>;
 
     /// Returns when the platform may have changed since `seen` (a watch where the
     /// platform has one), or after at most `wait`.

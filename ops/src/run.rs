@@ -22,10 +22,7 @@ pub async fn run<P: Platform>(p: &P, verb: Verb) -> Result<Report, OpsError> {
         Verb::Status { .. } => Ok(Report::Status(status::status(&p.snapshot().await?))),
         Verb::History { cell, limit } => {
             let shown = if limit == 0 { usize::MAX } else { limit };
-            // Filtered by cell, every move is read: the newest that involve it are asked.
-            let h = p
-                .history(if cell.is_some() { usize::MAX } else { shown })
-                .await?;
+            let h = p.history(shown, cell.as_deref()).await?;
             Ok(Report::History(history::history(
                 &h,
                 cell.as_deref(),

@@ -412,7 +412,13 @@ async fn history_beyond_ten_thousand_moves_is_kept() {
     for i in 0..n {
         let rec = ldc_control::moves::MoveRecord {
             id: format!("m-{i:06}"),
-            command: "failover r1-a".into(),
+            // Every tenth moves r2-a's shards: `history r2-a` pages through the rest.
+            command: if i % 10 == 0 {
+                "failover r2-a"
+            } else {
+                "failover r1-a"
+            }
+            .into(),
             summary: String::new(),
             shards_moved: 1,
             routing_epoch: i as u64,
@@ -453,6 +459,20 @@ async fn history_beyond_ten_thousand_moves_is_kept() {
         panic!()
     };
     assert_eq!(all.moves.len(), n);
+    let Report::History(r2a) = run(
+        &l.p,
+        Verb::History {
+            cell: Some("r2-a".into()),
+            limit: 3,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!((r2a.moves.len(), r2a.moves_total), (3, n.div_ceil(10)));
+    let last = (n - 1) / 10 * 10;
+    assert_eq!(r2a.moves[2].id, format!("m-{last:06}"));
 }
 
 #[test]

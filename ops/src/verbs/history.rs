@@ -46,23 +46,11 @@ pub struct TrafficEntry {
 /// The history report, only of `cell` if named (the moves that involve it: it lost
 /// shards, gained them, or the command names it), at most the newest `shown` moves.
 pub fn history(h: &HistoryData, cell: Option<&str>, shown: usize) -> HistoryReport {
-    let names = |text: &str, c: &str| {
-        text.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'))
-            .any(|w| w == c)
-    };
-    let involves = |m: &crate::MoveView| {
-        cell.is_none_or(|c| {
-            m.record.moved_from.contains_key(c)
-                || names(&m.record.command, c)
-                || names(&m.record.summary, c)
-        })
-    };
+    // The platform read only the moves that involve `cell` (it pages through the rest);
+    // filtered again here, so the verb's answer does not depend on that.
+    let involves = |m: &crate::MoveView| cell.is_none_or(|c| m.record.involves(c));
     let matching: Vec<&crate::MoveView> = h.moves.iter().filter(|m| involves(m)).collect();
-    let total = if cell.is_some() {
-        matching.len()
-    } else {
-        h.moves_total
-    };
+    let total = h.moves_total;
     let moves: Vec<MoveEntry> = matching
         .iter()
         .skip(matching.len().saturating_sub(shown))
