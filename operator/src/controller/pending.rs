@@ -219,6 +219,12 @@ mod tests {
         p
     }
 
+    /// [`choose`] on the default topology, cells and map, with `down` cells unhealthy
+    /// since second 0, at second `at`.
+    fn chosen(st: &TopologyStatus, down: &[&str], at: &str) -> Choice {
+        choose(&topo(), st, &cells(), &map(), &pods(down, t("00")), t(at))
+    }
+
     fn request(id: &str, kind: &str) -> OperationRequest {
         OperationRequest {
             id: id.into(),
@@ -242,14 +248,7 @@ mod tests {
 
     #[test]
     fn nothing_to_do_when_all_is_healthy() {
-        let c = choose(
-            &topo(),
-            &TopologyStatus::default(),
-            &cells(),
-            &map(),
-            &pods(&[], t("00")),
-            t("30"),
-        );
+        let c = chosen(&TopologyStatus::default(), &[], "30");
         assert_eq!(c, Choice::default());
     }
 
@@ -257,14 +256,7 @@ mod tests {
     fn a_request_comes_first_and_is_cleared() {
         let st = with_request(request("op1", "failover"));
         // r2-a is due for automatic failover, but the request goes first.
-        let c = choose(
-            &topo(),
-            &st,
-            &cells(),
-            &map(),
-            &pods(&["r2-a"], t("00")),
-            t("30"),
-        );
+        let c = chosen(&st, &["r2-a"], "30");
         assert!(c.clear_request);
         let p = c.pending.unwrap();
         assert_eq!((p.id.as_str(), p.automatic), ("op1", false));
@@ -291,7 +283,7 @@ mod tests {
             requested_by: "alice".into(),
             finished_at: String::new(),
         });
-        let c = choose(&topo(), &st, &cells(), &map(), &pods(&[], t("00")), t("01"));
+        let c = chosen(&st, &[], "01");
         assert!(c.clear_request && c.pending.is_none() && c.rejected.is_none());
     }
 
@@ -300,14 +292,7 @@ mod tests {
         let mut r = request("op2", "switchover");
         r.to = None;
         let st = with_request(r);
-        let c = choose(
-            &topo(),
-            &st,
-            &cells(),
-            &map(),
-            &pods(&["r2-a"], t("00")),
-            t("30"),
-        );
+        let c = chosen(&st, &["r2-a"], "30");
         assert!(c.clear_request);
         assert_eq!(
             c.pending.map(|p| p.command),
@@ -323,24 +308,10 @@ mod tests {
     #[test]
     fn automatic_failover_waits_for_the_delay_then_fails_the_cell_over() {
         let st = TopologyStatus::default();
-        let early = choose(
-            &topo(),
-            &st,
-            &cells(),
-            &map(),
-            &pods(&["r2-a"], t("00")),
-            t("04"),
-        );
+        let early = chosen(&st, &["r2-a"], "04");
         assert_eq!(early.pending, None);
         assert_eq!(early.due_in, Some(Duration::from_secs(6)));
-        let due = choose(
-            &topo(),
-            &st,
-            &cells(),
-            &map(),
-            &pods(&["r2-a"], t("00")),
-            t("10"),
-        );
+        let due = chosen(&st, &["r2-a"], "10");
         let p = due.pending.unwrap();
         assert!(p.automatic && p.requested_by == MANAGER);
         assert_eq!(
@@ -371,7 +342,7 @@ mod tests {
     fn a_region_down_as_a_whole_is_cut_over_only_when_asked_for() {
         let st = TopologyStatus::default();
         let p = pods(&["r2-a", "r2-s"], t("00"));
-        let off = choose(&topo(), &st, &cells(), &map(), &p, t("30"));
+        let off = chosen(&st, &["r2-a", "r2-s"], "30");
         // Without region cutover, the cell fails over (to nowhere: the planner refuses).
         assert_eq!(
             off.pending.unwrap().command,
