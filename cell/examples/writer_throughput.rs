@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use ldc_cell::ledger::Command;
 use ldc_cell::metrics::CellMetrics;
 use ldc_cell::writer::{Writer, WriterConfig};
-use ldc_core::planner::{CellInfo, Topology};
+use ldc_core::planner::Topology;
 use ldc_store::{Store, sqlite::SqliteStore};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -16,14 +16,7 @@ async fn main() {
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-    let topo = Topology {
-        shard_count: 100,
-        cells: vec![CellInfo {
-            id: "c".into(),
-            region: "r".into(),
-            capacity: None,
-        }],
-    };
+    let topo = Topology::new(100, &[("c", "r")]);
     let mut t = store.begin().unwrap();
     ldc_control::init(&mut *t, &topo, &["c"], 0).unwrap();
     t.commit().unwrap();

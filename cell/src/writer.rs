@@ -753,7 +753,13 @@ mod tests {
             syncs: AtomicU64::new(0),
         });
         let mut t = store.begin().unwrap();
-        ldc_control::init(&mut *t, &ldc_control::one_cell_topology(), &["c"], 0).unwrap();
+        ldc_control::init(
+            &mut *t,
+            &ldc_core::planner::Topology::new(4, &[("c", "r")]),
+            &["c"],
+            0,
+        )
+        .unwrap();
         t.commit().unwrap();
         let reg = prometheus::Registry::new();
         let (w, _h) = Writer::start(

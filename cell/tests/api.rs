@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use ldc_cell::{CellConfig, Transport};
-use ldc_core::planner::{CellInfo, Topology};
+use ldc_core::planner::Topology;
 use ldc_core::proto::{self, payments_client::PaymentsClient};
 use ldc_security::pki::Pki;
 use ldc_security::platform;
@@ -36,21 +36,7 @@ async fn start() -> Cell {
 async fn start_with(retention: std::time::Duration) -> Cell {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-    let topo = Topology {
-        shard_count: 10,
-        cells: vec![
-            CellInfo {
-                id: "c1".into(),
-                region: "r1".into(),
-                capacity: None,
-            },
-            CellInfo {
-                id: "c2".into(),
-                region: "r1".into(),
-                capacity: None,
-            },
-        ],
-    };
+    let topo = Topology::new(10, &[("c1", "r1"), ("c2", "r1")]);
     let mut t = store.begin().unwrap();
     ldc_control::init(&mut *t, &topo, &["c1", "c1", "c1", "c1", "c2"], 0).unwrap();
     t.commit().unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ldc_cell::ledger::{self, Command, Ctx, Outcome};
 use ldc_cell::reconcile;
 use ldc_cell::{PaymentError, keys};
-use ldc_core::planner::{CellInfo, Topology};
+use ldc_core::planner::Topology;
 use ldc_core::proto::{self, DeliverOutcome, PaymentStatus};
 use ldc_core::shard::shard_of;
 use ldc_store::{Store, prefix_end, sqlite::SqliteStore};
@@ -34,21 +34,7 @@ impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-        let topo = Topology {
-            shard_count: SHARDS,
-            cells: vec![
-                CellInfo {
-                    id: "c1".into(),
-                    region: "r1".into(),
-                    capacity: None,
-                },
-                CellInfo {
-                    id: "c2".into(),
-                    region: "r1".into(),
-                    capacity: None,
-                },
-            ],
-        };
+        let topo = Topology::new(SHARDS, &[("c1", "r1"), ("c2", "r1")]);
         let mut t = store.begin().unwrap();
         assert!(ldc_control::init(&mut *t, &topo, &["c1", "c2"], 0).unwrap());
         t.commit().unwrap();

@@ -287,19 +287,6 @@ pub fn publish_routing(
     Ok(table)
 }
 
-/// A topology of one cell `c` in region `r` with 4 shards, for unit tests.
-#[doc(hidden)]
-pub fn one_cell_topology() -> Topology {
-    Topology {
-        shard_count: 4,
-        cells: vec![ldc_core::planner::CellInfo {
-            id: "c".into(),
-            region: "r".into(),
-            capacity: None,
-        }],
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,7 +297,7 @@ mod tests {
     fn stores_of_another_ledger_format_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        let topo = one_cell_topology();
+        let topo = Topology::new(4, &[("c", "r")]);
         let mut t = store.begin().unwrap();
         assert!(init(&mut *t, &topo, &["c"], 0).unwrap());
         assert_eq!(load_config(&mut *t).unwrap().ledger_format, LEDGER_FORMAT);

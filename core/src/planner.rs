@@ -32,6 +32,19 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// `shard_count` shards over `cells` (id, region), none with a capacity limit.
+    pub fn new(shard_count: u32, cells: &[(&str, &str)]) -> Topology {
+        let cells = cells
+            .iter()
+            .map(|(id, region)| CellInfo {
+                id: id.to_string(),
+                region: region.to_string(),
+                capacity: None,
+            })
+            .collect();
+        Topology { shard_count, cells }
+    }
+
     pub fn cell(&self, id: &str) -> Option<&CellInfo> {
         self.cells.iter().find(|c| c.id == id)
     }

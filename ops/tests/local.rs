@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ldc_control::{CellRuntime, keys};
-use ldc_core::planner::{CellInfo, Command, Topology};
+use ldc_core::planner::{Command, Topology};
 use ldc_core::traffic::Action;
 use ldc_ops::cli::Verb;
 use ldc_ops::local::LocalPlatform;
@@ -25,21 +25,16 @@ struct Local {
 fn platform() -> Local {
     let dir = tempfile::tempdir().unwrap();
     let store = ldc_store::open(dir.path().join("store.db").to_str().unwrap()).unwrap();
-    let cell = |id: &str, region: &str| CellInfo {
-        id: id.into(),
-        region: region.into(),
-        capacity: None,
-    };
-    let topo = Topology {
-        shard_count: 12,
-        cells: vec![
-            cell("r1-a", "r1"),
-            cell("r1-b", "r1"),
-            cell("r1-s", "r1"),
-            cell("r2-a", "r2"),
-            cell("r2-s", "r2"),
+    let topo = Topology::new(
+        12,
+        &[
+            ("r1-a", "r1"),
+            ("r1-b", "r1"),
+            ("r1-s", "r1"),
+            ("r2-a", "r2"),
+            ("r2-s", "r2"),
         ],
-    };
+    );
     let mut t = store.begin().unwrap();
     ldc_control::init(&mut *t, &topo, &["r1-a", "r1-b", "r2-a"], 0).unwrap();
     for (i, c) in topo.cells.iter().enumerate() {
