@@ -83,8 +83,11 @@ pub struct TopologySpec {
     #[x_kube(validation = Rule::new("self.all(r, self.exists_one(o, o == r))").message("regions must be unique"))]
     pub regions: Vec<String>,
     /// Where shard ownership lives: a SQLite file path shared by the cells and the operator,
-    /// or `tikv://PD1,PD2`.
+    /// or `tikv://PD1,PD2`. Fixed for the life of the platform: pointed elsewhere, the
+    /// operator would create a second platform at epoch 1 beside the first, whose owners
+    /// still hold their shards (the operator also refuses it, see `status.store`).
     #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("store is immutable: the platform's ownership and ledgers live there; moving them is a migration, not an edit"))]
     pub store: String,
     /// N+1: how many standby cells (owning no shard) each region keeps so any one cell can
     /// fail. The operator reports a `NPlusOne` condition when a region falls short.
@@ -239,6 +242,9 @@ pub struct TopologyStatus {
     /// Name of the ConfigMap routers watch.
     #[serde(default)]
     pub routing_config_map: String,
+    /// The store the platform was created in; a spec naming another one is refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store: String,
     #[serde(default)]
     pub cells_ready: u32,
     #[serde(default)]

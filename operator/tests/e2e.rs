@@ -413,6 +413,13 @@ async fn crds_install_and_reject_invalid_specs() {
             .await,
         "shardCount is immutable",
     );
+    let patch = serde_json::json!({"spec": {"store": "/somewhere/else.db"}});
+    assert_refused(
+        topos
+            .patch("prod", &PatchParams::default(), &Patch::Merge(&patch))
+            .await,
+        "store is immutable",
+    );
     // A shard range the operator would have to parse is bounded by the schema: a hostile
     // `movedFrom` (0-4294967295 once asked the parser for 16 GiB) never gets stored.
     let record = |moved: serde_json::Value| {

@@ -193,20 +193,18 @@ async fn apply(cached: &Topology, ctx: &Context) -> Result<Action, Error> {
     let mut st = status::start(&topo);
 
     // 1. observe
+    if let Some(why) = status::store_moved(&topo) {
+        return refuse_store(ctx, &topo, st, why, now).await;
+    }
     let cells = observe::cells(ctx, &topo).await?;
     for c in &cells.unknown {
         status::patch_cell(&cells_api, c, status::unknown_region(&topo, c, now)).await?;
     }
     let (store, map) = match observe::store(ctx, &topo, &cells).await? {
         Ok(found) => found,
-        Err(e) => {
-            if let Some(note) = status::store_not_usable(&topo, &mut st, e.to_string(), now) {
-                ctx.event(&topo, note).await;
-            }
-            status::patch_topology(ctx, &topo, &st).await?;
-            return Ok(Action::requeue(STORE_RECHECK));
-        }
+        Err(e) => return refuse_store(ctx, &topo, st, e.to_string(), now).await,
     };
+    st.store.clone_from(&topo.spec.store);
 
     // 2. children
     let keys = Arc::new(children::apply(ctx, &topo, &cells.live).await?);
@@ -245,6 +243,21 @@ async fn apply(cached: &Topology, ctx: &Context) -> Result<Action, Error> {
     }
     report(ctx, &o, st, &step, outcome.as_ref()).await?;
     Ok(Action::requeue(requeue(outcome.as_ref(), choice.due_in)))
+}
+
+/// The store cannot be used: say why in status (an event when it is news) and do nothing.
+async fn refuse_store(
+    ctx: &Context,
+    topo: &Topology,
+    mut st: TopologyStatus,
+    why: String,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    if let Some(note) = status::store_not_usable(topo, &mut st, why, now) {
+        ctx.event(topo, note).await;
+    }
+    status::patch_topology(ctx, topo, &st).await?;
+    Ok(Action::requeue(STORE_RECHECK))
 }
 
 /// Phase 3's one store read: a move the store already records is reported, not planned.

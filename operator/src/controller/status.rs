@@ -51,6 +51,20 @@ pub fn unknown_region(topo: &Topology, c: &Cell, now: Timestamp) -> CellStatus {
     st
 }
 
+/// Why the spec's store cannot be used when the platform was created in another one (a
+/// CRD without the immutability rule let the edit through): opening it would create a
+/// second platform at epoch 1 beside the first, whose owners still hold their shards.
+pub fn store_moved(topo: &Topology) -> Option<String> {
+    let created_in = topo.status.as_ref().map_or("", |s| s.store.as_str());
+    (!created_in.is_empty() && created_in != topo.spec.store).then(|| {
+        format!(
+            "spec.store was changed to {} but the platform lives in {created_in}; \
+             nothing is done until spec.store is set back (moving a platform is a migration)",
+            ldc_core::quote_prefix(&topo.spec.store, 64)
+        )
+    })
+}
+
 /// Records that the store cannot be used; the event is due only when this is news.
 pub fn store_not_usable(
     topo: &Topology,
@@ -546,6 +560,23 @@ mod tests {
 
         let (standby, _) = super::cell(&cs.known[1], &s, &pods(&cs, &[]), now());
         assert_eq!((standby.role.as_str(), standby.shards), ("standby", 0));
+    }
+
+    #[test]
+    fn a_platform_stays_in_the_store_it_was_created_in() {
+        let mut t = topo();
+        assert_eq!(store_moved(&t), None, "not created yet");
+        t.status = Some(TopologyStatus {
+            store: t.spec.store.clone(),
+            ..Default::default()
+        });
+        assert_eq!(store_moved(&t), None);
+        t.spec.store = "/elsewhere/store.db".into();
+        let why = store_moved(&t).unwrap();
+        assert!(
+            why.contains("/elsewhere/store.db") && why.contains("/data/store.db"),
+            "{why}"
+        );
     }
 
     #[test]
