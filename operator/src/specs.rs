@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -114,6 +114,7 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
     };
     let pki_secret =
         crate::pki::leaf_secret_name(&topo_name, &ldc_security::platform::cell_leaf(&name));
+    let store = store_volume(&topo.spec.store);
     Deployment {
         metadata: ObjectMeta {
             name: Some(workload_name(&name, colour)),
@@ -157,12 +158,17 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                                 ..Default::default()
                             },
                         ]),
-                        volume_mounts: Some(vec![VolumeMount {
-                            name: "pki".into(),
-                            mount_path: crate::pki::MOUNT_PATH.into(),
-                            read_only: Some(true),
-                            ..Default::default()
-                        }]),
+                        volume_mounts: Some(
+                            [VolumeMount {
+                                name: "pki".into(),
+                                mount_path: crate::pki::MOUNT_PATH.into(),
+                                read_only: Some(true),
+                                ..Default::default()
+                            }]
+                            .into_iter()
+                            .chain(store.clone().map(|(_, m)| m))
+                            .collect(),
+                        ),
                         ports: Some(vec![
                             ContainerPort {
                                 name: Some("grpc".into()),
@@ -191,15 +197,20 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                         }),
                         ..Default::default()
                     }],
-                    volumes: Some(vec![Volume {
-                        name: "pki".into(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(pki_secret),
-                            default_mode: Some(0o440),
+                    volumes: Some(
+                        [Volume {
+                            name: "pki".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(pki_secret),
+                                default_mode: Some(0o440),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                        }]
+                        .into_iter()
+                        .chain(store.map(|(v, _)| v))
+                        .collect(),
+                    ),
                     ..Default::default()
                 }),
             },
@@ -207,6 +218,35 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
         }),
         status: None,
     }
+}
+
+/// For an embedded (SQLite) store: the node directory that holds its files, mounted at the
+/// same path, as the chart mounts it for the operator and the routers (`store.hostPath`).
+/// Without it a cell on a real node would open a private, empty store in its container (on
+/// a read-only root filesystem at that): every pod that shares the platform must see the
+/// same files. `None` for TiKV (`tikv://…`), which is reached over the network.
+pub fn store_volume(store: &str) -> Option<(Volume, VolumeMount)> {
+    if store.starts_with("tikv://") {
+        return None;
+    }
+    let dir = std::path::Path::new(store).parent()?.to_str()?;
+    if dir.is_empty() || dir == "/" {
+        return None;
+    }
+    let volume = Volume {
+        name: "store".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: dir.into(),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: "store".into(),
+        mount_path: dir.into(),
+        ..Default::default()
+    };
+    Some((volume, mount))
 }
 
 /// The user every LDC container runs as (the image's non-root user).
@@ -516,6 +556,43 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(probe.port, IntOrString::String("metrics".into()));
         assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    }
+
+    /// Every cell pod sees the embedded store's files (the same node directory the
+    /// operator and routers mount); a TiKV store needs no volume.
+    #[test]
+    fn cell_pods_mount_the_embedded_store_directory() {
+        let c = cell("r1-a", "r1", CellRole::Serving);
+        let pod = |t: &Topology| {
+            cell_deployment(t, &c, Colour::Blue)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+        };
+        let p = pod(&topo());
+        let vol = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "store");
+        let host = vol.unwrap().host_path.as_ref().unwrap();
+        assert_eq!(host.path, "/data");
+        let mounts = p.containers[0].volume_mounts.as_ref().unwrap();
+        let m = mounts.iter().find(|m| m.name == "store").unwrap();
+        assert_eq!((m.mount_path.as_str(), m.read_only), ("/data", None));
+
+        let mut tikv = topo();
+        tikv.spec.store = "tikv://pd-0:2379".into();
+        let p = pod(&tikv);
+        assert!(p.volumes.unwrap().iter().all(|v| v.name != "store"));
+        assert_eq!(
+            store_volume("store.db").map(|(v, _)| v.name),
+            None,
+            "no directory"
+        );
     }
 
     #[test]
