@@ -472,28 +472,21 @@ impl World {
 
     /// The cluster's state mirrored into a local store; then the same verbs through both
     /// front-ends must print the same document (`common::frontends`).
-    fn same_json_on_both_front_ends(&self) {
+    /// `kubectl cell VERB -o json` and `ldc cell VERB -o json` on a local store that holds
+    /// the cluster's state (`name`: its directory) print the same document, for each verb.
+    fn same_json_on_both_front_ends(&self, name: &str, verbs: &[&[&str]]) {
         let status = self.kubectl_cell_json(&["status"]);
-        let store = self.dir.path().join("mirror").join("store.db");
+        let history = self.kubectl_cell_json(&["history", "--limit", "0"]);
+        let store = self.dir.path().join(name).join("store.db");
         std::fs::create_dir_all(store.parent().unwrap()).unwrap();
-        frontends::mirror(&store, &status, &self.get(&["cells"]));
+        frontends::mirror(&store, &status, &self.get(&["cells"]), &history);
         let ldc = Path::new(env!("CARGO_BIN_EXE_ldc"));
-        for args in [
-            &["status"][..],
-            &["failover", "r1-a", "--dry-run"],
-            &["switchover", "r1-a", "--to", "r1-s", "--dry-run"],
-            &["dr", "cutover", "--from", "r2", "--dry-run"],
-            &["traffic-shift", "r1-a", "--green", "10", "--dry-run"],
-            &["traffic-shift", "r2-b", "--pause", "--dry-run"],
-            &["route", "alice", "bob", "carol", "dave", "erin"],
-        ] {
+        for args in verbs {
             let k = self.kubectl_cell_json(args);
             let l = frontends::ldc_cell_json(ldc, &store, args);
             frontends::assert_same(&k, &l, args);
         }
-        eprintln!(
-            "kubectl cell and ldc cell agree on status, every move's dry run, traffic changes and routes"
-        );
+        eprintln!("kubectl cell and ldc cell agree on {verbs:?}");
     }
 
     fn kubectl_cell_command(&self, args: &[&str]) -> Command {
@@ -932,7 +925,18 @@ async fn payments_through_the_router_survive_every_operation() {
 
     // ---- 0. one product: `kubectl cell` and `ldc cell` print the same JSON for the same
     // state (status, a dry run of each move, a traffic change).
-    w.same_json_on_both_front_ends();
+    w.same_json_on_both_front_ends(
+        "mirror",
+        &[
+            &["status"],
+            &["failover", "r1-a", "--dry-run"],
+            &["switchover", "r1-a", "--to", "r1-s", "--dry-run"],
+            &["dr", "cutover", "--from", "r2", "--dry-run"],
+            &["traffic-shift", "r1-a", "--green", "10", "--dry-run"],
+            &["traffic-shift", "r2-b", "--pause", "--dry-run"],
+            &["route", "alice", "bob", "carol", "dave", "erin"],
+        ],
+    );
 
     // ---- 1. a release of r1-a: 10%, pause (a shift is refused), resume, 100%, undo (back
     // to 10%), abort. No request may fail; every change is in the cell's audit trail.
@@ -1099,6 +1103,8 @@ async fn payments_through_the_router_survive_every_operation() {
     w.wait_cells_ready(6).await;
     w.start_operator();
     w.wait_operator_log(2, "another operator leads").await;
+    // A revert's dry run reads the same from the move's record on both front-ends.
+    w.same_json_on_both_front_ends("mirror-revert", &[&["revert", &cutover_id, "--dry-run"]]);
     let before = w.table().unwrap();
     let mut sc = w
         .begin("revert dr cutover, operator leader killed", &c, &users)

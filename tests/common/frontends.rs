@@ -8,7 +8,7 @@ use std::process::Command;
 
 use ldc_control::traffic::TrafficState;
 use ldc_control::{CellRuntime, keys};
-use ldc_core::planner::{CellInfo, Owner, Topology};
+use ldc_core::planner::{self, CellInfo, Owner, Topology};
 use serde_json::Value;
 
 /// Fields that name the platform's own machinery, not the state: what runs a colour (pid
@@ -29,9 +29,10 @@ fn strip_platform_detail(v: &mut Value) {
     }
 }
 
-/// Writes the state of `status` (a `kubectl cell status -o json`) and `cells` (`kubectl get
-/// cells -o json`) into a new local store at `store`.
-pub fn mirror(store: &Path, status: &Value, cells: &Value) {
+/// Writes the state of `status` (a `kubectl cell status -o json`), `cells` (`kubectl get
+/// cells -o json`) and the moves of `history` (`kubectl cell history -o json`) into a new
+/// local store at `store`.
+pub fn mirror(store: &Path, status: &Value, cells: &Value, history: &Value) {
     let capacity = |name: &str| {
         cells["items"]
             .as_array()
@@ -96,6 +97,30 @@ pub fn mirror(store: &Path, status: &Value, cells: &Value) {
             history: vec![],
         };
         ldc_control::traffic::put(&mut *t, cell, &st).unwrap();
+    }
+    for m in history["moves"].as_array().unwrap() {
+        if m["result"] != "Succeeded" {
+            continue;
+        }
+        let rec = ldc_control::moves::MoveRecord {
+            id: m["id"].as_str().unwrap().to_string(),
+            command: m["command"].as_str().unwrap().to_string(),
+            summary: m["message"].as_str().unwrap().to_string(),
+            shards_moved: m["shardsMoved"].as_u64().unwrap() as u32,
+            routing_epoch: m["routingEpoch"].as_u64().unwrap(),
+            moved_from: m["movedFrom"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(c, r)| {
+                    let shards = planner::parse_shard_ranges(r.as_str().unwrap()).unwrap();
+                    (c.clone(), shards)
+                })
+                .collect(),
+            by: m["by"].as_str().unwrap().to_string(),
+            at_unix_ms: m["atUnixMs"].as_u64().unwrap(),
+        };
+        ldc_control::moves::put(&mut *t, keys::LOCAL_MOVES_PREFIX, &rec).unwrap();
     }
     let mut table = ldc_control::publish_routing(&mut *t, &weights, None).unwrap();
     table.epoch = status["routingEpoch"].as_u64().unwrap();
