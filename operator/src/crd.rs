@@ -297,9 +297,13 @@ pub struct CellSpec {
     /// cells own none (N+1). Afterwards ownership lives in the store; see `status.role`.
     #[serde(default)]
     pub role: CellRole,
-    /// Container image of the `ldc` binary.
+    /// Container image of the `ldc` binary (both colours, unless `images` names another).
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
+    /// A colour's own image: during a release one colour runs the new version while the
+    /// other keeps serving the old, and `traffic` moves users between them.
+    #[serde(default, skip_serializing_if = "ColourImages::is_empty")]
+    pub images: ColourImages,
     #[serde(default)]
     pub replicas: ColourReplicas,
     #[serde(default)]
@@ -308,6 +312,35 @@ pub struct CellSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub capacity: Option<u32>,
+}
+
+/// Per-colour images (unset: the cell's `image`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ColourImages {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub blue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub green: Option<String>,
+}
+
+impl ColourImages {
+    pub fn is_empty(&self) -> bool {
+        self.blue.is_none() && self.green.is_none()
+    }
+}
+
+impl CellSpec {
+    /// The image `colour` runs.
+    pub fn image_of(&self, colour: ldc_core::routing::Colour) -> &str {
+        let own = match colour {
+            ldc_core::routing::Colour::Blue => &self.images.blue,
+            ldc_core::routing::Colour::Green => &self.images.green,
+        };
+        own.as_deref().unwrap_or(&self.image)
+    }
 }
 
 /// Initial role of a cell.

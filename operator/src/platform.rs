@@ -19,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use ldc_control::moves::MoveRecord;
 use ldc_core::planner::{self, Command, Plan};
+use ldc_core::routing::Colour::{Blue, Green};
 use ldc_core::routing::RoutingTable;
 use ldc_core::traffic::{Change, record_change};
 use ldc_ops::{
@@ -118,10 +119,13 @@ pub fn snapshot_of(
         let st = c.status.clone().unwrap_or_default();
         let route = table.cells.get(&name).cloned().unwrap_or_default();
         let owns = map.count_owned(&name) > 0;
-        let colour = |live: u32, endpoints: Vec<String>, replicas: i32| ColourFacts {
+        let colour = |live: u32, endpoints: Vec<String>, replicas: i32, colour| ColourFacts {
             live,
             endpoints,
-            detail: BTreeMap::from([("replicas".to_string(), json!(replicas))]),
+            detail: BTreeMap::from([
+                ("replicas".to_string(), json!(replicas)),
+                ("image".to_string(), json!(c.spec.image_of(colour))),
+            ]),
         };
         facts.insert(
             name,
@@ -132,8 +136,8 @@ pub fn snapshot_of(
                 green_weight_bp: c.spec.traffic.green_weight_bp,
                 paused: c.spec.traffic.paused,
                 steps: c.spec.traffic.steps.clone(),
-                blue: colour(st.ready_blue, route.blue, c.spec.replicas.blue),
-                green: colour(st.ready_green, route.green, c.spec.replicas.green),
+                blue: colour(st.ready_blue, route.blue, c.spec.replicas.blue, Blue),
+                green: colour(st.ready_green, route.green, c.spec.replicas.green, Green),
                 last_change: traffic_trail(c)?.pop(),
                 busy: conflict_for(topo, c, owns),
             },

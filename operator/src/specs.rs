@@ -144,7 +144,7 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                     security_context: Some(pod_security()),
                     containers: vec![Container {
                         name: "cell".into(),
-                        image: Some(cell.spec.image.clone()),
+                        image: Some(cell.spec.image_of(colour).to_string()),
                         args: Some(args),
                         env: Some(vec![
                             EnvVar {
@@ -420,6 +420,7 @@ pub(crate) mod tests {
                 region: region.into(),
                 role,
                 image: "ldc:dev".into(),
+                images: Default::default(),
                 replicas: ColourReplicas { blue: 2, green: 1 },
                 traffic: Traffic::default(),
                 capacity: None,
@@ -556,6 +557,23 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(probe.port, IntOrString::String("metrics".into()));
         assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    }
+
+    /// A release runs one colour on its own image; the other keeps the cell's.
+    #[test]
+    fn each_colour_runs_its_own_image_when_it_has_one() {
+        let mut c = cell("r1-a", "r1", CellRole::Serving);
+        let image = |c: &Cell, colour| {
+            let d = cell_deployment(&topo(), c, colour);
+            d.spec.unwrap().template.spec.unwrap().containers[0]
+                .image
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(image(&c, Colour::Green), "ldc:dev");
+        c.spec.images.green = Some("ldc:0.2.0".into());
+        assert_eq!(image(&c, Colour::Green), "ldc:0.2.0");
+        assert_eq!(image(&c, Colour::Blue), "ldc:dev");
     }
 
     /// Every cell pod sees the embedded store's files (the same node directory the

@@ -248,6 +248,7 @@ impl Env {
                 region: region.into(),
                 role,
                 image: "ldc:e2e".into(),
+                images: Default::default(),
                 replicas: ColourReplicas { blue: 1, green: 1 },
                 traffic: Traffic::default(),
                 capacity: None,
