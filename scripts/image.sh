@@ -6,9 +6,10 @@
 #
 #   scripts/image.sh            -> target/image/ldc-<version>.tar, tagged ghcr.io/ldc/ldc:<version>
 #
-# The archive is a docker-archive, which `ctr -n k8s.io images import` and `podman load`
-# take; its tag is the one the chart's defaults name (image.repository + the appVersion), so
-# a node that imported it runs the chart as it is. Environment:
+# The archive is an OCI archive with gzip-compressed layers, which `ctr -n k8s.io images
+# import` and `podman load` take; its tag is the one the chart's defaults name
+# (image.repository + the appVersion), so a node that imported it runs the chart as it is.
+# Environment:
 #   LDC_IMAGE_TAG   the tag (default: the workspace version)
 #   LDC_IMAGE_REPO  the repository (default: ghcr.io/ldc/ldc)
 # Safe to re-run: the working container and its image are removed at the end.
@@ -60,7 +61,7 @@ for b in ldc ldc-operator; do
     strip --strip-debug -o "$ROOT/usr/local/bin/$b" "$TARGET/release/$b"
 done
 # Exactly the shared libraries the binaries load (and the loader), at their own paths.
-for lib in $(ldd "$ROOT"/usr/local/bin/* | grep -o '/[^ ]*' | sort -u); do
+for lib in $(for b in "$ROOT"/usr/local/bin/*; do ldd "$b" | grep -o '/[^ ]*'; done | sort -u); do
     mkdir -p "$ROOT$(dirname "$lib")"
     cp -L "$lib" "$ROOT$lib"
 done
@@ -77,6 +78,7 @@ CTR=$("${BUILDAH[@]}" from scratch)
     --workingdir /var/lib/ldc \
     --entrypoint '["/usr/local/bin/ldc"]' \
     --cmd '["--help"]' \
+    --env PATH=/usr/local/bin \
     --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     --label "org.opencontainers.image.title=ldc" \
     --label "org.opencontainers.image.description=LDC: cell-based multi-region payments (ldc, ldc-operator)" \
@@ -88,8 +90,9 @@ CTR=$("${BUILDAH[@]}" from scratch)
 "${BUILDAH[@]}" commit --quiet "$CTR" "$REPO:$TAG" >/dev/null
 mkdir -p "$OUT"
 rm -f "$ARCHIVE"
-"${BUILDAH[@]}" push --quiet "$REPO:$TAG" "docker-archive:$ARCHIVE:$REPO:$TAG"
+"${BUILDAH[@]}" push --quiet --compression-format gzip "$REPO:$TAG" "oci-archive:$ARCHIVE:$REPO:$TAG"
 
 SIZE=$(du -m "$ARCHIVE" | cut -f1)
-log "image $REPO:$TAG (revision $REVISION): $ARCHIVE, ${SIZE} MB"
+UNPACKED=$(du -sm "$ROOT" | cut -f1)
+log "image $REPO:$TAG (revision $REVISION): $ARCHIVE, ${SIZE} MB (${UNPACKED} MB unpacked)"
 echo "$ARCHIVE"

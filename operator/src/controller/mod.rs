@@ -183,6 +183,7 @@ struct Observed {
 }
 
 /// The phases, in order (see the module docs).
+#[tracing::instrument(skip_all, fields(topology = %cached.name_any()))]
 async fn apply(cached: &Topology, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let Some(topo) = observe::latest(ctx, cached).await? else {
