@@ -157,7 +157,8 @@ cmd_install() {
     build_tools "$TOOLS_DIR/k8s" "$K8S_VERSION" "$k8s_ld" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
-        k8s.io/kubernetes/cmd/kube-scheduler
+        k8s.io/kubernetes/cmd/kube-scheduler \
+        k8s.io/kubernetes/cmd/kubelet
 
     build_tools "$TOOLS_DIR/etcd" "$ETCD_VERSION" \
         "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
@@ -260,7 +261,8 @@ nodes_ready() {
 default_sa_exists() { kc -n default get serviceaccount default; }
 
 write_kwokctl_config() {
-    local file=$1
+    local file=$1 pki
+    pki="$(cluster_dir "$2")/pki"
     cat >"$file" <<EOF
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokctlConfiguration
@@ -280,6 +282,25 @@ options:
   kwokControllerBinary: $BIN_DIR/kwok
   kubectlBinary: $KUBECTL
   quietPull: true
+# KWOK fakes only its own nodes: a real node (e2e/node.sh) runs its pods for real, and a
+# KWOK that "managed" it would report made-up pod statuses over the kubelet's.
+componentsPatches:
+- name: kwok-controller
+  extraArgs:
+  - key: manage-all-nodes
+    value: "false"
+  - key: manage-nodes-with-annotation-selector
+    value: kwok.x-k8s.io/node=fake
+# Logs and exec of a real node's pods: the API server reaches its kubelet by address, with
+# a client certificate the kubelet's x509 authentication takes.
+- name: kube-apiserver
+  extraArgs:
+  - key: kubelet-preferred-address-types
+    value: InternalIP
+  - key: kubelet-client-certificate
+    value: $pki/admin.crt
+  - key: kubelet-client-key
+    value: $pki/admin.key
 EOF
 }
 
@@ -302,7 +323,7 @@ cmd_up() {
     fi
 
     cfg=$STATE_ROOT/configs/$name.yaml
-    write_kwokctl_config "$cfg"
+    write_kwokctl_config "$cfg" "$name"
     log "creating cluster $name (kwokctl binary runtime, state in $(cluster_dir "$name"))"
     # kwokctl picks free ports itself (skipping those of its other clusters); serialise
     # creation so two concurrent `up`s cannot choose the same ports.

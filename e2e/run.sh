@@ -21,8 +21,10 @@ kill_strays() {
     done
 }
 
+REAL_NODE=""
 cleanup() {
     local rc=$?
+    if [[ -n $REAL_NODE ]]; then e2e/node.sh down "$NAME" "$REAL_NODE" >/dev/null 2>&1 || true; fi
     kill_strays
     e2e/cluster.sh down "$NAME" >/dev/null 2>&1 || log "WARNING: could not tear down cluster $NAME"
     if ((rc == 0)); then
@@ -71,3 +73,38 @@ rm -rf "$HELM_HOME"
 log "e2e tests: payments through the router (tests/e2e.rs) and the operator (operator/tests/e2e.rs)"
 # --nocapture: the payments suite prints its timing table (also in target/e2e-report.txt).
 LDC_E2E_RUN=$NAME cargo test --workspace --test e2e -- --ignored --test-threads=1 --nocapture
+
+log "real node: the project's image on a kubelet (containerd, runc), payments in its pod"
+IMAGE_TAR=$(scripts/image.sh | tail -1)
+IMAGE=ghcr.io/ldc/ldc:$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+REAL_NODE=$NAME-r1
+e2e/node.sh up "$NAME" "$REAL_NODE" r1 1
+e2e/node.sh import "$REAL_NODE" "$IMAGE_TAR"
+sed "s|IMAGE|$IMAGE|" e2e/real/platform-pod.yaml | kubectl apply -f -
+kubectl wait --for=condition=Ready pod/ldc-platform --timeout=180s
+node=$(kubectl get pod ldc-platform -o jsonpath='{.spec.nodeName}')
+[[ $node == "$REAL_NODE" ]] || { log "ldc-platform ran on $node, not on the real node"; exit 1; }
+in_pod() { kubectl exec ldc-platform -- ldc --data-dir /data "$@"; }
+in_pod account open alice --currency EUR >/dev/null
+in_pod account open bob --currency EUR >/dev/null
+in_pod topup alice 1000 --currency EUR >/dev/null
+in_pod transfer alice bob 250 --currency EUR >/dev/null
+expect() {
+    local got
+    got=$(in_pod "${@:2}")
+    grep -q -- "$1" <<<"$got" || { log "expected '$1' from ldc ${*:2}, got: $got"; exit 1; }
+}
+expect "balance 750 EUR" balance alice
+# The credit reaches bob through the relay (cell to cell, mutual TLS) a moment later.
+for _ in $(seq 1 50); do
+    in_pod balance bob | grep -q "balance 250 EUR" && break
+    sleep 0.2
+done
+expect "balance 250 EUR" balance bob
+expect "clean, money is conserved" reconcile
+kubectl logs ldc-platform | grep -q "routing table taken" ||
+    { log "the pod's log (read through the kubelet) lacks the router's start"; exit 1; }
+kubectl delete pod ldc-platform --wait --timeout=60s >/dev/null
+e2e/node.sh down "$NAME" "$REAL_NODE"
+REAL_NODE=""
+log "real node: the image ran the platform in a pod, Ready from the kubelet's probe; payments and reconcile passed"

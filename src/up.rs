@@ -153,6 +153,22 @@ pub async fn serve_cell(g: &Global, a: CellServeArgs) -> Result<ExitCode> {
 
 /// Where cell process `pid` says it stopped on a storage fault (see `EXIT_FAIL_STOP`),
 /// before it has left.
+/// The address a client on this machine dials for a listener bound to `listen`: the
+/// unspecified address (every interface) becomes loopback, anything else stays.
+fn dial_address(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        _ => listen.to_string(),
+    }
+}
+
 pub fn fail_stop_marker(data_dir: &std::path::Path, pid: u32) -> std::path::PathBuf {
     data_dir.join("fail-stop").join(pid.to_string())
 }
@@ -801,7 +817,9 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
         ],
     );
     router.start(g).await.context("router did not start")?;
-    std::fs::write(g.data_dir.join("router.addr"), &router.listen)?;
+    // What clients dial: a router listening on every address (`0.0.0.0`, `::`) is reached
+    // on loopback, the name its certificate carries.
+    std::fs::write(g.data_dir.join("router.addr"), dial_address(&router.listen))?;
     std::fs::write(g.data_dir.join("router.admin"), &router.metrics)?;
     // Children must use this router even if --listen asked for port 0.
     router.args[3] = router.listen.clone();
@@ -1158,6 +1176,15 @@ mod tests {
                 assert_eq!(map.owned_by(owner), (first..=last).collect::<Vec<_>>());
             }
         }
+    }
+
+    #[test]
+    fn clients_dial_loopback_for_a_router_on_every_address() {
+        assert_eq!(dial_address("0.0.0.0:7400"), "127.0.0.1:7400");
+        assert_eq!(dial_address("[::]:7400"), "[::1]:7400");
+        assert_eq!(dial_address("127.0.0.1:7400"), "127.0.0.1:7400");
+        assert_eq!(dial_address("10.0.0.5:7400"), "10.0.0.5:7400");
+        assert_eq!(dial_address("router.local:7400"), "router.local:7400");
     }
 
     #[test]
