@@ -28,17 +28,8 @@ sock() { echo "$(node_dir "$1")/containerd.sock"; }
 ctr_() { local n=$1; shift; ctr --address "$(sock "$n")" -n k8s.io "$@"; }
 
 install_packages() {
-    local missing=()
-    command -v containerd >/dev/null || missing+=(containerd)
-    command -v runc >/dev/null || missing+=(runc)
-    [[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
-    command -v iptables >/dev/null || missing+=(iptables)
-    command -v buildah >/dev/null || missing+=(buildah)
-    [[ -x /bin/busybox ]] || missing+=(busybox-static)
-    if ((${#missing[@]})); then
-        log "installing ${missing[*]} (Debian packages)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    "$E2E_DIR/../scripts/apt-install" containerd runc containernetworking-plugins iptables \
+        iproute2 buildah busybox-static
 }
 
 # The pause image: busybox's sleep as PID 1 of every pod sandbox (cached as an archive).

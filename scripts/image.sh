@@ -27,18 +27,7 @@ TARGET=${CARGO_TARGET_DIR:-target}
 OUT=$TARGET/image
 ARCHIVE=$OUT/ldc-$TAG.tar
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need buildah; then
-    log "installing buildah (Debian package)"
-    if [ "$(id -u)" != 0 ]; then
-        echo "buildah is missing; install it (apt-get install buildah) or run as root" >&2
-        exit 1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends buildah >/dev/null
-fi
-if [ ! -f /etc/ssl/certs/ca-certificates.crt ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ca-certificates >/dev/null
-fi
+scripts/apt-install buildah ca-certificates binutils
 
 log "building the release binaries (ldc, ldc-operator)"
 cargo build --release --locked -p ldc -p ldc-operator --bin ldc --bin ldc-operator
