@@ -190,7 +190,9 @@ cmd_install() {
 # ---------------------------------------------------------------------------------------
 # cluster lifecycle (kwokctl, binary runtime)
 
-NODE_COUNT=${LDC_NODES:-2}
+# One fake node: the platform's pods share an embedded store only on one node (the
+# operator refuses to move anything otherwise); `e2e/node.sh` adds real nodes.
+NODE_COUNT=${LDC_NODES:-1}
 KUBECTL=${KUBECTL:-$(command -v kubectl || true)}
 
 cluster_name() {

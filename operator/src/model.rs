@@ -82,6 +82,37 @@ fn pod_ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Whether the pods of a topology can share its store. An embedded (SQLite) store is a
+/// file in a hostPath directory: each node has its own, so cells on two nodes would each
+/// own "all" shards in a store of their own, and money moved in one would not exist in
+/// the other. `Err` names the nodes and what to do. A TiKV store is shared by design.
+pub fn store_shared(store: &str, pods: &[Pod]) -> Result<(), String> {
+    if store.starts_with("tikv://") {
+        return Ok(());
+    }
+    let nodes: std::collections::BTreeSet<&str> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec.as_ref()?.node_name.as_deref())
+        .collect();
+    if nodes.len() <= 1 {
+        return Ok(());
+    }
+    let names: Vec<&str> = nodes.iter().take(8).copied().collect();
+    Err(format!(
+        "the embedded store {} is a file on each node, but the topology's pods run on {} nodes ({}{}); \
+         nothing moves until they share one node (a nodeSelector on the cells) or the store is TiKV",
+        ldc_core::quote_prefix(store, 64),
+        nodes.len(),
+        names.join(", "),
+        if nodes.len() > names.len() {
+            ", …"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// Counts ready pods per cell and colour from the cells' pods (by label).
 pub fn readiness(pods: &[Pod]) -> BTreeMap<String, Readiness> {
     let mut out: BTreeMap<String, Readiness> = BTreeMap::new();
@@ -381,6 +412,44 @@ mod tests {
         let mut c = cells();
         c.push(cell("r9-x", "r9", CellRole::Serving));
         assert_eq!(cells_in_unknown_regions(&topo(), &c).len(), 1);
+    }
+
+    #[test]
+    fn an_embedded_store_is_shared_only_by_pods_on_one_node() {
+        let on = |cell: &str, node: Option<&str>| {
+            let mut p = pod(cell, "blue", true);
+            p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: node.map(String::from),
+                ..Default::default()
+            });
+            p
+        };
+        let one = [
+            on("r1-a", Some("n1")),
+            on("r2-a", Some("n1")),
+            on("r1-b", None),
+        ];
+        assert_eq!(
+            store_shared("/data/store.db", &one),
+            Ok(()),
+            "pending pods do not count"
+        );
+        let two = [on("r1-a", Some("n1")), on("r2-a", Some("n2"))];
+        let why = store_shared("/data/store.db", &two).unwrap_err();
+        assert!(
+            why.contains("2 nodes (n1, n2)") && why.contains("TiKV"),
+            "{why}"
+        );
+        assert_eq!(store_shared("tikv://pd:2379", &two), Ok(()));
+        let mut gone = on("r2-a", Some("n2"));
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2025-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        assert_eq!(
+            store_shared("/data/store.db", &[on("r1-a", Some("n1")), gone]),
+            Ok(())
+        );
     }
 
     #[test]

@@ -210,6 +210,9 @@ async fn apply(cached: &Topology, ctx: &Context) -> Result<Action, Error> {
     // 2. children
     let keys = Arc::new(children::apply(ctx, &topo, &cells.live).await?);
     let pods = observe::pods(ctx, &topo, &cells.known, now).await?;
+    if let Some(why) = pods.store_not_shared.clone() {
+        return refuse_store(ctx, &topo, st, why, now).await;
+    }
     let o = Observed {
         topo,
         cells,

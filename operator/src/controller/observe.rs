@@ -125,12 +125,14 @@ pub(super) struct PodHealth {
     pub health: BTreeMap<String, Health>,
     /// Since when each cell has been unhealthy (`None`: healthy).
     pub since: BTreeMap<String, Option<Timestamp>>,
+    /// Why the pods cannot share the store, if they cannot ([`model::store_shared`]).
+    pub store_not_shared: Option<String>,
 }
 
 impl PodHealth {
     /// Health of `cells` from their `pods` at `now`, keeping each cell's recorded
     /// `notReadySince` while it stays unhealthy.
-    pub fn of(cells: &[Cell], pods: &[Pod], now: Timestamp) -> PodHealth {
+    pub fn of(cells: &[Cell], pods: &[Pod], store: &str, now: Timestamp) -> PodHealth {
         let ready = model::readiness(pods);
         let health = model::health_map(cells, &ready);
         let since = cells
@@ -150,6 +152,7 @@ impl PodHealth {
             ready,
             health,
             since,
+            store_not_shared: model::store_shared(store, pods).err(),
         }
     }
 
@@ -171,7 +174,7 @@ pub(super) async fn pods(
         .list(&ListParams::default().labels(&selector))
         .await?
         .items;
-    Ok(PodHealth::of(cells, &pods, now))
+    Ok(PodHealth::of(cells, &pods, &topo.spec.store, now))
 }
 
 #[cfg(test)]
@@ -212,7 +215,7 @@ mod tests {
             ..Default::default()
         });
         let fresh = cell("r1-b", "r1", CellRole::Serving);
-        let h = PodHealth::of(&[was_down.clone(), fresh], &[], t1);
+        let h = PodHealth::of(&[was_down.clone(), fresh], &[], "/data/store.db", t1);
         assert_eq!(h.since["r1-a"], Some(t0), "still down since t0");
         assert_eq!(h.since["r1-b"], Some(t1), "down from now");
         assert!(!h.is_healthy("r1-a"));
