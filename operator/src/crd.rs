@@ -96,10 +96,21 @@ pub struct TopologySpec {
     /// Automatic failover of cells whose pods are not ready.
     #[serde(default)]
     pub failover: FailoverPolicy,
+    /// The node label that names a node's region. With a TiKV store, a cell's pods run
+    /// only on nodes of its region (so "a region goes down" is its nodes going down); an
+    /// embedded store keeps every pod on the one node that holds its file. Empty: no
+    /// region placement.
+    #[serde(default = "default_region_node_label")]
+    #[schemars(length(max = 317))]
+    pub region_node_label: String,
     /// Address (`host:port`) cells use to reach the router (cross-cell messages).
     #[serde(default = "default_router_address")]
     #[schemars(length(min = 1, max = 253))]
     pub router_address: String,
+}
+
+fn default_region_node_label() -> String {
+    "topology.kubernetes.io/region".into()
 }
 
 fn default_router_address() -> String {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource,
+    Affinity, Capabilities, ConfigMap, Container, ContainerPort, EnvVar, HTTPGetAction,
+    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
@@ -141,6 +142,7 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
                 spec: Some(PodSpec {
                     // Cells never call the Kubernetes API.
                     automount_service_account_token: Some(false),
+                    affinity: region_affinity(topo, &cell.spec.region),
                     security_context: Some(pod_security()),
                     containers: vec![Container {
                         name: "cell".into(),
@@ -218,6 +220,32 @@ pub fn cell_deployment(topo: &Topology, cell: &Cell, colour: Colour) -> Deployme
         }),
         status: None,
     }
+}
+
+/// With a TiKV store, a cell's pods are placed on nodes of its region (required: a cell
+/// that ran in another region would not fail with it). An embedded store is one node's
+/// file, so there every pod must share that node instead ([`crate::model::store_shared`]).
+pub fn region_affinity(topo: &Topology, region: &str) -> Option<Affinity> {
+    let label = &topo.spec.region_node_label;
+    if label.is_empty() || !topo.spec.store.starts_with("tikv://") {
+        return None;
+    }
+    Some(Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: label.clone(),
+                        operator: "In".into(),
+                        values: Some(vec![region.to_string()]),
+                    }]),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 /// For an embedded (SQLite) store: the node directory that holds its files, mounted at the
@@ -404,6 +432,7 @@ pub(crate) mod tests {
                 store: "/data/store.db".into(),
                 redundancy: Default::default(),
                 failover: Default::default(),
+                region_node_label: "topology.kubernetes.io/region".into(),
                 router_address: "ldc-router:7400".into(),
             },
         );
@@ -574,6 +603,41 @@ pub(crate) mod tests {
         c.spec.images.green = Some("ldc:0.2.0".into());
         assert_eq!(image(&c, Colour::Green), "ldc:0.2.0");
         assert_eq!(image(&c, Colour::Blue), "ldc:dev");
+    }
+
+    /// With TiKV a cell's pods run in its region; an embedded store places nothing.
+    #[test]
+    fn cells_run_in_their_region_when_the_store_is_distributed() {
+        let c = cell("r2-a", "r2", CellRole::Serving);
+        let affinity = |t: &Topology| {
+            cell_deployment(t, &c, Colour::Blue)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .affinity
+        };
+        assert_eq!(
+            affinity(&topo()),
+            None,
+            "embedded: every pod on the store's node"
+        );
+        let mut t = topo();
+        t.spec.store = "tikv://pd-0:2379".into();
+        let a = affinity(&t).unwrap().node_affinity.unwrap();
+        let term = &a
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms[0];
+        let req = &term.match_expressions.as_ref().unwrap()[0];
+        assert_eq!(req.key, "topology.kubernetes.io/region");
+        assert_eq!(
+            (req.operator.as_str(), req.values.clone()),
+            ("In", Some(vec!["r2".to_string()]))
+        );
+        t.spec.region_node_label = String::new();
+        assert_eq!(affinity(&t), None, "placement turned off");
     }
 
     /// Every cell pod sees the embedded store's files (the same node directory the

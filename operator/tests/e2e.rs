@@ -233,6 +233,7 @@ impl Env {
                     not_ready_seconds: delay_s,
                     region_cutover: false,
                 },
+                region_node_label: "topology.kubernetes.io/region".into(),
                 router_address: "ldc-router:7400".into(),
             },
         );
