@@ -158,8 +158,7 @@ cmd_up() {
     log "starting containerd for node $node"
     setsid containerd --config "$dir/containerd.toml" >"$dir/logs/containerd.log" 2>&1 </dev/null &
     echo $! >"$dir/containerd.pid"
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         ctr_ "$node" version >/dev/null 2>&1 && break
         sleep 0.1
     done
@@ -176,7 +175,7 @@ cmd_up() {
         --node-labels "topology.kubernetes.io/region=$region,ldc.dev/node=real" \
         >"$dir/logs/kubelet.log" 2>&1 </dev/null &
     echo $! >"$dir/kubelet.pid"
-    for i in $(seq 1 120); do
+    for _ in $(seq 1 120); do
         if KUBECONFIG=$kcfg kubectl get node "$node" \
             -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True; then
             log "node $node is Ready"
@@ -202,7 +201,7 @@ cmd_down() {
     local cluster=$1 node=$2 dir kcfg p
     dir=$(node_dir "$node")
     for p in kubelet containerd; do
-        [[ -f $dir/$p.pid ]] && kill -9 "$(cat "$dir/$p.pid")" 2>/dev/null || true
+        if [[ -f $dir/$p.pid ]]; then kill -9 "$(cat "$dir/$p.pid")" 2>/dev/null || true; fi
     done
     # The pods' processes (containerd-shims and what they run) outlive containerd.
     pkill -9 -f "containerd-shim.*$dir" 2>/dev/null || true
