@@ -7,6 +7,7 @@
 #
 #   e2e/node.sh up CLUSTER NODE REGION INDEX   start a node (INDEX 1..200: its ports, its pod subnet)
 #   e2e/node.sh import NODE ARCHIVE...         import OCI/docker archives into the node's containerd
+#   e2e/node.sh ctr NODE ARGS...               ctr on the node's containerd (namespace k8s.io)
 #   e2e/node.sh down CLUSTER NODE              stop the node's processes, delete it and its state
 #
 # Everything a node has stays on this machine: its processes listen on 127.0.0.1, its pods
@@ -219,6 +220,7 @@ cmd_down() {
 case ${1:-} in
 up) shift; cmd_up "$@" ;;
 import) shift; cmd_import "$@" ;;
+ctr) shift; ctr_ "$@" ;;
 down) shift; cmd_down "$@" ;;
-*) sed -n '2,13p' "$0" >&2; exit 2 ;;
+*) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac
