@@ -453,6 +453,14 @@ impl Proc {
         }
     }
 
+    fn check_state(&self) -> CheckState {
+        CheckState {
+            healthy: self.healthy,
+            failures: self.failures,
+            failing_since: self.failing_since,
+        }
+    }
+
     /// Whether the process is running (it may still fail its health checks).
     fn running(&self) -> bool {
         self.child.is_some() && self.restart_at.is_none()
@@ -501,6 +509,88 @@ fn track_holder(
         .filter(|(_, since)| holder_failing || now.duration_since(*since) >= HOLDER_STUCK_AFTER)
         .map(|(p, _)| p);
     (seen, stuck)
+}
+
+/// What one check saw of a running process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcSeen {
+    /// It answered its health probe (SERVING) in time.
+    ok: bool,
+    /// It exited, with this code (`None`: killed by a signal).
+    exit: Option<Option<i32>>,
+    /// Another process holds a store lock and is stuck: this one may only be waiting for it.
+    waits_for_stuck: bool,
+}
+
+/// A process's health bookkeeping between checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CheckState {
+    healthy: bool,
+    /// Failed checks in a row.
+    failures: u32,
+    /// When the current run of failed checks began.
+    failing_since: Option<Instant>,
+}
+
+/// What a check means for a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcCheck {
+    state: CheckState,
+    /// The routing table must be published again (health or endpoints changed).
+    changed: bool,
+    /// The process exited: forget its child and schedule its restart.
+    reap: bool,
+    /// It left on a storage fault ([`EXIT_FAIL_STOP`]): every writer must restart.
+    fail_stop: bool,
+    news: ProcNews,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcNews {
+    None,
+    Healthy,
+    Unhealthy,
+}
+
+/// Pure: a process after a check that saw `seen` at `now`. A pass clears its failures; a
+/// failure counts, and makes it unhealthy at the `threshold`-th in a row or at once when it
+/// exited. A running process that only waits for a stuck lock holder is not failed (it
+/// recovers once the holder is fenced).
+fn check_proc(s: CheckState, seen: &ProcSeen, threshold: u32, now: Instant) -> ProcCheck {
+    let mut c = ProcCheck {
+        state: s,
+        changed: false,
+        reap: false,
+        fail_stop: false,
+        news: ProcNews::None,
+    };
+    if seen.ok {
+        c.state.failures = 0;
+        c.state.failing_since = None;
+        if !s.healthy {
+            c.state.healthy = true;
+            c.changed = true;
+            c.news = ProcNews::Healthy;
+        }
+        return c;
+    }
+    let exited = seen.exit.is_some();
+    if !exited && s.healthy && seen.waits_for_stuck {
+        return c;
+    }
+    c.state.failures = s.failures + 1;
+    c.state.failing_since = Some(s.failing_since.unwrap_or(now));
+    c.fail_stop = seen.exit == Some(Some(i32::from(EXIT_FAIL_STOP)));
+    if s.healthy && (c.state.failures >= threshold || exited) {
+        c.state.healthy = false;
+        c.changed = true;
+        c.news = ProcNews::Unhealthy;
+    }
+    if exited {
+        c.reap = true;
+        c.changed = true; // its endpoint leaves the table
+    }
+    c
 }
 
 /// One cell: its blue and green processes and its health as the controller judges it.
@@ -958,47 +1048,44 @@ pub async fn run(g: &Global, a: UpArgs) -> Result<ExitCode> {
                     }
                     continue;
                 }
+                // observe
                 let ok = p.probe(probe_timeout).await;
                 metrics
                     .process_up
                     .with_label_values(&[&id, colour.as_str()])
                     .set(i64::from(ok));
-                if ok {
-                    p.failures = 0;
-                    p.failing_since = None;
-                    if !p.healthy {
-                        p.healthy = true;
-                        changed = true;
-                        eprintln!("cell {} {colour} is healthy", id);
-                    }
-                    continue;
-                }
-                let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                let exited = status.is_some();
-                if !exited && p.healthy && stuck_holders.iter().any(|&h| h != p.pid) {
-                    // It waits for the store lock a stuck process holds: not its fault, and
-                    // it recovers once that process is fenced (killed).
-                    continue;
-                }
-                p.failures += 1;
-                p.failing_since.get_or_insert_with(Instant::now);
-                if status.and_then(|s| s.code()) == Some(i32::from(EXIT_FAIL_STOP)) {
-                    fail_stopped = true;
-                }
-                if p.healthy && (p.failures >= a.failure_threshold || exited) {
-                    p.healthy = false;
-                    changed = true;
-                    eprintln!(
-                        "cell {} {colour} is unhealthy ({} failed checks{})",
-                        id,
+                let seen = ProcSeen {
+                    ok,
+                    exit: p
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                        .map(|s| s.code()),
+                    waits_for_stuck: stuck_holders.iter().any(|&h| h != p.pid),
+                };
+                // decide
+                let d = check_proc(p.check_state(), &seen, a.failure_threshold, Instant::now());
+                // act
+                (p.failures, p.failing_since, p.healthy) =
+                    (d.state.failures, d.state.failing_since, d.state.healthy);
+                changed |= d.changed;
+                fail_stopped |= d.fail_stop;
+                match d.news {
+                    ProcNews::Healthy => eprintln!("cell {id} {colour} is healthy"),
+                    ProcNews::Unhealthy => eprintln!(
+                        "cell {id} {colour} is unhealthy ({} failed checks{})",
                         p.failures,
-                        if exited { ", process exited" } else { "" }
-                    );
+                        if seen.exit.is_some() {
+                            ", process exited"
+                        } else {
+                            ""
+                        }
+                    ),
+                    ProcNews::None => {}
                 }
-                if exited {
+                if d.reap {
                     p.child = None;
                     p.restart_at = Some(Instant::now() + Duration::from_millis(500));
-                    changed = true; // its endpoint leaves the table
                 }
             }
             let w = weights.get(&cell.id).copied().unwrap_or(0);
@@ -1176,6 +1263,71 @@ mod tests {
                 assert_eq!(map.owned_by(owner), (first..=last).collect::<Vec<_>>());
             }
         }
+    }
+
+    #[test]
+    fn a_process_check_counts_failures_and_reaps_exits() {
+        let t0 = Instant::now();
+        let healthy = CheckState {
+            healthy: true,
+            failures: 0,
+            failing_since: None,
+        };
+        let seen = |ok, exit, waits_for_stuck| ProcSeen {
+            ok,
+            exit,
+            waits_for_stuck,
+        };
+        // A pass changes nothing for a healthy process.
+        let c = check_proc(healthy, &seen(true, None, false), 3, t0);
+        assert_eq!(
+            (c.state, c.changed, c.news),
+            (healthy, false, ProcNews::None)
+        );
+        // Failures count; the third makes it unhealthy; the run's start is kept.
+        let c1 = check_proc(healthy, &seen(false, None, false), 3, t0);
+        assert_eq!(
+            (c1.state.failures, c1.state.healthy, c1.changed),
+            (1, true, false)
+        );
+        let later = t0 + Duration::from_secs(1);
+        let c2 = check_proc(c1.state, &seen(false, None, false), 3, later);
+        let c3 = check_proc(c2.state, &seen(false, None, false), 3, later);
+        assert_eq!(
+            (c3.state.healthy, c3.news, c3.changed),
+            (false, ProcNews::Unhealthy, true)
+        );
+        assert_eq!(c3.state.failing_since, Some(t0));
+        assert!(!c3.reap);
+        // A pass brings it back.
+        let back = check_proc(c3.state, &seen(true, None, false), 3, later);
+        assert_eq!(
+            (back.state, back.news, back.changed),
+            (healthy, ProcNews::Healthy, true)
+        );
+        // An exit is unhealthy at once and reaped; a fail-stop exit says so.
+        let gone = check_proc(healthy, &seen(false, Some(Some(1)), false), 3, t0);
+        assert_eq!(
+            (gone.state.healthy, gone.reap, gone.fail_stop),
+            (false, true, false)
+        );
+        let code = Some(Some(i32::from(EXIT_FAIL_STOP)));
+        assert!(check_proc(healthy, &seen(false, code, false), 3, t0).fail_stop);
+        assert!(
+            check_proc(healthy, &seen(false, Some(None), false), 3, t0).reap,
+            "killed"
+        );
+        // Waiting for a stuck lock holder is not a failure of its own...
+        let waits = check_proc(healthy, &seen(false, None, true), 3, t0);
+        assert_eq!((waits.state, waits.changed), (healthy, false));
+        // ...unless it already is unhealthy, or it exited.
+        assert_eq!(
+            check_proc(c3.state, &seen(false, None, true), 3, later)
+                .state
+                .failures,
+            4
+        );
+        assert!(check_proc(healthy, &seen(false, Some(Some(1)), true), 3, t0).reap);
     }
 
     #[test]
