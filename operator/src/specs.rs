@@ -588,16 +588,23 @@ pub(crate) mod tests {
         assert_eq!(probe.path.as_deref(), Some("/readyz"));
     }
 
+    /// The pod template of `cell`'s `colour` Deployment.
+    fn pod_spec(t: &Topology, cell: &Cell, colour: Colour) -> PodSpec {
+        cell_deployment(t, cell, colour)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+    }
+
     /// A release runs one colour on its own image; the other keeps the cell's.
     #[test]
     fn each_colour_runs_its_own_image_when_it_has_one() {
         let mut c = cell("r1-a", "r1", CellRole::Serving);
         let image = |c: &Cell, colour| {
-            let d = cell_deployment(&topo(), c, colour);
-            d.spec.unwrap().template.spec.unwrap().containers[0]
-                .image
-                .clone()
-                .unwrap()
+            let p = pod_spec(&topo(), c, colour);
+            p.containers[0].image.clone().unwrap()
         };
         assert_eq!(image(&c, Colour::Green), "ldc:dev");
         c.spec.images.green = Some("ldc:0.2.0".into());
@@ -609,15 +616,7 @@ pub(crate) mod tests {
     #[test]
     fn cells_run_in_their_region_when_the_store_is_distributed() {
         let c = cell("r2-a", "r2", CellRole::Serving);
-        let affinity = |t: &Topology| {
-            cell_deployment(t, &c, Colour::Blue)
-                .spec
-                .unwrap()
-                .template
-                .spec
-                .unwrap()
-                .affinity
-        };
+        let affinity = |t: &Topology| pod_spec(t, &c, Colour::Blue).affinity;
         assert_eq!(
             affinity(&topo()),
             None,
@@ -645,14 +644,7 @@ pub(crate) mod tests {
     #[test]
     fn cell_pods_mount_the_embedded_store_directory() {
         let c = cell("r1-a", "r1", CellRole::Serving);
-        let pod = |t: &Topology| {
-            cell_deployment(t, &c, Colour::Blue)
-                .spec
-                .unwrap()
-                .template
-                .spec
-                .unwrap()
-        };
+        let pod = |t: &Topology| pod_spec(t, &c, Colour::Blue);
         let p = pod(&topo());
         let vol = p
             .volumes
