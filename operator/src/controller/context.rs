@@ -190,6 +190,23 @@ fn reached<T>(r: &Result<T, Error>) -> bool {
     )
 }
 
+/// Sets a cell's finalizers under the resourceVersion it was read at (a concurrent change
+/// is a conflict, and a fresh reconcile).
+pub(super) async fn set_finalizers(
+    api: &kube::Api<crate::crd::Cell>,
+    c: &crate::crd::Cell,
+    finalizers: &[&str],
+) -> Result<(), Error> {
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": c.resource_version()}
+    });
+    let pp = PatchParams::default();
+    api.patch(&c.name_any(), &pp, &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,13 +9,12 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use ldc_core::planner::{Health, ShardMap};
 use ldc_store::Store;
-use serde_json::json;
 
-use super::context::{Context, Error, blocking};
+use super::context::{Context, Error, blocking, set_finalizers};
 use crate::crd::{CELL_FINALIZER, Cell, Topology};
 use crate::fence::{self, FenceError};
 use crate::model::{self, Readiness};
@@ -79,16 +78,9 @@ pub(super) async fn cells(ctx: &Context, topo: &Topology) -> Result<Cells, Error
         if has || c.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let mut fins = c.finalizers().to_vec();
-        fins.push(CELL_FINALIZER.into());
-        let patch =
-            json!({"metadata": {"finalizers": fins, "resourceVersion": c.resource_version()}});
-        api.patch(
-            &c.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        let mut fins: Vec<&str> = c.finalizers().iter().map(String::as_str).collect();
+        fins.push(CELL_FINALIZER);
+        set_finalizers(&api, c, &fins).await?;
     }
     Ok(cells)
 }
@@ -154,6 +146,26 @@ impl PodHealth {
             since,
             store_not_shared: model::store_shared(store, pods).err(),
         }
+    }
+
+    /// Test fixture: every cell of `cells` healthy with one ready pod per colour, but
+    /// `down`, unhealthy (no ready pod) since `since`.
+    #[cfg(test)]
+    pub fn all_but(cells: &[Cell], down: &[&str], since: Timestamp) -> PodHealth {
+        let mut p = PodHealth::default();
+        for c in cells {
+            let n = c.name_any();
+            let is_down = down.contains(&n.as_str());
+            let (r, h) = if is_down {
+                (Readiness::default(), Health::Unhealthy)
+            } else {
+                (Readiness { blue: 1, green: 1 }, Health::Healthy)
+            };
+            p.ready.insert(n.clone(), r);
+            p.health.insert(n.clone(), h);
+            p.since.insert(n, is_down.then_some(since));
+        }
+        p
     }
 
     pub fn is_healthy(&self, cell: &str) -> bool {

@@ -176,7 +176,6 @@ mod tests {
     use super::*;
     use crate::crd::{CellRole, CellStatus, OperationRecord, OperationRequest};
     use crate::specs::tests::{cell, topo};
-    use ldc_core::planner::Health;
 
     fn t(s: &str) -> Timestamp {
         format!("2025-01-01T00:00:{s}Z").parse().unwrap()
@@ -204,19 +203,7 @@ mod tests {
 
     /// Health where `down` cells have been unhealthy since `since`.
     fn pods(down: &[&str], since: Timestamp) -> PodHealth {
-        let mut p = PodHealth::default();
-        for c in cells() {
-            let n = c.name_any();
-            let is_down = down.contains(&n.as_str());
-            let h = if is_down {
-                Health::Unhealthy
-            } else {
-                Health::Healthy
-            };
-            p.health.insert(n.clone(), h);
-            p.since.insert(n, is_down.then_some(since));
-        }
-        p
+        PodHealth::all_but(&cells(), down, since)
     }
 
     /// [`choose`] on the default topology, cells and map, with `down` cells unhealthy

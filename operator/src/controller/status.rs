@@ -10,7 +10,7 @@ use ldc_control::moves::MoveRecord;
 use ldc_core::planner::{self, Command};
 use serde_json::json;
 
-use super::context::{Context, Error, Note};
+use super::context::{Context, Error, Note, set_finalizers};
 use super::observe::{Cells, PodHealth};
 use super::pending::{Pending, Rejected};
 use crate::crd::{
@@ -444,29 +444,22 @@ pub(super) async fn release_cell(api: &Api<Cell>, c: &Cell) -> Result<(), Error>
     if !c.finalizers().iter().any(|f| f == CELL_FINALIZER) {
         return Ok(());
     }
-    let fins: Vec<&String> = c
+    let fins: Vec<&str> = c
         .finalizers()
         .iter()
+        .map(String::as_str)
         .filter(|f| *f != CELL_FINALIZER)
         .collect();
-    let patch = json!({"metadata": {"finalizers": fins, "resourceVersion": c.resource_version()}});
-    api.patch(
-        &c.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
+    set_finalizers(api, c, &fins).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::CellRole;
-    use crate::model::Readiness;
     use crate::specs::tests::{cell, topo};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use ldc_core::planner::{Health, ShardMap};
+    use ldc_core::planner::ShardMap;
 
     fn now() -> Timestamp {
         "2025-01-01T00:00:30Z".parse().unwrap()
@@ -497,25 +490,7 @@ mod tests {
 
     /// Every cell healthy with one ready pod per colour, but `down`.
     fn pods(cells: &Cells, down: &[&str]) -> PodHealth {
-        let mut p = PodHealth::default();
-        for c in &cells.known {
-            let n = c.name_any();
-            let is_down = down.contains(&n.as_str());
-            let r = if is_down {
-                Readiness::default()
-            } else {
-                Readiness { blue: 1, green: 1 }
-            };
-            p.ready.insert(n.clone(), r);
-            let h = if is_down {
-                Health::Unhealthy
-            } else {
-                Health::Healthy
-            };
-            p.health.insert(n.clone(), h);
-            p.since.insert(n, is_down.then(now));
-        }
-        p
+        PodHealth::all_but(&cells.known, down, now())
     }
 
     fn pending(automatic: bool) -> Pending {
